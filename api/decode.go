@@ -1,0 +1,156 @@
+package api
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+
+	"sigs.k8s.io/yaml"
+)
+
+// KindList is the kind of a list of resources, as printed by `margayctl get -o yaml`.
+const KindList = "List"
+
+var docSeparator = regexp.MustCompile(`(?m)^---[ \t]*(#.*)?$`)
+
+// Decode parses one or more YAML or JSON documents (YAML documents separated by
+// "---"; a document of kind List contributes its items) into resources. Unknown
+// fields are errors, so a typo in a field name does not pass silently. Defaults are
+// applied; validation is left to the caller.
+func Decode(data []byte) ([]Resource, error) {
+	var out []Resource
+	for i, doc := range docSeparator.Split(string(data), -1) {
+		if len(bytes.TrimSpace(stripComments([]byte(doc)))) == 0 {
+			continue
+		}
+		rs, err := decodeDoc([]byte(doc))
+		if err != nil {
+			return nil, fmt.Errorf("document %d: %w", i+1, err)
+		}
+		out = append(out, rs...)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no resources found in input")
+	}
+	return out, nil
+}
+
+var commentLine = regexp.MustCompile(`(?m)^[ \t]*#.*$`)
+
+func stripComments(b []byte) []byte { return commentLine.ReplaceAll(b, nil) }
+
+type listDoc struct {
+	TypeMeta `json:",inline"`
+	Items    []json.RawMessage `json:"items"`
+}
+
+func decodeDoc(doc []byte) ([]Resource, error) {
+	if trimmed := bytes.TrimSpace(doc); len(trimmed) > 0 && trimmed[0] == '{' {
+		return decodeJSONStream(trimmed)
+	}
+	js, err := yaml.YAMLToJSON(doc)
+	if err != nil {
+		return nil, fmt.Errorf("not valid YAML or JSON: %v", err)
+	}
+	return decodeObject(js)
+}
+
+// decodeObject decodes one JSON object: a List's items, or a single resource.
+func decodeObject(js []byte) ([]Resource, error) {
+	var tm TypeMeta
+	if err := json.Unmarshal(js, &tm); err != nil {
+		return nil, fmt.Errorf("expected an object with apiVersion and kind: %v", err)
+	}
+	if tm.Kind == KindList {
+		var l listDoc
+		if err := strictJSON(js, &l); err != nil {
+			return nil, err
+		}
+		var out []Resource
+		for i, item := range l.Items {
+			r, err := DecodeOne(item)
+			if err != nil {
+				return nil, fmt.Errorf("item %d: %w", i+1, err)
+			}
+			out = append(out, r)
+		}
+		return out, nil
+	}
+	r, err := DecodeOne(js)
+	if err != nil {
+		return nil, err
+	}
+	return []Resource{r}, nil
+}
+
+// decodeJSONStream decodes one or more concatenated JSON objects (as `jq -c` prints
+// them); YAMLToJSON would silently keep only the first.
+func decodeJSONStream(data []byte) ([]Resource, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	var out []Resource
+	for dec.More() {
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return nil, fmt.Errorf("not valid JSON: %v", err)
+		}
+		rs, err := decodeObject(raw)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, rs...)
+	}
+	return out, nil
+}
+
+// DecodeOne parses a single JSON (or YAML) resource strictly and applies defaults.
+func DecodeOne(data []byte) (Resource, error) {
+	js, err := yaml.YAMLToJSON(data)
+	if err != nil {
+		return nil, fmt.Errorf("not valid YAML or JSON: %v", err)
+	}
+	var tm TypeMeta
+	if err := json.Unmarshal(js, &tm); err != nil {
+		return nil, fmt.Errorf("expected an object with apiVersion and kind: %v", err)
+	}
+	if tm.Kind == "" {
+		return nil, fmt.Errorf("kind: is required")
+	}
+	if tm.APIVersion != APIVersion {
+		return nil, fmt.Errorf("apiVersion: %q is not supported; use %q", tm.APIVersion, APIVersion)
+	}
+	k, err := LookupKind(tm.Kind)
+	if err != nil || k.Kind != tm.Kind {
+		return nil, fmt.Errorf("kind: %q is not a margay kind", tm.Kind)
+	}
+	r := k.New()
+	if err := strictJSON(js, r); err != nil {
+		return nil, fmt.Errorf("%s: %w", k.Kind, err)
+	}
+	if m := r.GetMetadata(); len(m.Labels) == 0 {
+		m.Labels = nil // `labels: {}` and no labels are the same thing
+	}
+	r.SetDefaults()
+	return r, nil
+}
+
+func strictJSON(js []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(js))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return humanizeJSONError(err)
+	}
+	if dec.More() {
+		return fmt.Errorf("unexpected data after the object")
+	}
+	return nil
+}
+
+func humanizeJSONError(err error) error {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		return fmt.Errorf("%s: expected %s, got %s", te.Field, te.Type, te.Value)
+	}
+	return err
+}

@@ -1,0 +1,210 @@
+package api
+
+import (
+	"net"
+	"net/netip"
+)
+
+// Kinds of the node-side resources.
+const (
+	KindNode              = "Node"
+	KindWorkloadEndpoint  = "WorkloadEndpoint"
+	KindIPAMConfiguration = "IPAMConfiguration"
+)
+
+// Node is a host running margay-node.
+type Node struct {
+	TypeMeta `json:",inline"`
+	Metadata ObjectMeta `json:"metadata"`
+	Spec     NodeSpec   `json:"spec"`
+}
+
+// NodeSpec is a node's addresses and BGP identity.
+type NodeSpec struct {
+	BGP                 *NodeBGPSpec `json:"bgp,omitempty"`
+	IPv4VXLANTunnelAddr string       `json:"ipv4VXLANTunnelAddr,omitempty"`
+	VXLANTunnelMACAddr  string       `json:"vxlanTunnelMACAddr,omitempty"`
+}
+
+// NodeBGPSpec is a node's BGP identity. IPv4Address is the node's address with the
+// prefix length of its subnet (198.18.1.2/24): the mask decides CrossSubnet.
+type NodeBGPSpec struct {
+	IPv4Address             string    `json:"ipv4Address,omitempty"`
+	ASNumber                *ASNumber `json:"asNumber,omitempty"`
+	RouteReflectorClusterID string    `json:"routeReflectorClusterID,omitempty"`
+	IPv4IPIPTunnelAddr      string    `json:"ipv4IPIPTunnelAddr,omitempty"`
+}
+
+// NewNode returns an empty Node with its type set.
+func NewNode(name string) *Node {
+	return &Node{TypeMeta: typeMeta(KindNode), Metadata: ObjectMeta{Name: name}}
+}
+
+// GetMetadata implements Resource.
+func (n *Node) GetMetadata() *ObjectMeta { return &n.Metadata }
+
+// SetDefaults implements Resource.
+func (n *Node) SetDefaults() {}
+
+// Validate implements Resource.
+func (n *Node) Validate() error {
+	var e errs
+	e.checkMeta(KindNode, &n.TypeMeta, &n.Metadata)
+	if b := n.Spec.BGP; b != nil {
+		if b.IPv4Address != "" {
+			if p, err := netip.ParsePrefix(b.IPv4Address); err != nil || !p.Addr().Is4() {
+				e.add("spec.bgp.ipv4Address", b.IPv4Address, "must be the node's IPv4 address with its subnet's prefix length, such as 198.18.1.2/24")
+			}
+		}
+		if b.ASNumber != nil && *b.ASNumber == 0 {
+			e.add("spec.bgp.asNumber", 0, "is out of range; use 1 to 4294967295")
+		}
+		if id := b.RouteReflectorClusterID; id != "" {
+			if a, err := netip.ParseAddr(id); err != nil || !a.Is4() {
+				e.add("spec.bgp.routeReflectorClusterID", id, "must be written as an IPv4 address, such as 224.0.0.1")
+			}
+		}
+		e.checkAddr("spec.bgp.ipv4IPIPTunnelAddr", b.IPv4IPIPTunnelAddr)
+	}
+	e.checkAddr("spec.ipv4VXLANTunnelAddr", n.Spec.IPv4VXLANTunnelAddr)
+	if m := n.Spec.VXLANTunnelMACAddr; m != "" {
+		if _, err := net.ParseMAC(m); err != nil {
+			e.add("spec.vxlanTunnelMACAddr", m, "is not a MAC address such as 66:1f:3a:00:00:01")
+		}
+	}
+	return e.result(n)
+}
+
+func (e *errs) checkAddr(field, s string) {
+	if s == "" {
+		return
+	}
+	if a, err := netip.ParseAddr(s); err != nil || !a.Is4() {
+		e.add(field, s, "must be an IPv4 address")
+	}
+}
+
+// WorkloadEndpoint is one pod interface on one node.
+type WorkloadEndpoint struct {
+	TypeMeta `json:",inline"`
+	Metadata ObjectMeta           `json:"metadata"`
+	Spec     WorkloadEndpointSpec `json:"spec"`
+}
+
+// WorkloadEndpointSpec records what the CNI plugin wired for a pod.
+type WorkloadEndpointSpec struct {
+	Node          string   `json:"node"`
+	Orchestrator  string   `json:"orchestrator,omitempty"`
+	Namespace     string   `json:"namespace,omitempty"`
+	Pod           string   `json:"pod,omitempty"`
+	ContainerID   string   `json:"containerID"`
+	Endpoint      string   `json:"endpoint,omitempty"`
+	InterfaceName string   `json:"interfaceName"`
+	IPNetworks    []string `json:"ipNetworks"`
+	MAC           string   `json:"mac,omitempty"`
+}
+
+// NewWorkloadEndpoint returns an empty WorkloadEndpoint with its type set.
+func NewWorkloadEndpoint(name string) *WorkloadEndpoint {
+	return &WorkloadEndpoint{TypeMeta: typeMeta(KindWorkloadEndpoint), Metadata: ObjectMeta{Name: name}}
+}
+
+// GetMetadata implements Resource.
+func (w *WorkloadEndpoint) GetMetadata() *ObjectMeta { return &w.Metadata }
+
+// SetDefaults implements Resource.
+func (w *WorkloadEndpoint) SetDefaults() {
+	if w.Spec.Orchestrator == "" {
+		w.Spec.Orchestrator = "k8s"
+	}
+	if w.Spec.Endpoint == "" {
+		w.Spec.Endpoint = "eth0"
+	}
+}
+
+// Validate implements Resource.
+func (w *WorkloadEndpoint) Validate() error {
+	var e errs
+	e.checkMeta(KindWorkloadEndpoint, &w.TypeMeta, &w.Metadata)
+	s := &w.Spec
+	if s.Node == "" {
+		e.add("spec.node", nil, "is required")
+	}
+	if s.ContainerID == "" {
+		e.add("spec.containerID", nil, "is required")
+	}
+	if s.InterfaceName == "" {
+		e.add("spec.interfaceName", nil, "is required")
+	}
+	for _, n := range s.IPNetworks {
+		if p, err := netip.ParsePrefix(n); err != nil || p.Bits() != p.Addr().BitLen() {
+			e.add("spec.ipNetworks", n, "must be a host CIDR such as 10.244.1.5/32")
+		}
+	}
+	if s.MAC != "" {
+		if _, err := net.ParseMAC(s.MAC); err != nil {
+			e.add("spec.mac", s.MAC, "is not a MAC address")
+		}
+	}
+	return e.result(w)
+}
+
+// IPAMConfigName is the only allowed name of the IPAMConfiguration.
+const IPAMConfigName = "default"
+
+// DefaultMaxBlocksPerHost bounds how many blocks one node may claim.
+const DefaultMaxBlocksPerHost = 20
+
+// IPAMConfiguration holds cluster-wide IPAM settings.
+type IPAMConfiguration struct {
+	TypeMeta `json:",inline"`
+	Metadata ObjectMeta            `json:"metadata"`
+	Spec     IPAMConfigurationSpec `json:"spec"`
+}
+
+// IPAMConfigurationSpec is the IPAM policy.
+type IPAMConfigurationSpec struct {
+	// StrictAffinity forbids borrowing addresses from other nodes' blocks.
+	StrictAffinity bool `json:"strictAffinity"`
+	// MaxBlocksPerHost caps the blocks one node may claim; 0 means no limit.
+	// Unset means DefaultMaxBlocksPerHost.
+	MaxBlocksPerHost *int `json:"maxBlocksPerHost,omitempty"`
+}
+
+// NewIPAMConfiguration returns the default IPAMConfiguration.
+func NewIPAMConfiguration() *IPAMConfiguration {
+	c := &IPAMConfiguration{TypeMeta: typeMeta(KindIPAMConfiguration), Metadata: ObjectMeta{Name: IPAMConfigName}}
+	c.SetDefaults()
+	return c
+}
+
+// GetMetadata implements Resource.
+func (c *IPAMConfiguration) GetMetadata() *ObjectMeta { return &c.Metadata }
+
+// SetDefaults implements Resource.
+func (c *IPAMConfiguration) SetDefaults() {
+	if c.Spec.MaxBlocksPerHost == nil {
+		c.Spec.MaxBlocksPerHost = ptr(DefaultMaxBlocksPerHost)
+	}
+}
+
+// MaxBlocks returns the effective per-node block cap; 0 means no limit.
+func (c *IPAMConfiguration) MaxBlocks() int {
+	if c.Spec.MaxBlocksPerHost == nil {
+		return DefaultMaxBlocksPerHost
+	}
+	return *c.Spec.MaxBlocksPerHost
+}
+
+// Validate implements Resource.
+func (c *IPAMConfiguration) Validate() error {
+	var e errs
+	e.checkMeta(KindIPAMConfiguration, &c.TypeMeta, &c.Metadata)
+	if c.Metadata.Name != IPAMConfigName {
+		e.add("metadata.name", c.Metadata.Name, "must be %q: there is one IPAM configuration per cluster", IPAMConfigName)
+	}
+	if m := c.Spec.MaxBlocksPerHost; m != nil && *m < 0 {
+		e.add("spec.maxBlocksPerHost", *m, "must be 0 (no limit) or more")
+	}
+	return e.result(c)
+}

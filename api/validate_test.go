@@ -1,0 +1,675 @@
+package api
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+// expect reports a failure unless ok; the regression tests of fixed defects use it.
+func expect(t *testing.T, ok bool, format string, args ...any) {
+	t.Helper()
+	if !ok {
+		t.Errorf(format, args...)
+	}
+}
+
+// wantFieldErr asserts that err is a *ValidationError holding a FieldError for
+// field whose text contains frag.
+func wantFieldErr(t *testing.T, err error, field, frag string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("got no error, want one on %s containing %q", field, frag)
+	}
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		t.Fatalf("error %q is %T, want *ValidationError", err, err)
+	}
+	for _, f := range ve.Fields {
+		if f.Field == field && strings.Contains(f.Error(), frag) {
+			if !strings.Contains(err.Error(), f.Error()) {
+				t.Fatalf("ValidationError.Error() %q does not include field error %q", err, f.Error())
+			}
+			return
+		}
+	}
+	t.Fatalf("error %q has no field error on %s containing %q", err, field, frag)
+}
+
+func validPool() *IPPool {
+	p := NewIPPool("pool-a")
+	p.Spec.CIDR = "10.244.0.0/16"
+	p.SetDefaults()
+	return p
+}
+
+func validBGPConfig() *BGPConfiguration {
+	return NewBGPConfiguration(GlobalBGPConfigName)
+}
+
+func validPeer() *BGPPeer {
+	p := NewBGPPeer("tor")
+	p.Spec.PeerIP = "198.18.1.1"
+	p.Spec.ASNumber = ptr(ASNumber(65001))
+	return p
+}
+
+func validNode() *Node {
+	n := NewNode("node-1")
+	n.Spec.BGP = &NodeBGPSpec{IPv4Address: "198.18.1.2/24"}
+	return n
+}
+
+func validWEP() *WorkloadEndpoint {
+	w := NewWorkloadEndpoint("node--1-k8s-pod-eth0")
+	w.Spec = WorkloadEndpointSpec{
+		Node:          "node-1",
+		Namespace:     "default",
+		Pod:           "pod",
+		ContainerID:   "abc123",
+		InterfaceName: "mgy0123456789a",
+		IPNetworks:    []string{"10.244.1.5/32"},
+		MAC:           "ee:ee:ee:ee:ee:ee",
+	}
+	w.SetDefaults()
+	return w
+}
+
+func dur(d time.Duration) *Duration { return &Duration{d} }
+
+func TestValidateErrors(t *testing.T) {
+	long := strings.Repeat("a", 254)
+	pw := strings.Repeat("x", 81)
+	tests := []struct {
+		name  string
+		res   func() Resource
+		field string
+		frag  string
+	}{
+		// metadata, shared by every kind.
+		{"name missing", func() Resource { p := validPool(); p.Metadata.Name = ""; return p }, "metadata.name", "is required"},
+		{"name upper case", func() Resource { p := validPool(); p.Metadata.Name = "Pool_A"; return p }, "metadata.name", "lower-case letters"},
+		{"name trailing dash", func() Resource { n := validNode(); n.Metadata.Name = "node-"; return n }, "metadata.name", "starting and ending with a letter or digit"},
+		{"name too long", func() Resource { n := validNode(); n.Metadata.Name = long; return n }, "metadata.name", "at most 253 characters"},
+		{"bad label key", func() Resource {
+			n := validNode()
+			n.Metadata.Labels = map[string]string{"bad key!": "x"}
+			return n
+		}, "metadata.labels", "not a valid label key"},
+		{"bad label value", func() Resource {
+			n := validNode()
+			n.Metadata.Labels = map[string]string{"zone": "a b"}
+			return n
+		}, "metadata.labels.zone", "not a valid label value"},
+		{"wrong apiVersion", func() Resource { p := validPool(); p.APIVersion = "projectcalico.org/v3"; return p }, "apiVersion", `must be "margay.dev/v1"`},
+		{"wrong kind", func() Resource { p := validPool(); p.Kind = "Pool"; return p }, "kind", `must be "IPPool"`},
+
+		// IPPool.
+		{"pool cidr missing", func() Resource { p := validPool(); p.Spec.CIDR = ""; return p }, "spec.cidr", "is required, for example 10.244.0.0/16"},
+		{"pool cidr host bits", func() Resource { p := validPool(); p.Spec.CIDR = "10.244.1.7/16"; return p }, "spec.cidr", "has host bits set; did you mean 10.244.0.0/16?"},
+		{"pool cidr host bits /26", func() Resource { p := validPool(); p.Spec.CIDR = "192.168.0.100/26"; return p }, "spec.cidr", "did you mean 192.168.0.64/26?"},
+		{"pool cidr bare address", func() Resource { p := validPool(); p.Spec.CIDR = "10.244.0.0"; return p }, "spec.cidr", "is not a CIDR; write it as 10.244.0.0/16"},
+		{"pool cidr garbage", func() Resource { p := validPool(); p.Spec.CIDR = "ten.0.0.0/8"; return p }, "spec.cidr", "is not a CIDR"},
+		{"pool cidr bad length", func() Resource { p := validPool(); p.Spec.CIDR = "10.0.0.0/33"; return p }, "spec.cidr", "is not a CIDR"},
+		{"pool ipv6", func() Resource { p := validPool(); p.Spec.CIDR = "fd00:10::/48"; return p }, "spec.cidr", "only IPv4 pools are supported"},
+		{"pool ipv4-mapped ipv6", func() Resource { p := validPool(); p.Spec.CIDR = "::ffff:10.0.0.0/112"; return p }, "spec.cidr", "only IPv4 pools are supported"},
+		{"pool is link-local", func() Resource { p := validPool(); p.Spec.CIDR = "169.254.0.0/16"; return p }, "spec.cidr", "overlaps 169.254.0.0/16, which is reserved"},
+		{"pool inside link-local", func() Resource { p := validPool(); p.Spec.CIDR = "169.254.1.0/24"; return p }, "spec.cidr", "pod gateway 169.254.1.1"},
+		{"pool contains link-local", func() Resource { p := validPool(); p.Spec.CIDR = "169.0.0.0/8"; return p }, "spec.cidr", "overlaps 169.254.0.0/16"},
+		{"blockSize too small", func() Resource { p := validPool(); p.Spec.BlockSize = 19; return p }, "spec.blockSize", "is out of range; use 20 to 32"},
+		{"blockSize too large", func() Resource { p := validPool(); p.Spec.BlockSize = 33; return p }, "spec.blockSize", "is out of range; use 20 to 32"},
+		{"blockSize negative", func() Resource { p := validPool(); p.Spec.BlockSize = -1; return p }, "spec.blockSize", "use 20 to 32"},
+		{"blockSize larger than pool", func() Resource {
+			p := validPool()
+			p.Spec.CIDR = "10.244.0.0/24"
+			p.Spec.BlockSize = 22
+			return p
+		}, "spec.blockSize", "a /22 block is larger than the pool /24; use a blockSize of at least 24"},
+		{"ipip and vxlan both enabled", func() Resource {
+			p := validPool()
+			p.Spec.IPIPMode = EncapAlways
+			p.Spec.VXLANMode = EncapCrossSubnet
+			return p
+		}, "spec.vxlanMode", "ipipMode is Always; enable at most one of ipipMode and vxlanMode"},
+		{"ipipMode lower case", func() Resource { p := validPool(); p.Spec.IPIPMode = "always"; return p }, "spec.ipipMode", "must be Never, CrossSubnet or Always"},
+		{"ipipMode empty after defaults removed", func() Resource { p := validPool(); p.Spec.IPIPMode = ""; return p }, "spec.ipipMode", "must be Never, CrossSubnet or Always"},
+		{"vxlanMode bad", func() Resource { p := validPool(); p.Spec.VXLANMode = "Sometimes"; return p }, "spec.vxlanMode", "must be Never, CrossSubnet or Always"},
+		{"pool nodeSelector syntax", func() Resource { p := validPool(); p.Spec.NodeSelector = "zone = 'a'"; return p }, "spec.nodeSelector", "offset 5"},
+		{"pool nodeSelector unterminated", func() Resource { p := validPool(); p.Spec.NodeSelector = "zone == 'a"; return p }, "spec.nodeSelector", "unterminated string"},
+
+		// BGPConfiguration.
+		{"bgpconfig bad name", func() Resource { c := validBGPConfig(); c.Metadata.Name = "global"; return c }, "metadata.name", `must be "default" or "node." followed by a node name`},
+		{"bgpconfig node. without node", func() Resource { c := validBGPConfig(); c.Metadata.Name = "node."; return c }, "metadata.name", "lower-case letters"},
+		{"bgpconfig asNumber 0", func() Resource { c := validBGPConfig(); c.Spec.ASNumber = ptr(ASNumber(0)); return c }, "spec.asNumber", "is out of range; use 1 to 4294967295"},
+		{"bgpconfig listenPort 0", func() Resource { c := validBGPConfig(); c.Spec.ListenPort = ptr(0); return c }, "spec.listenPort", "use 1 to 65535"},
+		{"bgpconfig listenPort 65536", func() Resource { c := validBGPConfig(); c.Spec.ListenPort = ptr(65536); return c }, "spec.listenPort", "is out of range"},
+		{"bgpconfig long password", func() Resource { c := validBGPConfig(); c.Spec.NodeMeshPassword = pw; return c }, "spec.nodeMeshPassword", "80 bytes TCP MD5"},
+		{"bgpconfig restart time 0", func() Resource {
+			c := validBGPConfig()
+			c.Spec.NodeMeshMaxRestartTime = dur(0)
+			return c
+		}, "spec.nodeMeshMaxRestartTime", "must be positive"},
+
+		// BGPPeer.
+		{"peer bad IP", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.300"; return p }, "spec.peerIP", "is not an IP address; use a.b.c.d or a.b.c.d:port"},
+		{"peer hostname", func() Resource { p := validPeer(); p.Spec.PeerIP = "tor.example.com"; return p }, "spec.peerIP", "is not an IP address"},
+		{"peer non-numeric port", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.1:bgp"; return p }, "spec.peerIP", "has a bad port; use 1 to 65535"},
+		{"peer port 0", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.1:0"; return p }, "spec.peerIP", "has a bad port"},
+		{"peer ipv6", func() Resource { p := validPeer(); p.Spec.PeerIP = "fd00::1"; return p }, "spec.peerIP", "only IPv4 peers are supported"},
+		{"peer ipv6 with port", func() Resource { p := validPeer(); p.Spec.PeerIP = "[fd00::1]:179"; return p }, "spec.peerIP", "only IPv4 peers are supported"},
+		{"peerIP without asNumber", func() Resource { p := validPeer(); p.Spec.ASNumber = nil; return p }, "spec.asNumber", "is required with peerIP"},
+		{"peerIP and peerSelector", func() Resource { p := validPeer(); p.Spec.PeerSelector = "has(rr)"; return p }, "spec.peerSelector", "set either peerIP or peerSelector, not both"},
+		{"neither peerIP nor peerSelector", func() Resource { p := validPeer(); p.Spec.PeerIP = ""; return p }, "spec.peerIP", "set peerIP (an external router) or peerSelector (other nodes)"},
+		{"node and nodeSelector", func() Resource {
+			p := validPeer()
+			p.Spec.Node = "node-1"
+			p.Spec.NodeSelector = "has(rack)"
+			return p
+		}, "spec.nodeSelector", "set either node or nodeSelector, not both"},
+		{"peer nodeSelector syntax", func() Resource { p := validPeer(); p.Spec.NodeSelector = "rack == "; return p }, "spec.nodeSelector", "offset 8"},
+		{"peer peerSelector syntax", func() Resource {
+			p := validPeer()
+			p.Spec.PeerIP = ""
+			p.Spec.ASNumber = nil
+			p.Spec.PeerSelector = "has(rr"
+			return p
+		}, "spec.peerSelector", "offset 6"},
+		{"peer asNumber 0", func() Resource { p := validPeer(); p.Spec.ASNumber = ptr(ASNumber(0)); return p }, "spec.asNumber", "is out of range; use 1 to 4294967295"},
+		{"peer long password", func() Resource { p := validPeer(); p.Spec.Password = pw; return p }, "spec.password", "80 bytes"},
+		{"peer holdTime too short", func() Resource { p := validPeer(); p.Spec.HoldTime = dur(2 * time.Second); return p }, "spec.holdTime", "at least 3s (RFC 4271)"},
+		{"peer holdTime negative", func() Resource { p := validPeer(); p.Spec.HoldTime = dur(-time.Second); return p }, "spec.holdTime", "must be 0 (no keepalives)"},
+		{"peer keepalive negative", func() Resource { p := validPeer(); p.Spec.KeepaliveTime = dur(-time.Second); return p }, "spec.keepaliveTime", "must not be negative"},
+		{"peer keepalive not below hold", func() Resource {
+			p := validPeer()
+			p.Spec.HoldTime = dur(9 * time.Second)
+			p.Spec.KeepaliveTime = dur(9 * time.Second)
+			return p
+		}, "spec.keepaliveTime", "must be shorter than holdTime 9s"},
+		{"peer maxRestartTime 0", func() Resource { p := validPeer(); p.Spec.MaxRestartTime = dur(0); return p }, "spec.maxRestartTime", "must be positive"},
+
+		// Node.
+		{"node ipv4Address without mask", func() Resource { n := validNode(); n.Spec.BGP.IPv4Address = "198.18.1.2"; return n }, "spec.bgp.ipv4Address", "with its subnet's prefix length, such as 198.18.1.2/24"},
+		{"node ipv4Address garbage", func() Resource { n := validNode(); n.Spec.BGP.IPv4Address = "node-1"; return n }, "spec.bgp.ipv4Address", "IPv4 address"},
+		{"node ipv4Address ipv6", func() Resource { n := validNode(); n.Spec.BGP.IPv4Address = "fd00::2/64"; return n }, "spec.bgp.ipv4Address", "IPv4 address"},
+		{"node asNumber 0", func() Resource { n := validNode(); n.Spec.BGP.ASNumber = ptr(ASNumber(0)); return n }, "spec.bgp.asNumber", "use 1 to 4294967295"},
+		{"node bad routeReflectorClusterID", func() Resource { n := validNode(); n.Spec.BGP.RouteReflectorClusterID = "rr-1"; return n }, "spec.bgp.routeReflectorClusterID", "must be written as an IPv4 address, such as 224.0.0.1"},
+		{"node ipv6 routeReflectorClusterID", func() Resource { n := validNode(); n.Spec.BGP.RouteReflectorClusterID = "::1"; return n }, "spec.bgp.routeReflectorClusterID", "IPv4 address"},
+		{"node bad ipip tunnel addr", func() Resource { n := validNode(); n.Spec.BGP.IPv4IPIPTunnelAddr = "10.244.0.1/32"; return n }, "spec.bgp.ipv4IPIPTunnelAddr", "must be an IPv4 address"},
+		{"node bad vxlan tunnel addr", func() Resource { n := validNode(); n.Spec.IPv4VXLANTunnelAddr = "fd00::1"; return n }, "spec.ipv4VXLANTunnelAddr", "must be an IPv4 address"},
+		{"node bad vxlan mac", func() Resource { n := validNode(); n.Spec.VXLANTunnelMACAddr = "66:1f:3a"; return n }, "spec.vxlanTunnelMACAddr", "is not a MAC address such as 66:1f:3a:00:00:01"},
+
+		// WorkloadEndpoint.
+		{"wep missing node", func() Resource { w := validWEP(); w.Spec.Node = ""; return w }, "spec.node", "is required"},
+		{"wep missing containerID", func() Resource { w := validWEP(); w.Spec.ContainerID = ""; return w }, "spec.containerID", "is required"},
+		{"wep missing interfaceName", func() Resource { w := validWEP(); w.Spec.InterfaceName = ""; return w }, "spec.interfaceName", "is required"},
+		{"wep ipNetwork not a host", func() Resource { w := validWEP(); w.Spec.IPNetworks = []string{"10.244.1.0/24"}; return w }, "spec.ipNetworks", "must be a host CIDR such as 10.244.1.5/32"},
+		{"wep ipNetwork bare address", func() Resource { w := validWEP(); w.Spec.IPNetworks = []string{"10.244.1.5"}; return w }, "spec.ipNetworks", "host CIDR"},
+		{"wep bad mac", func() Resource { w := validWEP(); w.Spec.MAC = "not-a-mac"; return w }, "spec.mac", "is not a MAC address"},
+
+		// IPAMConfiguration.
+		{"ipam name not default", func() Resource { c := NewIPAMConfiguration(); c.Metadata.Name = "cluster"; return c }, "metadata.name", `must be "default": there is one IPAM configuration per cluster`},
+		{"ipam negative maxBlocksPerHost", func() Resource { c := NewIPAMConfiguration(); c.Spec.MaxBlocksPerHost = ptr(-1); return c }, "spec.maxBlocksPerHost", "must be 0 (no limit) or more"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := tt.res()
+			err := r.Validate()
+			wantFieldErr(t, err, tt.field, tt.frag)
+			if want := "invalid " + Ref(r) + ": "; !strings.HasPrefix(err.Error(), want) {
+				t.Errorf("error %q does not start with %q", err, want)
+			}
+		})
+	}
+}
+
+// A pool with several problems reports all of them, not just the first.
+func TestValidateReportsEveryField(t *testing.T) {
+	p := validPool()
+	p.Metadata.Name = ""
+	p.Spec.CIDR = "10.244.0.1/16"
+	p.Spec.BlockSize = 40
+	p.Spec.IPIPMode = "Yes"
+	err := p.Validate()
+	for _, f := range []string{"metadata.name", "spec.cidr", "spec.blockSize", "spec.ipipMode"} {
+		wantFieldErr(t, err, f, "")
+	}
+	var ve *ValidationError
+	errors.As(err, &ve)
+	if len(ve.Fields) != 4 {
+		t.Errorf("got %d field errors, want 4: %v", len(ve.Fields), err)
+	}
+}
+
+func TestPeerPortOutOfRange(t *testing.T) {
+	for _, ip := range []string{"198.18.1.1:65536", "198.18.1.1:99999", "198.18.1.1:-1"} {
+		t.Run(ip, func(t *testing.T) {
+			p := validPeer()
+			p.Spec.PeerIP = ip
+			err := p.Validate()
+			// It is rejected either way; the message is what is wrong.
+			wantFieldErr(t, err, "spec.peerIP", "")
+			expect(t, strings.Contains(err.Error(), "has a bad port"),
+				"bgp.go parsePeerIP: port %q outside 1-65535 reports %q instead of \"has a bad port\"", ip, err)
+		})
+	}
+}
+
+func TestValidateValid(t *testing.T) {
+	tests := []struct {
+		name string
+		res  func() Resource
+	}{
+		{"pool minimal", func() Resource { return validPool() }},
+		{"pool full", func() Resource {
+			p := validPool()
+			p.Metadata.Labels = map[string]string{"margay.dev/tier": "edge", "empty": ""}
+			p.Spec.CIDR = "192.168.0.0/24"
+			p.Spec.BlockSize = 28
+			p.Spec.IPIPMode = EncapCrossSubnet
+			p.Spec.NATOutgoing = true
+			p.Spec.Disabled = true
+			p.Spec.NodeSelector = "zone in {'a', 'b'} && !has(edge)"
+			return p
+		}},
+		{"pool vxlan only", func() Resource { p := validPool(); p.Spec.VXLANMode = EncapAlways; return p }},
+		{"pool blockSize equals pool", func() Resource {
+			p := validPool()
+			p.Spec.CIDR = "10.9.0.0/20"
+			p.Spec.BlockSize = 20
+			return p
+		}},
+		{"pool /32 block", func() Resource { p := validPool(); p.Spec.BlockSize = 32; return p }},
+		{"pool next to link-local", func() Resource { p := validPool(); p.Spec.CIDR = "169.255.0.0/16"; return p }},
+		{"pool dotted name", func() Resource { p := validPool(); p.Metadata.Name = "pool.a-1"; return p }},
+		{"pool name 253 chars", func() Resource {
+			p := validPool()
+			p.Metadata.Name = strings.Repeat(strings.Repeat("a", 62)+".", 4) + "a"
+			return p
+		}},
+		{"bgpconfig default empty", func() Resource { return validBGPConfig() }},
+		{"bgpconfig node override full", func() Resource {
+			c := NewBGPConfiguration(BGPConfigName("node-1"))
+			c.Spec = BGPConfigurationSpec{
+				ASNumber:               ptr(ASNumber(4294967295)),
+				NodeToNodeMeshEnabled:  ptr(false),
+				ListenPort:             ptr(1179),
+				NodeMeshPassword:       strings.Repeat("x", 80),
+				NodeMeshMaxRestartTime: dur(time.Minute),
+			}
+			return c
+		}},
+		{"peer external", func() Resource { return validPeer() }},
+		{"peer external with port and timers", func() Resource {
+			p := validPeer()
+			p.Spec.PeerIP = "198.18.1.1:1179"
+			p.Spec.Node = "node-1"
+			p.Spec.Password = "secret"
+			p.Spec.HoldTime = dur(9 * time.Second)
+			p.Spec.KeepaliveTime = dur(3 * time.Second)
+			p.Spec.MaxRestartTime = dur(time.Minute)
+			return p
+		}},
+		{"peer port 65535", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.1:65535"; return p }},
+		{"peer holdTime 0 disables keepalives", func() Resource {
+			p := validPeer()
+			p.Spec.HoldTime = dur(0)
+			p.Spec.KeepaliveTime = dur(30 * time.Second)
+			return p
+		}},
+		{"peer selector (route reflectors)", func() Resource {
+			p := NewBGPPeer("to-rrs")
+			p.Spec.NodeSelector = "!has(route-reflector)"
+			p.Spec.PeerSelector = "has(route-reflector)"
+			return p
+		}},
+		{"node empty spec", func() Resource { return NewNode("bare") }},
+		{"node full", func() Resource {
+			n := validNode()
+			n.Spec.BGP.ASNumber = ptr(ASNumber(65010))
+			n.Spec.BGP.RouteReflectorClusterID = "224.0.0.1"
+			n.Spec.BGP.IPv4IPIPTunnelAddr = "10.244.0.1"
+			n.Spec.IPv4VXLANTunnelAddr = "10.244.0.2"
+			n.Spec.VXLANTunnelMACAddr = "66:1f:3a:00:00:01"
+			return n
+		}},
+		{"wep", func() Resource { return validWEP() }},
+		{"wep without addresses", func() Resource { w := validWEP(); w.Spec.IPNetworks = nil; w.Spec.MAC = ""; return w }},
+		{"ipam default", func() Resource { return NewIPAMConfiguration() }},
+		{"ipam no limit", func() Resource {
+			c := NewIPAMConfiguration()
+			c.Spec.MaxBlocksPerHost = ptr(0)
+			c.Spec.StrictAffinity = true
+			return c
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if err := tt.res().Validate(); err != nil {
+				t.Fatalf("Validate: %v", err)
+			}
+		})
+	}
+}
+
+// asNumber errors are caught while decoding, before Validate, because a plain
+// uint32 would only say "cannot unmarshal number".
+func TestASNumberDecode(t *testing.T) {
+	doc := func(v string) string {
+		return "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata:\n  name: p\nspec:\n  peerIP: 198.18.1.1\n  asNumber: " + v + "\n"
+	}
+	tests := []struct {
+		in      string
+		want    ASNumber
+		wantErr string
+	}{
+		{"64512", 64512, ""},
+		{"4294967295", 4294967295, ""},
+		{`"65001"`, 65001, ""},
+		{`"1.10"`, 65546, ""},
+		{`'1.0'`, 65536, ""},
+		{`"65535.65535"`, 4294967295, ""},
+		{"4294967296", 0, "asNumber 4294967296 is out of range: use 1 to 4294967295"},
+		{"-1", 0, "asNumber -1 is out of range: use 1 to 4294967295"},
+		{"99999999999999999999", 0, "is out of range: use 1 to 4294967295"},
+		{"private", 0, "asNumber private is out of range"},
+		{`"65536.1"`, 0, "asNumber 65536.1: asdot form must be <0-65535>.<0-65535>"},
+		{`"1.x"`, 0, "asdot form"},
+		{"true", 0, "asNumber true"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			rs, err := Decode([]byte(doc(tt.in)))
+			if tt.wantErr != "" {
+				if err == nil {
+					t.Fatalf("Decode succeeded with asNumber %v, want error %q", *rs[0].(*BGPPeer).Spec.ASNumber, tt.wantErr)
+				}
+				if !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %q does not contain %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Decode: %v", err)
+			}
+			if got := *rs[0].(*BGPPeer).Spec.ASNumber; got != tt.want {
+				t.Fatalf("asNumber = %d, want %d", got, tt.want)
+			}
+		})
+	}
+	// 0 decodes; Validate rejects it with the field and the range.
+	rs, err := Decode([]byte(doc("0")))
+	if err != nil {
+		t.Fatalf("Decode asNumber 0: %v", err)
+	}
+	wantFieldErr(t, rs[0].Validate(), "spec.asNumber", "use 1 to 4294967295")
+}
+
+// Unquoted 1.10 is a YAML float (1.1), so the asdot form silently becomes 1.1 = 65537.
+func TestASNumberUnquotedAsdot(t *testing.T) {
+	rs, err := Decode([]byte("apiVersion: margay.dev/v1\nkind: BGPConfiguration\nmetadata: {name: default}\nspec: {asNumber: 1.10}\n"))
+	ok := err != nil || *rs[0].(*BGPConfiguration).Spec.ASNumber == 65546
+	var got any = err
+	if err == nil {
+		got = *rs[0].(*BGPConfiguration).Spec.ASNumber
+	}
+	expect(t, ok, "types.go ASNumber.UnmarshalJSON: unquoted YAML `asNumber: 1.10` decodes to %v (read as 1.1), want 65546 or an error asking to quote it", got)
+}
+
+func TestValidateAgainst(t *testing.T) {
+	other := func(name, cidr string) *IPPool {
+		p := validPool()
+		p.Metadata.Name = name
+		p.Spec.CIDR = cidr
+		return p
+	}
+	tests := []struct {
+		name   string
+		pool   *IPPool
+		others []Resource
+		frag   string // "" means valid
+	}{
+		{"no others", validPool(), nil, ""},
+		{"disjoint", validPool(), []Resource{other("b", "10.245.0.0/16"), other("c", "192.168.0.0/24")}, ""},
+		{"itself in the list (update)", validPool(), []Resource{validPool()}, ""},
+		{"non-pools ignored", validPool(), []Resource{validNode(), validPeer()}, ""},
+		{"other inside", validPool(), []Resource{other("b", "10.244.128.0/17")}, `overlaps IPPool "b" (10.244.128.0/17); pools must not overlap`},
+		{"other contains", validPool(), []Resource{other("big", "10.0.0.0/8")}, `overlaps IPPool "big" (10.0.0.0/8)`},
+		{"other identical", validPool(), []Resource{other("twin", "10.244.0.0/16")}, `overlaps IPPool "twin"`},
+		{"second of several overlaps", validPool(), []Resource{other("b", "10.245.0.0/16"), other("c", "10.244.7.0/24")}, `overlaps IPPool "c"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := ValidateAgainst(tt.pool, tt.others)
+			if tt.frag == "" {
+				if err != nil {
+					t.Fatalf("ValidateAgainst: %v", err)
+				}
+				return
+			}
+			wantFieldErr(t, err, "spec.cidr", tt.frag)
+		})
+	}
+	if err := ValidateAgainst(validNode(), []Resource{validPool()}); err != nil {
+		t.Errorf("ValidateAgainst on a Node: %v", err)
+	}
+}
+
+func TestValidateUpdate(t *testing.T) {
+	tests := []struct {
+		name   string
+		mod    func(*IPPool)
+		field  string // "" means allowed
+		frag   string
+		fields int
+	}{
+		{"unchanged", func(*IPPool) {}, "", "", 0},
+		{"disable", func(p *IPPool) { p.Spec.Disabled = true }, "", "", 0},
+		{"change modes, nat, selector, labels", func(p *IPPool) {
+			p.Spec.IPIPMode = EncapAlways
+			p.Spec.NATOutgoing = true
+			p.Spec.NodeSelector = "has(x)"
+			p.Metadata.Labels = map[string]string{"a": "b"}
+		}, "", "", 0},
+		{"cidr", func(p *IPPool) { p.Spec.CIDR = "10.245.0.0/16" }, "spec.cidr", "is immutable (stored: 10.244.0.0/16); create a new pool, disable this one, then delete it", 1},
+		{"blockSize", func(p *IPPool) { p.Spec.BlockSize = 24 }, "spec.blockSize", "is immutable (stored: 26); create a new pool instead", 1},
+		{"both", func(p *IPPool) { p.Spec.CIDR = "10.0.0.0/8"; p.Spec.BlockSize = 28 }, "spec.blockSize", "immutable", 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			old, upd := validPool(), validPool()
+			tt.mod(upd)
+			err := ValidateUpdate(old, upd)
+			if tt.field == "" {
+				if err != nil {
+					t.Fatalf("ValidateUpdate: %v", err)
+				}
+				return
+			}
+			wantFieldErr(t, err, tt.field, tt.frag)
+			var ve *ValidationError
+			errors.As(err, &ve)
+			if len(ve.Fields) != tt.fields {
+				t.Errorf("got %d field errors, want %d: %v", len(ve.Fields), tt.fields, err)
+			}
+		})
+	}
+	if err := ValidateUpdate(validNode(), validNode()); err != nil {
+		t.Errorf("ValidateUpdate on Nodes: %v", err)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	p := NewIPPool("p")
+	p.SetDefaults()
+	if p.Spec.BlockSize != 26 || p.Spec.IPIPMode != EncapNever || p.Spec.VXLANMode != EncapNever || p.Spec.NodeSelector != "all()" {
+		t.Errorf("IPPool defaults = %+v, want blockSize 26, Never, Never, all()", p.Spec)
+	}
+	// Set fields are kept.
+	p = NewIPPool("p")
+	p.Spec = IPPoolSpec{BlockSize: 29, IPIPMode: EncapAlways, VXLANMode: EncapCrossSubnet, NodeSelector: "has(a)"}
+	want := p.Spec
+	p.SetDefaults()
+	if p.Spec != want {
+		t.Errorf("SetDefaults changed set fields: %+v, want %+v", p.Spec, want)
+	}
+
+	c := NewIPAMConfiguration()
+	if c.Metadata.Name != "default" || c.Spec.MaxBlocksPerHost == nil || *c.Spec.MaxBlocksPerHost != 20 || c.MaxBlocks() != 20 {
+		t.Errorf("NewIPAMConfiguration = %+v, want name default, maxBlocksPerHost 20", c)
+	}
+	c = &IPAMConfiguration{}
+	if c.MaxBlocks() != 20 {
+		t.Errorf("MaxBlocks of unset = %d, want 20", c.MaxBlocks())
+	}
+	c.SetDefaults()
+	if c.Spec.MaxBlocksPerHost == nil || *c.Spec.MaxBlocksPerHost != 20 {
+		t.Errorf("IPAMConfiguration SetDefaults: maxBlocksPerHost = %v, want 20", c.Spec.MaxBlocksPerHost)
+	}
+	c.Spec.MaxBlocksPerHost = ptr(0)
+	c.SetDefaults()
+	if c.MaxBlocks() != 0 {
+		t.Errorf("explicit 0 (no limit) overwritten by SetDefaults: %d", c.MaxBlocks())
+	}
+
+	w := NewWorkloadEndpoint("w")
+	w.SetDefaults()
+	if w.Spec.Orchestrator != "k8s" || w.Spec.Endpoint != "eth0" {
+		t.Errorf("WorkloadEndpoint defaults = %+v", w.Spec)
+	}
+
+	// Decode applies defaults too.
+	rs, err := Decode([]byte(`
+apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: p}
+spec: {cidr: 10.244.0.0/16}
+---
+apiVersion: margay.dev/v1
+kind: IPAMConfiguration
+metadata: {name: default}
+spec: {strictAffinity: true}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := rs[0].(*IPPool).Spec; s.BlockSize != 26 || s.IPIPMode != EncapNever || s.VXLANMode != EncapNever || s.NodeSelector != AllSelector {
+		t.Errorf("decoded pool not defaulted: %+v", s)
+	}
+	if m := rs[1].(*IPAMConfiguration).Spec.MaxBlocksPerHost; m == nil || *m != 20 {
+		t.Errorf("decoded IPAMConfiguration maxBlocksPerHost = %v, want 20", m)
+	}
+}
+
+func TestResolveBGP(t *testing.T) {
+	builtin := BGPSettings{ASNumber: 64512, NodeToNodeMeshEnabled: true, ListenPort: 179, NodeMeshMaxRestartTime: 120 * time.Second}
+	conf := func(name string, s BGPConfigurationSpec) *BGPConfiguration {
+		c := NewBGPConfiguration(name)
+		c.Spec = s
+		return c
+	}
+	global := conf("default", BGPConfigurationSpec{
+		ASNumber:         ptr(ASNumber(65000)),
+		ListenPort:       ptr(1179),
+		NodeMeshPassword: "global-secret",
+	})
+	tests := []struct {
+		name         string
+		global, node *BGPConfiguration
+		want         BGPSettings
+	}{
+		{"built-in defaults", nil, nil, builtin},
+		{"empty configs", conf("default", BGPConfigurationSpec{}), conf("node.a", BGPConfigurationSpec{}), builtin},
+		{"global only", global, nil, BGPSettings{ASNumber: 65000, NodeToNodeMeshEnabled: true, ListenPort: 1179, NodeMeshPassword: "global-secret", NodeMeshMaxRestartTime: 120 * time.Second}},
+		{"node only", nil, conf("node.a", BGPConfigurationSpec{NodeToNodeMeshEnabled: ptr(false), NodeMeshMaxRestartTime: dur(time.Minute)}),
+			BGPSettings{ASNumber: 64512, NodeToNodeMeshEnabled: false, ListenPort: 179, NodeMeshMaxRestartTime: time.Minute}},
+		{"node overrides global field by field", global, conf("node.a", BGPConfigurationSpec{ASNumber: ptr(ASNumber(65099)), NodeMeshMaxRestartTime: dur(30 * time.Second)}),
+			BGPSettings{ASNumber: 65099, NodeToNodeMeshEnabled: true, ListenPort: 1179, NodeMeshPassword: "global-secret", NodeMeshMaxRestartTime: 30 * time.Second}},
+		{"node overrides everything", global, conf("node.a", BGPConfigurationSpec{
+			ASNumber: ptr(ASNumber(1)), NodeToNodeMeshEnabled: ptr(false), ListenPort: ptr(2179),
+			NodeMeshPassword: "node-secret", NodeMeshMaxRestartTime: dur(time.Second),
+		}), BGPSettings{ASNumber: 1, NodeToNodeMeshEnabled: false, ListenPort: 2179, NodeMeshPassword: "node-secret", NodeMeshMaxRestartTime: time.Second}},
+		{"explicit true in node beats false in global", conf("default", BGPConfigurationSpec{NodeToNodeMeshEnabled: ptr(false)}), conf("node.a", BGPConfigurationSpec{NodeToNodeMeshEnabled: ptr(true)}),
+			builtin},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := ResolveBGP(tt.global, tt.node); got != tt.want {
+				t.Errorf("ResolveBGP = %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+	if got := BGPConfigName("node-1"); got != "node.node-1" {
+		t.Errorf("BGPConfigName = %q", got)
+	}
+}
+
+func TestPeerAddr(t *testing.T) {
+	tests := []struct {
+		in   string
+		addr string
+		port int
+		err  string
+	}{
+		{"198.18.1.1", "198.18.1.1", 179, ""},
+		{"198.18.1.1:1179", "198.18.1.1", 1179, ""},
+		{"198.18.1.1:0", "", 0, "has a bad port"},
+		{"198.18.1.1:x", "", 0, "has a bad port"},
+		{"", "", 0, "is not an IP address"},
+		{"peer", "", 0, "is not an IP address"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			p := NewBGPPeer("p")
+			p.Spec.PeerIP = tt.in
+			a, port, err := p.PeerAddr()
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("PeerAddr(%q) error = %v, want %q", tt.in, err, tt.err)
+				}
+				return
+			}
+			if err != nil || a.String() != tt.addr || port != tt.port {
+				t.Fatalf("PeerAddr(%q) = %v, %d, %v; want %s, %d", tt.in, a, port, err, tt.addr, tt.port)
+			}
+		})
+	}
+}
+
+func TestFieldErrorFormat(t *testing.T) {
+	tests := []struct {
+		fe   FieldError
+		want string
+	}{
+		{FieldError{Field: "spec.node", Detail: "is required"}, "spec.node: is required"},
+		{FieldError{Field: "spec.cidr", Value: "x", Detail: "bad"}, `spec.cidr: "x": bad`},
+		{FieldError{Field: "spec.blockSize", Value: 40, Detail: "bad"}, "spec.blockSize: 40: bad"},
+	}
+	for _, tt := range tests {
+		if got := tt.fe.Error(); got != tt.want {
+			t.Errorf("Error() = %q, want %q", got, tt.want)
+		}
+	}
+	ve := &ValidationError{Ref: `IPPool "p"`, Fields: []*FieldError{&tests[0].fe, &tests[1].fe}}
+	if got, want := ve.Error(), `invalid IPPool "p": spec.node: is required; spec.cidr: "x": bad`; got != want {
+		t.Errorf("ValidationError = %q, want %q", got, want)
+	}
+}
+
+func TestIPPoolSelects(t *testing.T) {
+	p := validPool()
+	if !p.Selects(nil) {
+		t.Error("default pool does not select an unlabelled node")
+	}
+	p.Spec.NodeSelector = "zone == 'a'"
+	if !p.Selects(map[string]string{"zone": "a"}) || p.Selects(map[string]string{"zone": "b"}) {
+		t.Error("zone == 'a' selects wrongly")
+	}
+	p.Spec.NodeSelector = "zone =="
+	if p.Selects(map[string]string{"zone": "a"}) {
+		t.Error("an invalid selector selects a node")
+	}
+	if got := p.Prefix().String(); got != "10.244.0.0/16" {
+		t.Errorf("Prefix = %s", got)
+	}
+}

@@ -1,0 +1,264 @@
+// Package ipam is margay's block allocator. Pools are cut into blocks; a node claims
+// blocks (affinity pending, then confirmed) and hands out addresses from them,
+// borrowing from other nodes' blocks when strictAffinity is off. Every write is an
+// etcd compare-and-swap transaction, so concurrent allocators on any number of
+// nodes never hand out the same address twice.
+package ipam
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+)
+
+// Defaults of Options.
+const (
+	DefaultReuseCooldown = 60 * time.Second
+	DefaultMaxAttempts   = 100
+	// pendingAffinityTimeout is how long a pending affinity without its block is
+	// presumed to belong to a claim still in progress.
+	pendingAffinityTimeout = 30 * time.Second
+)
+
+// Options tune an Allocator.
+type Options struct {
+	// ReuseCooldown keeps a freed address out of use for this long while other
+	// addresses are free (Calico issue 6968).
+	ReuseCooldown time.Duration
+	// MaxAttempts bounds the compare-and-swap retries of one operation.
+	MaxAttempts int
+	Logger      *slog.Logger
+	// Now is the clock; tests replace it.
+	Now func() time.Time
+}
+
+// Allocator assigns and releases addresses. It caches what it read, so a
+// long-lived allocator needs one etcd round trip per address in the steady state; the
+// cache is only a hint, since every write is checked against etcd.
+type Allocator struct {
+	store *datastore.Store
+	opts  Options
+	mu    sync.Mutex
+	nodes map[string]*nodeCache
+}
+
+// New returns an Allocator on store.
+func New(store *datastore.Store, opts Options) *Allocator {
+	if opts.ReuseCooldown == 0 {
+		opts.ReuseCooldown = DefaultReuseCooldown
+	}
+	if opts.MaxAttempts == 0 {
+		opts.MaxAttempts = DefaultMaxAttempts
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	return &Allocator{store: store, opts: opts, nodes: map[string]*nodeCache{}}
+}
+
+// Errors callers act on.
+var (
+	// ErrNoSpace: the eligible pools have no free address for this node.
+	ErrNoSpace = errors.New("no free addresses")
+	// ErrContention: too many concurrent writers; the caller may retry later.
+	ErrContention = errors.New("too much contention in the IPAM datastore")
+	// ErrNotAllocated: release of an address that is not in use.
+	ErrNotAllocated = errors.New("address is not allocated")
+)
+
+// nodeCache is what one allocator knows of one node's IPAM state. Its mutex
+// serialises this process's allocations for the node: they would otherwise only
+// collide on the same block.
+type nodeCache struct {
+	mu     sync.Mutex
+	name   string
+	snap   *snapshot
+	blocks map[netip.Prefix]*versioned[Block]
+	taken  map[netip.Prefix]bool // CIDRs that have a block; nil: not read yet
+}
+
+// versioned is a decoded etcd value and its ModRevision (0: absent).
+type versioned[T any] struct {
+	v   *T
+	rev int64
+}
+
+// affinity is the value at an affinity key.
+type affinity struct {
+	State   string    `json:"state"` // pending or confirmed
+	Created time.Time `json:"created"`
+}
+
+const (
+	affinityPending   = "pending"
+	affinityConfirmed = "confirmed"
+)
+
+// snapshot is the configuration an assignment depends on, read in one transaction.
+type snapshot struct {
+	pools      []*api.IPPool
+	poolRev    map[string]int64 // pool name -> ModRevision
+	config     *api.IPAMConfiguration
+	configRev  int64
+	nodeLabels map[string]string
+	affinities map[netip.Prefix]versioned[affinity]
+	affRev     int64 // revision the affinities were listed at
+}
+
+func (a *Allocator) node(name string) *nodeCache {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	nc := a.nodes[name]
+	if nc == nil {
+		nc = &nodeCache{name: name, blocks: map[netip.Prefix]*versioned[Block]{}}
+		a.nodes[name] = nc
+	}
+	return nc
+}
+
+var (
+	poolKind   = api.KindOf((*api.IPPool)(nil))
+	configKind = api.KindOf((*api.IPAMConfiguration)(nil))
+	nodeKind   = api.KindOf((*api.Node)(nil))
+	wepKind    = api.KindOf((*api.WorkloadEndpoint)(nil))
+	configKey  = datastore.ResourceKey(configKind, api.IPAMConfigName)
+)
+
+// loadSnapshot reads pools, the IPAM configuration, the node and its affinities in
+// one round trip.
+func (a *Allocator) loadSnapshot(ctx context.Context, node string) (*snapshot, error) {
+	resp, err := a.store.Txn(ctx, nil, []clientv3.Op{
+		clientv3.OpGet(datastore.ResourcePrefix(poolKind), clientv3.WithPrefix()),
+		clientv3.OpGet(configKey),
+		clientv3.OpGet(datastore.ResourceKey(nodeKind, node)),
+		clientv3.OpGet(datastore.AffinityPrefix(node), clientv3.WithPrefix()),
+	}, nil)
+	if err != nil {
+		return nil, err
+	}
+	s := &snapshot{poolRev: map[string]int64{}, config: api.NewIPAMConfiguration(), affinities: map[netip.Prefix]versioned[affinity]{}, affRev: resp.Header.Revision}
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		var p api.IPPool
+		if err := json.Unmarshal(kv.Value, &p); err != nil {
+			return nil, fmt.Errorf("stored pool %s is corrupt: %w", kv.Key, err)
+		}
+		p.SetDefaults()
+		s.pools = append(s.pools, &p)
+		s.poolRev[p.Metadata.Name] = kv.ModRevision
+	}
+	sort.Slice(s.pools, func(i, j int) bool { return s.pools[i].Metadata.Name < s.pools[j].Metadata.Name })
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		if err := json.Unmarshal(kvs[0].Value, s.config); err != nil {
+			return nil, fmt.Errorf("stored IPAM configuration is corrupt: %w", err)
+		}
+		s.config.SetDefaults()
+		s.configRev = kvs[0].ModRevision
+	}
+	if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) > 0 {
+		var n api.Node
+		if err := json.Unmarshal(kvs[0].Value, &n); err == nil {
+			s.nodeLabels = n.Metadata.Labels
+		}
+	}
+	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
+		_, cidr, err := datastore.ParseAffinityKey(string(kv.Key))
+		if err != nil {
+			continue
+		}
+		var af affinity
+		if err := json.Unmarshal(kv.Value, &af); err != nil {
+			return nil, fmt.Errorf("stored affinity %s is corrupt: %w", kv.Key, err)
+		}
+		s.affinities[cidr] = versioned[affinity]{&af, kv.ModRevision}
+	}
+	return s, nil
+}
+
+// loadBlocks reads the given blocks into the cache in one round trip.
+func (a *Allocator) loadBlocks(ctx context.Context, nc *nodeCache, cidrs []netip.Prefix) error {
+	if len(cidrs) == 0 {
+		return nil
+	}
+	ops := make([]clientv3.Op, len(cidrs))
+	for i, c := range cidrs {
+		ops[i] = clientv3.OpGet(datastore.BlockKey(c))
+	}
+	resp, err := a.store.Txn(ctx, nil, ops, nil)
+	if err != nil {
+		return err
+	}
+	for i, c := range cidrs {
+		vb, err := decodeBlock(resp.Responses[i].GetResponseRange().Kvs)
+		if err != nil {
+			return err
+		}
+		nc.blocks[c] = vb
+	}
+	return nil
+}
+
+func decodeBlock(kvs []*mvccpb.KeyValue) (*versioned[Block], error) {
+	if len(kvs) == 0 {
+		return &versioned[Block]{}, nil
+	}
+	var b Block
+	if err := json.Unmarshal(kvs[0].Value, &b); err != nil {
+		return nil, fmt.Errorf("stored block %s is corrupt: %w", kvs[0].Key, err)
+	}
+	return &versioned[Block]{&b, kvs[0].ModRevision}, nil
+}
+
+func decodeHandle(kvs []*mvccpb.KeyValue) (*versioned[Handle], error) {
+	if len(kvs) == 0 {
+		return &versioned[Handle]{}, nil
+	}
+	var h Handle
+	if err := json.Unmarshal(kvs[0].Value, &h); err != nil {
+		return nil, fmt.Errorf("stored handle %s is corrupt: %w", kvs[0].Key, err)
+	}
+	return &versioned[Handle]{&h, kvs[0].ModRevision}, nil
+}
+
+func mustJSON(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // our own plain structs always marshal
+	}
+	return string(b)
+}
+
+// revIs compares a key's ModRevision; rev 0 asserts the key is absent.
+func revIs(key string, rev int64) clientv3.Cmp {
+	return clientv3.Compare(clientv3.ModRevision(key), "=", rev)
+}
+
+// backoff sleeps before retry attempt n (from 0): not at all for the first
+// conflicts, then a jittered, growing pause so colliding writers spread out.
+func backoff(ctx context.Context, n int) error {
+	if n < 2 {
+		return ctx.Err()
+	}
+	d := time.Duration(rand.Int64N(int64(min(time.Millisecond<<min(n, 7), 100*time.Millisecond))))
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}

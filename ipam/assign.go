@@ -1,0 +1,429 @@
+package ipam
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+)
+
+// AssignArgs says what to allocate.
+type AssignArgs struct {
+	// Handle groups the addresses for release: "k8s-pod-network.<containerID>" for
+	// a pod, TunnelHandle for a tunnel address.
+	Handle string
+	Node   string
+	// Num is how many addresses to assign (default 1). Assignment is all or nothing.
+	Num int
+	// Pools restricts the pools, by name or CIDR, in order of preference.
+	Pools []string
+	// Attrs are recorded with each allocation (pod, namespace, ...).
+	Attrs map[string]string
+}
+
+// AutoAssign assigns args.Num new addresses to args.Handle on args.Node: from the
+// node's blocks, else from a newly claimed block, else (strictAffinity off) from
+// another node's block. Addresses freed less than the cooldown ago are used only
+// when nothing else is free.
+func (a *Allocator) AutoAssign(ctx context.Context, args AssignArgs) ([]Assigned, error) {
+	if args.Handle == "" || args.Node == "" {
+		return nil, fmt.Errorf("assign needs a handle and a node (handle %q, node %q)", args.Handle, args.Node)
+	}
+	if strings.Contains(args.Node, "/") {
+		return nil, fmt.Errorf("node name %q must not contain '/'", args.Node)
+	}
+	num := max(args.Num, 1)
+	nc := a.node(args.Node)
+	nc.mu.Lock()
+	defer nc.mu.Unlock()
+
+	var out []Assigned
+	c := &call{handle: &versioned[Handle]{}}
+	conflicts := 0
+	for len(out) < num {
+		got, err := a.assignOnce(ctx, nc, args, c, num-len(out))
+		if errors.Is(err, errRetry) {
+			conflicts++
+			if conflicts >= a.opts.MaxAttempts {
+				err = fmt.Errorf("%w: %d conflicting writes while assigning for %s on node %s; try again", ErrContention, conflicts, args.Handle, args.Node)
+			} else if err = backoff(ctx, conflicts); err == nil {
+				continue
+			}
+		}
+		if err != nil {
+			if len(out) > 0 {
+				a.rollback(nc.name, args.Handle, out)
+			}
+			return nil, err
+		}
+		out = append(out, got...)
+	}
+	return out, nil
+}
+
+// call is what one AutoAssign call carries between its attempts.
+type call struct {
+	handle *versioned[Handle]
+	// othersRead: every block has been read once in this call. Later attempts use
+	// the cache, which a lost compare-and-swap refreshes block by block.
+	othersRead bool
+}
+
+// errRetry means a compare-and-swap lost; the cache was refreshed and the caller
+// should try again.
+var errRetry = errors.New("retry")
+
+// rollback releases a partial assignment. It uses a fresh context: the caller's may
+// be what ran out.
+func (a *Allocator) rollback(node, handle string, got []Assigned) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, g := range got {
+		if err := a.releaseExact(ctx, g.IP, handle, g.Sequence); err != nil && !errors.Is(err, ErrNotAllocated) {
+			a.opts.Logger.Error("could not roll back a partial assignment; ipam check will find it", "ip", g.IP, "handle", handle, "node", node, "err", err)
+		}
+	}
+}
+
+// assignOnce makes one attempt to assign up to num addresses from a single block.
+func (a *Allocator) assignOnce(ctx context.Context, nc *nodeCache, args AssignArgs, c *call, num int) ([]Assigned, error) {
+	handle := c.handle
+	if nc.snap == nil {
+		s, err := a.loadSnapshot(ctx, nc.name)
+		if err != nil {
+			return nil, err
+		}
+		nc.snap = s
+	}
+	snap := nc.snap
+	pools, err := eligiblePools(snap.pools, args.Pools, snap.nodeLabels)
+	if err != nil {
+		return nil, fmt.Errorf("node %s: %w", nc.name, err)
+	}
+	affine, err := a.affineBlocks(ctx, nc, pools)
+	if err != nil {
+		return nil, err
+	}
+	if nc.snap == nil { // a pending claim was settled: look again
+		return nil, errRetry
+	}
+	now := a.opts.Now()
+	cool := a.opts.ReuseCooldown
+	for _, b := range affine {
+		if b.v.Available(now, cool) > 0 {
+			return a.commit(ctx, nc, b, true, args, handle, num, false)
+		}
+	}
+	canClaim := snap.config.MaxBlocks() == 0 || len(snap.affinities) < snap.config.MaxBlocks()
+	if canClaim {
+		if claimed, err := a.claimUnused(ctx, nc, pools); err != nil || claimed {
+			if err == nil {
+				err = errRetry // assign from the new block on the next pass
+			}
+			return nil, err
+		}
+	}
+	// Every CIDR is taken: look at the other blocks of the pools.
+	others, err := a.otherBlocks(ctx, nc, pools, !c.othersRead)
+	if err != nil {
+		return nil, err
+	}
+	c.othersRead = true
+	if canClaim {
+		for _, b := range others {
+			if b.v.Affinity == "" && b.v.Empty() {
+				if _, err := a.claim(ctx, nc, b.v.CIDR, b); err != nil {
+					return nil, err
+				}
+				return nil, errRetry
+			}
+		}
+	}
+	var borrowable []*versioned[Block]
+	if !snap.config.Spec.StrictAffinity {
+		borrowable = others
+		if b := pick(borrowable, func(b *Block) bool { return b.Available(now, cool) > 0 }); b != nil {
+			return a.commit(ctx, nc, b, false, args, handle, num, false)
+		}
+	}
+	// Last resort: addresses still cooling down, oldest-freed first in each block.
+	hasFree := func(b *Block) bool { return len(b.Free) > 0 }
+	if b := pick(affine, hasFree); b != nil {
+		return a.commit(ctx, nc, b, true, args, handle, num, true)
+	}
+	if b := pick(borrowable, hasFree); b != nil {
+		return a.commit(ctx, nc, b, false, args, handle, num, true)
+	}
+	names := make([]string, len(pools))
+	for i, p := range pools {
+		names[i] = fmt.Sprintf("%s (%s)", p.Metadata.Name, p.Spec.CIDR)
+	}
+	hint := "add a pool or free addresses"
+	if snap.config.Spec.StrictAffinity {
+		hint += "; strictAffinity is on, so other nodes' blocks are not borrowed"
+	}
+	return nil, fmt.Errorf("%w for node %s in %s: %s", ErrNoSpace, nc.name, strings.Join(names, ", "), hint)
+}
+
+// pick returns a random block of bs that satisfies ok, or nil. Random, so that
+// allocators that all fell back to the same blocks spread out instead of colliding.
+func pick(bs []*versioned[Block], ok func(*Block) bool) *versioned[Block] {
+	var fit []*versioned[Block]
+	for _, b := range bs {
+		if ok(b.v) {
+			fit = append(fit, b)
+		}
+	}
+	if len(fit) == 0 {
+		return nil
+	}
+	return fit[rand.IntN(len(fit))]
+}
+
+// affineBlocks returns the node's confirmed blocks in pools, in pool order then
+// address order, loading any it has not cached. It also settles pending affinities
+// left by an interrupted claim.
+func (a *Allocator) affineBlocks(ctx context.Context, nc *nodeCache, pools []*api.IPPool) ([]*versioned[Block], error) {
+	snap := nc.snap // settlePending may drop nc.snap
+	var cidrs, missing []netip.Prefix
+	for c := range snap.affinities {
+		if poolOf(pools, c) != nil {
+			cidrs = append(cidrs, c)
+			if nc.blocks[c] == nil {
+				missing = append(missing, c)
+			}
+		}
+	}
+	if err := a.loadBlocks(ctx, nc, missing); err != nil {
+		return nil, err
+	}
+	slices.SortFunc(cidrs, func(x, y netip.Prefix) int {
+		px, py := poolOf(pools, x), poolOf(pools, y)
+		if px != py {
+			return slices.Index(pools, px) - slices.Index(pools, py)
+		}
+		return x.Addr().Compare(y.Addr())
+	})
+	var out []*versioned[Block]
+	for _, c := range cidrs {
+		af := snap.affinities[c]
+		b := nc.blocks[c]
+		if af.v.State == affinityPending {
+			if err := a.settlePending(ctx, nc, c, af, b); err != nil {
+				return nil, err
+			}
+			continue // the snapshot is reloaded on the next pass
+		}
+		if b.v != nil && b.v.Affinity == nc.name {
+			out = append(out, b)
+		}
+	}
+	return out, nil
+}
+
+// settlePending finishes or abandons a claim that a crashed or concurrent
+// allocator left pending: confirm it if the block is ours, drop it if the block is
+// someone else's or never appeared.
+func (a *Allocator) settlePending(ctx context.Context, nc *nodeCache, cidr netip.Prefix, af versioned[affinity], b *versioned[Block]) error {
+	// Both writes check the block too: a claimer may be between its steps, and a
+	// block it just took must not lose its affinity.
+	akey, bkey := datastore.AffinityKey(nc.name, cidr), datastore.BlockKey(cidr)
+	cmps := []clientv3.Cmp{revIs(akey, af.rev), revIs(bkey, b.rev)}
+	switch {
+	case b.v != nil && b.v.Affinity == nc.name:
+		confirmed := affinity{State: affinityConfirmed, Created: af.v.Created}
+		if _, err := a.store.Txn(ctx, cmps, []clientv3.Op{clientv3.OpPut(akey, mustJSON(confirmed))}, nil); err != nil {
+			return err
+		}
+	case b.v != nil || a.opts.Now().Sub(af.v.Created) > pendingAffinityTimeout:
+		if _, err := a.store.Txn(ctx, cmps, []clientv3.Op{clientv3.OpDelete(akey)}, nil); err != nil {
+			return err
+		}
+	default:
+		return nil // another allocator is claiming it right now
+	}
+	nc.snap = nil
+	return nil
+}
+
+// otherBlocks returns the blocks in pools that the node does not own, in pool
+// order: read afresh (refreshing the taken CIDRs too) when read is set, else from
+// the cache.
+func (a *Allocator) otherBlocks(ctx context.Context, nc *nodeCache, pools []*api.IPPool, read bool) ([]*versioned[Block], error) {
+	if read {
+		resp, err := a.store.Get(ctx, datastore.BlocksPrefix, clientv3.WithPrefix())
+		if err != nil {
+			return nil, err
+		}
+		nc.taken = map[netip.Prefix]bool{}
+		for i := range resp.Kvs {
+			vb, err := decodeBlock(resp.Kvs[i : i+1])
+			if err != nil {
+				return nil, err
+			}
+			nc.taken[vb.v.CIDR] = true
+			nc.blocks[vb.v.CIDR] = vb
+		}
+	}
+	var out []*versioned[Block]
+	for _, vb := range nc.blocks {
+		if vb.v != nil && vb.v.Affinity != nc.name && poolOf(pools, vb.v.CIDR) != nil {
+			out = append(out, vb)
+		}
+	}
+	slices.SortFunc(out, func(x, y *versioned[Block]) int {
+		if d := slices.Index(pools, poolOf(pools, x.v.CIDR)) - slices.Index(pools, poolOf(pools, y.v.CIDR)); d != 0 {
+			return d
+		}
+		return x.v.CIDR.Addr().Compare(y.v.CIDR.Addr())
+	})
+	return out, nil
+}
+
+// commit writes an assignment from block b together with the handle, in one
+// transaction that also checks the pool, the IPAM configuration and (for an affine
+// block) the affinity have not changed. On a lost race it refreshes the cache from
+// the transaction's else branch and returns errRetry.
+func (a *Allocator) commit(ctx context.Context, nc *nodeCache, b *versioned[Block], affine bool, args AssignArgs, handle *versioned[Handle], num int, ignoreCooldown bool) ([]Assigned, error) {
+	nb := cloneBlock(b.v)
+	got := nb.assign(num, args.Handle, nc.name, args.Attrs, a.opts.Now(), a.opts.ReuseCooldown, ignoreCooldown)
+	h := Handle{ID: args.Handle}
+	if handle.v != nil {
+		h.IPs = slices.Clone(handle.v.IPs)
+	}
+	h.IPs = append(h.IPs, got...)
+
+	pool := poolOf(nc.snap.pools, b.v.CIDR)
+	bkey, hkey := datastore.BlockKey(b.v.CIDR), datastore.HandleKey(args.Handle)
+	cmps := []clientv3.Cmp{
+		revIs(bkey, b.rev),
+		revIs(hkey, handle.rev),
+		revIs(datastore.ResourceKey(poolKind, pool.Metadata.Name), nc.snap.poolRev[pool.Metadata.Name]),
+		revIs(configKey, nc.snap.configRev),
+	}
+	if affine {
+		cmps = append(cmps, revIs(datastore.AffinityKey(nc.name, b.v.CIDR), nc.snap.affinities[b.v.CIDR].rev))
+	}
+	resp, err := a.store.Txn(ctx, cmps,
+		[]clientv3.Op{clientv3.OpPut(bkey, mustJSON(nb)), clientv3.OpPut(hkey, mustJSON(h))},
+		[]clientv3.Op{clientv3.OpGet(bkey), clientv3.OpGet(hkey)})
+	if err != nil {
+		return nil, err
+	}
+	if !resp.Succeeded {
+		fb, err := decodeBlock(resp.Responses[0].GetResponseRange().Kvs)
+		if err != nil {
+			return nil, err
+		}
+		fh, err := decodeHandle(resp.Responses[1].GetResponseRange().Kvs)
+		if err != nil {
+			return nil, err
+		}
+		if fb.rev == b.rev && fh.rev == handle.rev {
+			nc.snap = nil // the pool, the configuration or the affinity changed
+		}
+		nc.blocks[b.v.CIDR] = fb
+		*handle = *fh
+		return nil, errRetry
+	}
+	rev := resp.Header.Revision
+	nc.blocks[b.v.CIDR] = &versioned[Block]{nb, rev}
+	*handle = versioned[Handle]{&h, rev}
+	return got, nil
+}
+
+func cloneBlock(b *Block) *Block {
+	c := *b
+	c.Allocations = slices.Clone(b.Allocations)
+	c.Free = slices.Clone(b.Free)
+	return &c
+}
+
+// claimUnused claims a CIDR that has no block yet, in the first pool that has one.
+// Blocks are never deleted, so the cached set of taken CIDRs only grows: a CIDR it
+// wrongly thinks free makes the claim fail and the set reload.
+func (a *Allocator) claimUnused(ctx context.Context, nc *nodeCache, pools []*api.IPPool) (bool, error) {
+	if nc.taken == nil {
+		resp, err := a.store.Get(ctx, datastore.BlocksPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		if err != nil {
+			return false, err
+		}
+		nc.taken = map[netip.Prefix]bool{}
+		for _, kv := range resp.Kvs {
+			if c, err := datastore.ParseBlockKey(string(kv.Key)); err == nil {
+				nc.taken[c] = true
+			}
+		}
+	}
+	for _, p := range pools {
+		for cidr := range blockCandidates(p, nc.taken, nc.name) {
+			return a.claim(ctx, nc, cidr, nil)
+		}
+	}
+	return false, nil
+}
+
+// claim runs the three claim steps for cidr. existing is the ownerless empty block to
+// take over, or nil for a new one. A lost race reloads the snapshot and reports true
+// so the caller looks again.
+func (a *Allocator) claim(ctx context.Context, nc *nodeCache, cidr netip.Prefix, existing *versioned[Block]) (bool, error) {
+	snap := nc.snap
+	nc.snap = nil // whatever happens, the affinities change
+	akey, bkey := datastore.AffinityKey(nc.name, cidr), datastore.BlockKey(cidr)
+	now := a.opts.Now().UTC()
+	// 1. Pending affinity, provided the node claimed nothing since the snapshot
+	// (which keeps maxBlocksPerHost exact) and the block is still as we saw it.
+	brev := int64(0)
+	if existing != nil {
+		brev = existing.rev
+	}
+	resp, err := a.store.Txn(ctx, []clientv3.Cmp{
+		revIs(akey, 0),
+		revIs(bkey, brev),
+		clientv3.Compare(clientv3.ModRevision(datastore.AffinityPrefix(nc.name)), "<", snap.affRev+1).WithPrefix(),
+	}, []clientv3.Op{clientv3.OpPut(akey, mustJSON(affinity{State: affinityPending, Created: now}))}, nil)
+	if err != nil || !resp.Succeeded {
+		nc.taken = nil
+		delete(nc.blocks, cidr) // it may be stale; read it again
+		return err == nil, err
+	}
+	arev := resp.Header.Revision
+	// 2. The block, owned by us, if nobody took it meanwhile.
+	nb := newBlock(cidr, nc.name)
+	if existing != nil {
+		nb = cloneBlock(existing.v)
+		nb.Affinity = nc.name
+	}
+	resp, err = a.store.Txn(ctx, []clientv3.Cmp{revIs(bkey, brev), revIs(akey, arev)},
+		[]clientv3.Op{clientv3.OpPut(bkey, mustJSON(nb))}, nil)
+	if err != nil {
+		return false, err
+	}
+	if !resp.Succeeded {
+		nc.taken = nil
+		delete(nc.blocks, cidr)
+		_, err := a.store.Txn(ctx, []clientv3.Cmp{revIs(akey, arev)}, []clientv3.Op{clientv3.OpDelete(akey)}, nil)
+		return true, err
+	}
+	if nc.taken != nil {
+		nc.taken[cidr] = true
+	}
+	// 3. Confirm. If this fails, the next snapshot finds the pending affinity with our
+	// block and confirms it.
+	_, err = a.store.Txn(ctx, []clientv3.Cmp{revIs(akey, arev)},
+		[]clientv3.Op{clientv3.OpPut(akey, mustJSON(affinity{State: affinityConfirmed, Created: now}))}, nil)
+	if err != nil {
+		return false, err
+	}
+	a.opts.Logger.Info("claimed block", "node", nc.name, "block", cidr)
+	return true, nil
+}

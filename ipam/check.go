@@ -1,0 +1,309 @@
+package ipam
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/margay-dev/margay/datastore"
+)
+
+// Handle ID forms whose owner check can judge.
+const (
+	PodHandlePrefix   = "k8s-pod-network."
+	ipipHandlePrefix  = "ipip-tunnel-addr-"
+	vxlanHandlePrefix = "vxlan-tunnel-addr-"
+)
+
+// DefaultLeakGrace is how old an allocation must be before check calls it leaked:
+// a pod's address is assigned before its WorkloadEndpoint is written.
+const DefaultLeakGrace = 15 * time.Minute
+
+// PodHandle is the handle of a pod's addresses.
+func PodHandle(containerID string) string { return PodHandlePrefix + containerID }
+
+// TunnelKind is the encapsulation a tunnel address is for.
+type TunnelKind string
+
+// Tunnel kinds.
+const (
+	TunnelIPIP  TunnelKind = "ipip"
+	TunnelVXLAN TunnelKind = "vxlan"
+)
+
+// TunnelHandle is the handle of a node's tunnel address.
+func TunnelHandle(kind TunnelKind, node string) string {
+	if kind == TunnelVXLAN {
+		return vxlanHandlePrefix + node
+	}
+	return ipipHandlePrefix + node
+}
+
+// Report is what Check found. A clean report has every slice empty.
+type Report struct {
+	Revision    int64 `json:"revision"`
+	Blocks      int   `json:"blocks"`
+	Allocations int   `json:"allocations"`
+	Handles     int   `json:"handles"`
+	// Leaked: in use, past the grace period, by an owner that no longer exists.
+	Leaked []Finding `json:"leaked"`
+	// Unreferenced: in use in a block but not listed in its handle.
+	Unreferenced []Finding `json:"unreferenced"`
+	// OrphanHandles: handles listing addresses they do not hold, or none.
+	OrphanHandles []Finding `json:"orphanHandles"`
+	// BadAffinities: affinities without their block, stale pending claims, and
+	// blocks whose owner has no affinity.
+	BadAffinities []Finding `json:"badAffinities"`
+}
+
+// Finding is one problem.
+type Finding struct {
+	IP       netip.Addr   `json:"ip,omitzero"`
+	Block    netip.Prefix `json:"block,omitzero"`
+	Handle   string       `json:"handle,omitempty"`
+	Node     string       `json:"node,omitempty"`
+	Sequence uint64       `json:"seq,omitempty"`
+	Reason   string       `json:"reason"`
+	rev      int64
+}
+
+// Clean reports whether nothing was found.
+func (r *Report) Clean() bool {
+	return len(r.Leaked)+len(r.Unreferenced)+len(r.OrphanHandles)+len(r.BadAffinities) == 0
+}
+
+// Check audits the IPAM state at one revision. An allocation is leaked when its pod
+// has no WorkloadEndpoint (or its tunnel's node no Node) and it is older than grace.
+func (a *Allocator) Check(ctx context.Context, grace time.Duration) (*Report, error) {
+	s, err := a.loadState(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return analyze(s, a.opts.Now(), grace), nil
+}
+
+// analyze is Check's pure core.
+func analyze(s *state, now time.Time, grace time.Duration) *Report {
+	r := &Report{Revision: s.rev, Blocks: len(s.blocks), Handles: len(s.handles)}
+	type holding struct {
+		seq    uint64
+		handle string
+	}
+	held := map[netip.Addr]holding{} // address -> allocation, for the handle audit
+	owners := map[netip.Prefix]string{}
+	for _, b := range s.blocks {
+		owners[b.v.CIDR] = b.v.Affinity
+		for ord, al := range b.v.Allocations {
+			if al == nil {
+				continue
+			}
+			r.Allocations++
+			ip := b.v.addr(ord)
+			held[ip] = holding{al.Sequence, al.Handle}
+			f := Finding{IP: ip, Block: b.v.CIDR, Handle: al.Handle, Node: al.Node, Sequence: al.Sequence}
+			if !handleLists(s.handles[al.Handle], ip, al.Sequence) {
+				f.Reason = "allocated in its block but not listed in handle " + al.Handle
+				r.Unreferenced = append(r.Unreferenced, f)
+			}
+			if why := leakReason(s, al, now, grace); why != "" {
+				f.Reason = why
+				r.Leaked = append(r.Leaked, f)
+			}
+		}
+	}
+	for id, h := range s.handles {
+		var stale []string
+		for _, ip := range h.v.IPs {
+			if got := held[ip.IP]; got.handle != id || got.seq != ip.Sequence {
+				stale = append(stale, ip.IP.String())
+			}
+		}
+		switch {
+		case len(h.v.IPs) == 0:
+			r.OrphanHandles = append(r.OrphanHandles, Finding{Handle: id, Reason: "handle holds no addresses", rev: h.rev})
+		case len(stale) > 0:
+			r.OrphanHandles = append(r.OrphanHandles, Finding{Handle: id, Reason: "handle lists addresses it does not hold: " + strings.Join(stale, ", "), rev: h.rev})
+		}
+	}
+	affine := map[string]bool{}
+	for _, e := range s.affinities {
+		affine[e.node+"/"+e.cidr.String()] = true
+		f := Finding{Node: e.node, Block: e.cidr, rev: e.af.rev}
+		owner, exists := owners[e.cidr]
+		switch {
+		case e.af.v.State == affinityPending && now.Sub(e.af.v.Created) > pendingAffinityTimeout:
+			f.Reason = "claim left pending since " + e.af.v.Created.Format(time.RFC3339)
+		case !exists && e.af.v.State != affinityPending:
+			f.Reason = "affinity to a block that does not exist"
+		case exists && owner != e.node && e.af.v.State != affinityPending:
+			f.Reason = fmt.Sprintf("affinity to a block owned by %q", owner)
+		default:
+			continue
+		}
+		r.BadAffinities = append(r.BadAffinities, f)
+	}
+	for _, b := range s.blocks {
+		if b.v.Affinity != "" && !affine[b.v.Affinity+"/"+b.v.CIDR.String()] {
+			r.BadAffinities = append(r.BadAffinities, Finding{Node: b.v.Affinity, Block: b.v.CIDR, Reason: "block is owned by a node without an affinity to it", rev: b.rev})
+		}
+	}
+	return r
+}
+
+func handleLists(h *versioned[Handle], ip netip.Addr, seq uint64) bool {
+	if h == nil {
+		return false
+	}
+	for _, x := range h.v.IPs {
+		if x.IP == ip && x.Sequence == seq {
+			return true
+		}
+	}
+	return false
+}
+
+func leakReason(s *state, al *Allocation, now time.Time, grace time.Duration) string {
+	if now.Sub(al.Time) < grace {
+		return ""
+	}
+	switch h := al.Handle; {
+	case strings.HasPrefix(h, PodHandlePrefix):
+		if !s.weps[strings.TrimPrefix(h, PodHandlePrefix)] {
+			return "no WorkloadEndpoint has container " + strings.TrimPrefix(h, PodHandlePrefix)
+		}
+	case strings.HasPrefix(h, ipipHandlePrefix), strings.HasPrefix(h, vxlanHandlePrefix):
+		node := strings.TrimPrefix(strings.TrimPrefix(h, ipipHandlePrefix), vxlanHandlePrefix)
+		if !s.nodes[node] {
+			return "tunnel address of node " + node + ", which no longer exists"
+		}
+	}
+	return ""
+}
+
+// Repair fixes what a report found: it releases leaked addresses (only if they are
+// still held by the same handle and sequence), relinks unreferenced allocations to
+// their handles, prunes orphan handles and deletes bad affinities. It returns how
+// many fixes it made and the first error.
+func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
+	fixed := 0
+	var errs []error
+	for _, f := range r.Leaked {
+		if err := a.releaseExact(ctx, f.IP, f.Handle, f.Sequence); err != nil && !errors.Is(err, ErrNotAllocated) {
+			errs = append(errs, err)
+			continue
+		}
+		fixed++
+	}
+	for _, f := range r.Unreferenced {
+		if err := a.relink(ctx, f); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fixed++
+	}
+	for _, f := range r.OrphanHandles {
+		if err := a.pruneHandle(ctx, f.Handle); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fixed++
+	}
+	for _, f := range r.BadAffinities {
+		key := datastore.AffinityKey(f.Node, f.Block)
+		var err error
+		if strings.HasPrefix(f.Reason, "block is owned") {
+			// Give the owner back its affinity rather than orphan a block in use.
+			_, err = a.store.Txn(ctx, []clientv3.Cmp{revIs(key, 0), revIs(datastore.BlockKey(f.Block), f.rev)},
+				[]clientv3.Op{clientv3.OpPut(key, mustJSON(affinity{State: affinityConfirmed, Created: a.opts.Now().UTC()}))}, nil)
+		} else {
+			_, err = a.store.Txn(ctx, []clientv3.Cmp{revIs(key, f.rev)}, []clientv3.Op{clientv3.OpDelete(key)}, nil)
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fixed++
+	}
+	return fixed, errors.Join(errs...)
+}
+
+// relink adds an allocation missing from its handle back to the handle.
+func (a *Allocator) relink(ctx context.Context, f Finding) error {
+	hkey := datastore.HandleKey(f.Handle)
+	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
+		resp, err := a.store.Get(ctx, hkey)
+		if err != nil {
+			return err
+		}
+		h, err := decodeHandle(resp.Kvs)
+		if err != nil {
+			return err
+		}
+		nh := Handle{ID: f.Handle}
+		if h.v != nil {
+			nh.IPs = append(nh.IPs, h.v.IPs...)
+			nh.remove(f.IP)
+		}
+		nh.IPs = append(nh.IPs, Assigned{IP: f.IP, Block: f.Block, Sequence: f.Sequence})
+		tresp, err := a.store.Txn(ctx, []clientv3.Cmp{revIs(hkey, h.rev)}, []clientv3.Op{clientv3.OpPut(hkey, mustJSON(nh))}, nil)
+		if err != nil {
+			return err
+		}
+		if tresp.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: relinking %s to %s", ErrContention, f.IP, f.Handle)
+}
+
+// pruneHandle drops the addresses a handle lists but does not hold, deleting the
+// handle if nothing is left. The block reads are checked in the same transaction.
+func (a *Allocator) pruneHandle(ctx context.Context, id string) error {
+	hkey := datastore.HandleKey(id)
+	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
+		resp, err := a.store.Get(ctx, hkey)
+		if err != nil {
+			return err
+		}
+		h, err := decodeHandle(resp.Kvs)
+		if err != nil || h.v == nil {
+			return err
+		}
+		cmps := []clientv3.Cmp{revIs(hkey, h.rev)}
+		nh := Handle{ID: id}
+		for _, ip := range h.v.IPs {
+			bresp, err := a.store.Get(ctx, datastore.BlockKey(ip.Block))
+			if err != nil {
+				return err
+			}
+			b, err := decodeBlock(bresp.Kvs)
+			if err != nil {
+				return err
+			}
+			cmps = append(cmps, revIs(datastore.BlockKey(ip.Block), b.rev))
+			if b.v != nil {
+				if ord, ok := b.v.ordinal(ip.IP); ok && b.v.Allocations[ord] != nil &&
+					b.v.Allocations[ord].Handle == id && b.v.Allocations[ord].Sequence == ip.Sequence {
+					nh.IPs = append(nh.IPs, ip)
+				}
+			}
+		}
+		op := clientv3.OpPut(hkey, mustJSON(nh))
+		if len(nh.IPs) == 0 {
+			op = clientv3.OpDelete(hkey)
+		}
+		tresp, err := a.store.Txn(ctx, cmps, []clientv3.Op{op}, nil)
+		if err != nil {
+			return err
+		}
+		if tresp.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: pruning handle %s", ErrContention, id)
+}

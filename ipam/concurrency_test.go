@@ -1,0 +1,274 @@
+package ipam
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/test/etcdtest"
+)
+
+// The concurrency suite: 8 nodes × 32 goroutines, each goroutine with its own
+// Allocator (as separate CNI processes would be), allocate 3000 addresses from a /20
+// of /26 blocks, release half, allocate again; then every invariant is audited.
+//
+// With -short (the -race run of `make test`) it runs at a tenth of the size: the race
+// detector slows the etcd client twentyfold, and the full size then takes minutes.
+// `make test` also runs the full size without -race.
+func TestConcurrentAllocation(t *testing.T) {
+	workers, scale := 32, 1
+	if testing.Short() {
+		workers, scale = 4, 10
+	}
+	cases := []struct {
+		name    string
+		pool    string
+		strict  bool
+		total   int
+		restart bool // restart etcd in the middle of the first phase
+	}{
+		{name: "default", pool: "10.10.0.0/20", total: 3000},
+		{name: "strict-affinity", pool: "10.10.0.0/20", strict: true, total: 3000},
+		// 4 blocks for 8 nodes: half the nodes get no block and must borrow; the
+		// second phase also has to reuse cooling addresses.
+		{name: "borrowing", pool: "10.10.0.0/24", total: 200},
+		{name: "etcd-restart", pool: "10.10.0.0/20", total: 3000, restart: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := etcdtest.StartT(t)
+			store := newStore(t, srv)
+			ctx := context.Background()
+			mustCreate(t, store, pool("p", tc.pool))
+			if tc.strict {
+				if _, err := Configure(ctx, store, func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = true }); err != nil {
+					t.Fatal(err)
+				}
+			}
+			const nodes = 8
+			total := tc.total
+			if total > 1000 {
+				total /= scale
+			}
+			var (
+				mu   sync.Mutex
+				held []heldAddr
+				seq  atomic.Int64
+			)
+			// allocate runs the workers until n addresses have been assigned in all.
+			allocate := func(n int, midway func()) {
+				var wg sync.WaitGroup
+				var done, errs atomic.Int64
+				var once sync.Once
+				for w := range nodes * workers {
+					node := fmt.Sprintf("node-%d", w%nodes)
+					wg.Go(func() {
+						a := New(store, Options{MaxAttempts: 500})
+						for {
+							if done.Add(1) > int64(n) {
+								return
+							}
+							if done.Load() > int64(n/3) && midway != nil {
+								once.Do(midway)
+							}
+							h, got, err := addPod(ctx, a, node, func() string { return fmt.Sprintf("k8s-pod-network.c%d", seq.Add(1)) })
+							if err != nil {
+								errs.Add(1)
+								t.Errorf("assign %s on %s: %v", h, node, err)
+								return
+							}
+							mu.Lock()
+							held = append(held, heldAddr{h, node, got[0]})
+							mu.Unlock()
+						}
+					})
+				}
+				wg.Wait()
+				if errs.Load() > 0 {
+					t.FailNow()
+				}
+			}
+			var midway func()
+			if tc.restart {
+				midway = func() {
+					srv.Stop()
+					time.Sleep(500 * time.Millisecond)
+					if err := srv.Restart(); err != nil {
+						t.Errorf("restart etcd: %v", err)
+					}
+				}
+			}
+			start := time.Now()
+			allocate(total, midway)
+			t.Logf("phase 1: %d addresses in %s, %d etcd round trips", len(held), time.Since(start), store.RoundTrips())
+			audit(t, store, held)
+
+			// Release half, by handle, concurrently.
+			release := held[:len(held)/2]
+			held = held[len(held)/2:]
+			var wg sync.WaitGroup
+			for i := range workers {
+				wg.Go(func() {
+					a := New(store, Options{})
+					for j := i; j < len(release); j += workers {
+						ips, err := a.ReleaseByHandle(ctx, release[j].handle)
+						if err != nil || len(ips) != 1 || ips[0] != release[j].a.IP {
+							t.Errorf("release %s: got %v, %v; want [%s]", release[j].handle, ips, err, release[j].a.IP)
+						}
+					}
+				})
+			}
+			wg.Wait()
+			audit(t, store, held)
+
+			start = time.Now()
+			allocate(len(release), nil)
+			t.Logf("phase 2: %d addresses in %s, %d etcd round trips", len(release), time.Since(start), store.RoundTrips())
+			rep := audit(t, store, held)
+			if rep.Allocations != total {
+				t.Errorf("%d allocations stored, want %d", rep.Allocations, total)
+			}
+			if tc.name == "borrowing" {
+				u, err := New(store, Options{}).Usage(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(u.Borrowed) == 0 {
+					t.Errorf("no address was borrowed, but only 4 blocks exist for 8 nodes")
+				}
+			}
+		})
+	}
+}
+
+// first keeps failure messages short.
+func first(fs []Finding) []Finding { return fs[:min(len(fs), 3)] }
+
+type heldAddr struct {
+	handle, node string
+	a            Assigned
+}
+
+// addPod does what kubelet does for a pod: ADD; if that fails retryably (contention,
+// etcd restarting), DEL the attempt's handle until that succeeds, then ADD again
+// with a new container ID. A write that etcd applied just before it died is thus
+// cleaned up, never leaked.
+func addPod(ctx context.Context, a *Allocator, node string, newHandle func() string) (string, []Assigned, error) {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		h := newHandle()
+		got, err := a.AutoAssign(ctx, AssignArgs{Handle: h, Node: node})
+		if err == nil || !retryable(err) || time.Now().After(deadline) {
+			return h, got, err
+		}
+		for {
+			_, err := a.ReleaseByHandle(ctx, h)
+			if err == nil {
+				break
+			}
+			if !retryable(err) || time.Now().After(deadline) {
+				return h, nil, fmt.Errorf("release after failed assign: %w", err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+func retryable(err error) bool {
+	return errors.Is(err, ErrContention) || errors.Is(err, datastore.ErrUnavailable)
+}
+
+// audit checks every invariant of the stored state against what the test holds.
+func audit(t *testing.T, store *datastore.Store, held []heldAddr) *Report {
+	t.Helper()
+	ctx := context.Background()
+	a := New(store, Options{})
+	s, err := a.loadState(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[netip.Addr]string{}
+	for _, h := range held {
+		if prev, dup := seen[h.a.IP]; dup {
+			t.Errorf("duplicate IP %s: held by %s and %s", h.a.IP, prev, h.handle)
+		}
+		seen[h.a.IP] = h.handle
+		ok := false
+		for _, p := range s.pools {
+			ok = ok || p.Prefix().Contains(h.a.IP)
+		}
+		if !ok {
+			t.Errorf("%s is in no pool", h.a.IP)
+		}
+		ips, err := a.IPsByHandle(ctx, h.handle)
+		if err != nil || len(ips) != 1 || ips[0] != h.a {
+			t.Errorf("handle %s lists %v (%v), want [%v]", h.handle, ips, err, h.a)
+		}
+	}
+	stored := 0
+	for _, b := range s.blocks {
+		owned := 0
+		for ord, al := range b.v.Allocations {
+			if al == nil {
+				continue
+			}
+			stored++
+			if seen[b.v.addr(ord)] != al.Handle {
+				t.Errorf("block %s holds %s for %s, which the test does not hold", b.v.CIDR, b.v.addr(ord), al.Handle)
+			}
+			if al.Node == b.v.Affinity {
+				owned++
+			}
+		}
+		if len(b.v.Free)+b.v.InUse() != len(b.v.Allocations) {
+			t.Errorf("block %s: free list and allocations disagree", b.v.CIDR)
+		}
+	}
+	if stored != len(held) {
+		t.Errorf("%d allocations stored, test holds %d", stored, len(held))
+	}
+	rep, err := a.Check(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// With no grace every pod allocation lacks a WorkloadEndpoint; nothing else may
+	// be wrong.
+	if len(rep.Leaked) != stored || len(rep.Unreferenced)+len(rep.OrphanHandles)+len(rep.BadAffinities) != 0 {
+		t.Errorf("ipam check with no grace: %d leaked (want %d), unreferenced %v, orphan handles %v, bad affinities %v",
+			len(rep.Leaked), stored, first(rep.Unreferenced), first(rep.OrphanHandles), first(rep.BadAffinities))
+	}
+	if rep2, err := a.Check(ctx, DefaultLeakGrace); err != nil || !rep2.Clean() {
+		t.Errorf("ipam check is not clean (err %v): leaked %v", err, first(rep2.Leaked))
+	}
+	return rep
+}
+
+func newStore(t testing.TB, srv *etcdtest.Server) *datastore.Store {
+	t.Helper()
+	s, err := datastore.New(datastore.Config{Endpoints: srv.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func pool(name, cidr string) *api.IPPool {
+	p := api.NewIPPool(name)
+	p.Spec.CIDR = cidr
+	return p
+}
+
+func mustCreate(t testing.TB, s *datastore.Store, r api.Resource) {
+	t.Helper()
+	if _, err := s.Create(context.Background(), r); err != nil {
+		t.Fatal(err)
+	}
+}

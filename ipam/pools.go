@@ -1,0 +1,86 @@
+package ipam
+
+import (
+	"fmt"
+	"hash/fnv"
+	"iter"
+	"net/netip"
+	"strings"
+
+	"github.com/margay-dev/margay/api"
+)
+
+// eligiblePools picks the pools a node may allocate from, in the order to try them.
+// With names, only those pools (in that order, each matched by name or CIDR); else
+// every pool, sorted by name. Disabled pools and pools whose nodeSelector rejects the
+// node are skipped; if nothing is left the error says why for each pool.
+func eligiblePools(all []*api.IPPool, names []string, nodeLabels map[string]string) ([]*api.IPPool, error) {
+	candidates := all
+	if len(names) > 0 {
+		candidates = nil
+		for _, n := range names {
+			var found *api.IPPool
+			for _, p := range all {
+				if p.Metadata.Name == n || p.Spec.CIDR == n {
+					found = p
+					break
+				}
+			}
+			if found == nil {
+				return nil, fmt.Errorf("IP pool %q does not exist", n)
+			}
+			candidates = append(candidates, found)
+		}
+	}
+	var out []*api.IPPool
+	var why []string
+	for _, p := range candidates {
+		switch {
+		case p.Spec.Disabled:
+			why = append(why, fmt.Sprintf("%s is disabled", p.Metadata.Name))
+		case !p.Selects(nodeLabels):
+			why = append(why, fmt.Sprintf("%s's nodeSelector %q does not select this node", p.Metadata.Name, p.Spec.NodeSelector))
+		default:
+			out = append(out, p)
+		}
+	}
+	if len(out) == 0 {
+		if len(candidates) == 0 {
+			return nil, fmt.Errorf("no IP pools exist; create one with margayctl apply")
+		}
+		return nil, fmt.Errorf("no usable IP pool: %s", strings.Join(why, "; "))
+	}
+	return out, nil
+}
+
+// poolOf returns the pool containing cidr among pools, or nil.
+func poolOf(pools []*api.IPPool, cidr netip.Prefix) *api.IPPool {
+	for _, p := range pools {
+		if pp := p.Prefix(); pp.Bits() <= cidr.Bits() && pp.Contains(cidr.Addr()) {
+			return p
+		}
+	}
+	return nil
+}
+
+// blockCandidates lists the block CIDRs of pool that are not in taken, starting at
+// an offset derived from the node name, so nodes claiming at once rarely collide.
+// It is lazy: a /8 pool of /32 blocks has 2^24 candidates.
+func blockCandidates(pool *api.IPPool, taken map[netip.Prefix]bool, node string) iter.Seq[netip.Prefix] {
+	pfx := pool.Prefix()
+	size := pool.Spec.BlockSize
+	n := 1 << (size - pfx.Bits())
+	step := uint32(1) << (32 - size)
+	h := fnv.New32a()
+	h.Write([]byte(node))
+	start := int(h.Sum32() % uint32(n))
+	return func(yield func(netip.Prefix) bool) {
+		for i := range n {
+			idx := (start + i) % n
+			cidr := netip.PrefixFrom(fromU32(u32(pfx.Addr())+uint32(idx)*step), size)
+			if !taken[cidr] && !yield(cidr) {
+				return
+			}
+		}
+	}
+}

@@ -1,0 +1,93 @@
+package ipam
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"sort"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+)
+
+// state is the whole IPAM picture at one etcd revision, for check and show.
+type state struct {
+	rev        int64
+	pools      []*api.IPPool
+	blocks     []*versioned[Block] // sorted by address
+	handles    map[string]*versioned[Handle]
+	affinities []affinityEntry
+	weps       map[string]bool // container IDs with a WorkloadEndpoint
+	nodes      map[string]bool
+}
+
+type affinityEntry struct {
+	node string
+	cidr netip.Prefix
+	af   versioned[affinity]
+}
+
+// loadState reads everything in one transaction, so the picture is consistent.
+func (a *Allocator) loadState(ctx context.Context) (*state, error) {
+	resp, err := a.store.Txn(ctx, nil, []clientv3.Op{
+		clientv3.OpGet(datastore.ResourcePrefix(poolKind), clientv3.WithPrefix()),
+		clientv3.OpGet(datastore.BlocksPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(datastore.HandlesPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(datastore.AffinitiesPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(datastore.ResourcePrefix(wepKind), clientv3.WithPrefix()),
+		clientv3.OpGet(datastore.ResourcePrefix(nodeKind), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+	}, nil)
+	if err != nil {
+		return nil, err
+	}
+	s := &state{rev: resp.Header.Revision, handles: map[string]*versioned[Handle]{}, weps: map[string]bool{}, nodes: map[string]bool{}}
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		var p api.IPPool
+		if err := json.Unmarshal(kv.Value, &p); err != nil {
+			return nil, fmt.Errorf("stored pool %s is corrupt: %w", kv.Key, err)
+		}
+		p.SetDefaults()
+		s.pools = append(s.pools, &p)
+	}
+	kvs := resp.Responses[1].GetResponseRange().Kvs
+	for i := range kvs {
+		b, err := decodeBlock(kvs[i : i+1])
+		if err != nil {
+			return nil, err
+		}
+		s.blocks = append(s.blocks, b)
+	}
+	sort.Slice(s.blocks, func(i, j int) bool { return s.blocks[i].v.CIDR.Addr().Less(s.blocks[j].v.CIDR.Addr()) })
+	kvs = resp.Responses[2].GetResponseRange().Kvs
+	for i := range kvs {
+		h, err := decodeHandle(kvs[i : i+1])
+		if err != nil {
+			return nil, err
+		}
+		s.handles[h.v.ID] = h
+	}
+	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
+		node, cidr, err := datastore.ParseAffinityKey(string(kv.Key))
+		if err != nil {
+			continue
+		}
+		var af affinity
+		if err := json.Unmarshal(kv.Value, &af); err != nil {
+			return nil, fmt.Errorf("stored affinity %s is corrupt: %w", kv.Key, err)
+		}
+		s.affinities = append(s.affinities, affinityEntry{node, cidr, versioned[affinity]{&af, kv.ModRevision}})
+	}
+	for _, kv := range resp.Responses[4].GetResponseRange().Kvs {
+		var w api.WorkloadEndpoint
+		if err := json.Unmarshal(kv.Value, &w); err == nil {
+			s.weps[w.Spec.ContainerID] = true
+		}
+	}
+	for _, kv := range resp.Responses[5].GetResponseRange().Kvs {
+		s.nodes[string(kv.Key[len(datastore.ResourcePrefix(nodeKind)):])] = true
+	}
+	return s, nil
+}

@@ -1,0 +1,198 @@
+// Package etcdtest runs a real etcd on loopback for tests, benchmarks and the lab.
+// etcd runs as a separate process (the etcdserver command beside this file, built
+// from the same etcd server package margay depends on), so it is not slowed by the
+// race detector and can be killed and restarted like a real server.
+package etcdtest
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+)
+
+// ServerEnv names a prebuilt etcdserver binary; without it the first Start builds one.
+const ServerEnv = "MARGAY_ETCD_SERVER"
+
+// Options tune the server.
+type Options struct {
+	// Dir holds the data; empty means a new temporary directory removed by Close.
+	Dir string
+	// Fsync keeps etcd's fsyncs. Tests leave it off for speed; benchmarks that
+	// compare with etcd's own rate may turn it on.
+	Fsync bool
+	// TLS, when set, serves clients over TLS with these files.
+	TLS *transport.TLSInfo
+}
+
+// Server is a running (or stopped) etcd.
+type Server struct {
+	opts      Options
+	ownDir    bool
+	clientURL string
+	peerURL   string
+	cmd       *exec.Cmd
+	exited    chan struct{}
+}
+
+// Start starts a single-member etcd on free loopback ports.
+func Start(opts Options) (*Server, error) {
+	s := &Server{opts: opts}
+	if s.opts.Dir == "" {
+		d, err := os.MkdirTemp("", "margay-etcd-")
+		if err != nil {
+			return nil, err
+		}
+		s.opts.Dir, s.ownDir = d, true
+	}
+	scheme := "http"
+	if opts.TLS != nil {
+		scheme = "https"
+	}
+	cp, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	pp, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	s.clientURL = fmt.Sprintf("%s://127.0.0.1:%d", scheme, cp)
+	s.peerURL = fmt.Sprintf("http://127.0.0.1:%d", pp)
+	if err := s.Restart(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// StartT starts a server for a test and stops it when the test ends.
+func StartT(t testing.TB) *Server {
+	t.Helper()
+	s, err := Start(Options{})
+	if err != nil {
+		t.Fatalf("start etcd: %v", err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+)
+
+// serverBinary returns the etcdserver binary, building it once per process if
+// MARGAY_ETCD_SERVER does not name one.
+func serverBinary() (string, error) {
+	if p := os.Getenv(ServerEnv); p != "" {
+		return p, nil
+	}
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "margay-etcdserver-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		builtBin = filepath.Join(dir, "etcdserver")
+		out, err := exec.Command("go", "build", "-o", builtBin, "github.com/margay-dev/margay/test/etcdtest/etcdserver").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("build etcdserver (or set %s): %v: %s", ServerEnv, err, out)
+		}
+	})
+	return builtBin, buildErr
+}
+
+// Endpoints returns the client URLs.
+func (s *Server) Endpoints() []string { return []string{s.clientURL} }
+
+// Restart starts the server again after Stop, on the same data and ports.
+func (s *Server) Restart() error {
+	if s.cmd != nil {
+		return fmt.Errorf("etcd is already running")
+	}
+	bin, err := serverBinary()
+	if err != nil {
+		return err
+	}
+	args := []string{"--data-dir", filepath.Join(s.opts.Dir, "data"), "--client-url", s.clientURL, "--peer-url", s.peerURL}
+	if s.opts.Fsync {
+		args = append(args, "--fsync")
+	}
+	if t := s.opts.TLS; t != nil {
+		args = append(args, "--cert-file", t.CertFile, "--key-file", t.KeyFile, "--trusted-ca-file", t.TrustedCAFile)
+		if t.ClientCertAuth {
+			args = append(args, "--client-cert-auth")
+		}
+	}
+	cmd := exec.Command(bin, args...)
+	// If the test process dies, etcd dies with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start etcd: %w", err)
+	}
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		ok := sc.Scan() && sc.Text() == "ready"
+		ready <- ok
+		for sc.Scan() {
+		}
+	}()
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	select {
+	case ok := <-ready:
+		if ok {
+			s.cmd, s.exited = cmd, exited
+			return nil
+		}
+	case <-time.After(60 * time.Second):
+	}
+	cmd.Process.Kill()
+	<-exited
+	return fmt.Errorf("etcd did not become ready: %s", strings.TrimSpace(stderr.String()))
+}
+
+// Stop kills the server, as a crash would; its data stays for Restart.
+func (s *Server) Stop() {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	<-s.exited
+	s.cmd = nil
+}
+
+// Close stops the server and removes its data if Start created the directory.
+func (s *Server) Close() {
+	s.Stop()
+	if s.ownDir {
+		os.RemoveAll(s.opts.Dir)
+	}
+}
