@@ -76,6 +76,9 @@ type call struct {
 	// othersRead: every block has been read once in this call. Later attempts use
 	// the cache, which a lost compare-and-swap refreshes block by block.
 	othersRead bool
+	// refreshed: the cache was dropped once in this call, so a "no space" answer
+	// rests on fresh reads.
+	refreshed bool
 }
 
 // errRetry means a compare-and-swap lost; the cache was refreshed and the caller
@@ -162,6 +165,14 @@ func (a *Allocator) assignOnce(ctx context.Context, nc *nodeCache, args AssignAr
 	}
 	if b := pick(borrowable, hasFree); b != nil {
 		return a.commit(ctx, nc, b, false, args, handle, num, true)
+	}
+	if !c.refreshed {
+		// The cache may hide space freed since it was read: read everything again
+		// before saying there is none.
+		c.refreshed, c.othersRead = true, false
+		nc.snap, nc.taken = nil, nil
+		clear(nc.blocks)
+		return nil, errRetry
 	}
 	names := make([]string, len(pools))
 	for i, p := range pools {

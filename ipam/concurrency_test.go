@@ -61,6 +61,8 @@ func TestConcurrentAllocation(t *testing.T) {
 				mu   sync.Mutex
 				held []heldAddr
 				seq  atomic.Int64
+				// failed counts ADDs that failed retryably and were cleaned up.
+				failed atomic.Int64
 			)
 			// allocate runs the workers until n addresses have been assigned in all.
 			allocate := func(n int, midway func()) {
@@ -78,7 +80,7 @@ func TestConcurrentAllocation(t *testing.T) {
 							if done.Load() > int64(n/3) && midway != nil {
 								once.Do(midway)
 							}
-							h, got, err := addPod(ctx, a, node, func() string { return fmt.Sprintf("k8s-pod-network.c%d", seq.Add(1)) })
+							h, got, err := addPod(ctx, a, node, func() string { return fmt.Sprintf("k8s-pod-network.c%d", seq.Add(1)) }, &failed)
 							if err != nil {
 								errs.Add(1)
 								t.Errorf("assign %s on %s: %v", h, node, err)
@@ -107,7 +109,10 @@ func TestConcurrentAllocation(t *testing.T) {
 			}
 			start := time.Now()
 			allocate(total, midway)
-			t.Logf("phase 1: %d addresses in %s, %d etcd round trips", len(held), time.Since(start), store.RoundTrips())
+			t.Logf("phase 1: %d addresses in %s, %d etcd round trips, %d failed ADDs retried", len(held), time.Since(start), store.RoundTrips(), failed.Load())
+			if tc.restart && failed.Load() == 0 {
+				t.Errorf("etcd was restarted, yet no assignment failed: the restart did not happen mid-run")
+			}
 			audit(t, store, held)
 
 			// Release half, by handle, concurrently.
@@ -160,7 +165,7 @@ type heldAddr struct {
 // etcd restarting), DEL the attempt's handle until that succeeds, then ADD again
 // with a new container ID. A write that etcd applied just before it died is thus
 // cleaned up, never leaked.
-func addPod(ctx context.Context, a *Allocator, node string, newHandle func() string) (string, []Assigned, error) {
+func addPod(ctx context.Context, a *Allocator, node string, newHandle func() string, failures *atomic.Int64) (string, []Assigned, error) {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		h := newHandle()
@@ -168,6 +173,7 @@ func addPod(ctx context.Context, a *Allocator, node string, newHandle func() str
 		if err == nil || !retryable(err) || time.Now().After(deadline) {
 			return h, got, err
 		}
+		failures.Add(1)
 		for {
 			_, err := a.ReleaseByHandle(ctx, h)
 			if err == nil {

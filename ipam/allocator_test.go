@@ -1,0 +1,399 @@
+package ipam
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/test/etcdtest"
+)
+
+// env is one etcd, one store and a clock the test controls.
+type env struct {
+	t     *testing.T
+	store *datastore.Store
+	now   time.Time
+}
+
+func newEnv(t *testing.T, pools ...*api.IPPool) *env {
+	srv := etcdtest.StartT(t)
+	e := &env{t: t, store: newStore(t, srv), now: time.Now()}
+	for _, p := range pools {
+		mustCreate(t, e.store, p)
+	}
+	return e
+}
+
+func (e *env) alloc() *Allocator {
+	return New(e.store, Options{Now: func() time.Time { return e.now }})
+}
+
+func (e *env) assign(a *Allocator, handle, node string) Assigned {
+	e.t.Helper()
+	got, err := a.AutoAssign(context.Background(), AssignArgs{Handle: handle, Node: node})
+	if err != nil {
+		e.t.Fatalf("assign %s on %s: %v", handle, node, err)
+	}
+	return got[0]
+}
+
+func (e *env) configure(f func(*api.IPAMConfigurationSpec)) {
+	e.t.Helper()
+	if _, err := Configure(context.Background(), e.store, f); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *env) check(grace time.Duration) *Report {
+	e.t.Helper()
+	r, err := e.alloc().Check(context.Background(), grace)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return r
+}
+
+func ptrTo[T any](v T) *T { return &v }
+
+func sized(name, cidr string, blockSize int) *api.IPPool {
+	p := pool(name, cidr)
+	p.Spec.BlockSize = blockSize
+	return p
+}
+
+func TestClaimsBlocksInOrder(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	a := e.alloc()
+	first := e.assign(a, "h0", "n1")
+	for i := 1; i < 65; i++ {
+		e.assign(a, "h"+string(rune('A'+i%26))+strings.Repeat("x", i), "n1")
+	}
+	u, err := a.Usage(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(u.Blocks) != 2 || u.Pools[0].InUse != 65 || u.Pools[0].Blocks != 2 {
+		t.Fatalf("usage %+v: want 65 addresses in 2 blocks", u)
+	}
+	for _, b := range u.Blocks {
+		if b.Affinity != "n1" {
+			t.Errorf("block %s owned by %q, want n1", b.CIDR, b.Affinity)
+		}
+	}
+	if first.Block != u.Blocks[0].CIDR && first.Block != u.Blocks[1].CIDR {
+		t.Errorf("first address %v is in neither block", first)
+	}
+	resp, err := e.store.Get(context.Background(), datastore.AffinityPrefix("n1"), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range resp.Kvs {
+		if !strings.Contains(string(kv.Value), `"confirmed"`) {
+			t.Errorf("affinity %s is %s, want confirmed", kv.Key, kv.Value)
+		}
+	}
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("check: %+v", r)
+	}
+}
+
+func TestBorrowingAndStrictAffinity(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/26")) // a single block
+	a := e.alloc()
+	e.assign(a, "h1", "n1")
+
+	e.configure(func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = true })
+	_, err := e.alloc().AutoAssign(context.Background(), AssignArgs{Handle: "h2", Node: "n2"})
+	if !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), "strictAffinity is on") {
+		t.Fatalf("strict affinity, no block for n2: err = %v, want ErrNoSpace naming strictAffinity", err)
+	}
+
+	e.configure(func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = false })
+	got := e.assign(e.alloc(), "h2", "n2")
+	u, err := a.Usage(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(u.Borrowed) != 1 || u.Borrowed[0].IP != got.IP || u.Borrowed[0].Node != "n2" || u.Borrowed[0].BlockOwner != "n1" {
+		t.Errorf("borrowed = %+v, want %s borrowed by n2 from n1", u.Borrowed, got.IP)
+	}
+}
+
+func TestMaxBlocksPerHost(t *testing.T) {
+	e := newEnv(t, sized("p", "10.0.0.0/24", 30)) // 64 blocks of 4
+	e.configure(func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = true; s.MaxBlocksPerHost = ptrTo(2) })
+	a := e.alloc()
+	for i := range 8 {
+		e.assign(a, "h"+string(rune('a'+i)), "n1")
+	}
+	_, err := a.AutoAssign(context.Background(), AssignArgs{Handle: "h9", Node: "n1"})
+	if !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("9th address with 2 blocks of 4: err = %v, want ErrNoSpace", err)
+	}
+	u, _ := a.Usage(context.Background())
+	if len(u.Blocks) != 2 {
+		t.Errorf("%d blocks claimed, want maxBlocksPerHost=2", len(u.Blocks))
+	}
+	// Without strict affinity the node borrows instead, once another node has room.
+	e.configure(func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = false })
+	e.assign(e.alloc(), "other", "n2")
+	got := e.assign(e.alloc(), "h9", "n1")
+	if info, _ := a.LookupIP(context.Background(), got.IP); info.BlockOwner != "n2" {
+		t.Errorf("n1's 9th address %s is in a block of %q, want n2's", got.IP, info.BlockOwner)
+	}
+}
+
+func TestReuseCooldown(t *testing.T) {
+	e := newEnv(t, sized("p", "10.0.0.0/30", 30)) // 4 addresses
+	a := e.alloc()
+	h := []Assigned{e.assign(a, "a", "n1"), e.assign(a, "b", "n1")}
+	if _, err := a.ReleaseByHandle(context.Background(), "a"); err != nil {
+		t.Fatal(err)
+	}
+	// Two never-used addresses remain: they go first.
+	for _, name := range []string{"c", "d"} {
+		if got := e.assign(a, name, "n1"); got.IP == h[0].IP {
+			t.Fatalf("%s got %s, freed moments ago, while other addresses were free", name, got.IP)
+		}
+	}
+	// Only the cooling address is left: it is used rather than failing.
+	if got := e.assign(a, "e", "n1"); got.IP != h[0].IP {
+		t.Errorf("last resort gave %s, want the only free address %s", got.IP, h[0].IP)
+	}
+	if _, err := a.AutoAssign(context.Background(), AssignArgs{Handle: "f", Node: "n1"}); !errors.Is(err, ErrNoSpace) {
+		t.Errorf("full pool: err = %v, want ErrNoSpace", err)
+	}
+}
+
+func TestStaleReleaseCannotFreeReusedAddress(t *testing.T) {
+	e := newEnv(t, sized("p", "10.0.0.0/32", 32)) // one address
+	a := e.alloc()
+	old := e.assign(a, "pod", "n1")
+	if _, err := a.ReleaseIP(context.Background(), old.IP); err != nil {
+		t.Fatal(err)
+	}
+	cur := e.assign(a, "pod", "n1") // same handle, same address, new sequence
+	if cur.IP != old.IP || cur.Sequence == old.Sequence {
+		t.Fatalf("reassignment %v vs %v: want the same address with a new sequence", cur, old)
+	}
+	if err := a.releaseExact(context.Background(), old.IP, "pod", old.Sequence); !errors.Is(err, ErrNotAllocated) {
+		t.Errorf("stale release: err = %v, want ErrNotAllocated", err)
+	}
+	if err := a.releaseExact(context.Background(), old.IP, "other", 0); !errors.Is(err, ErrNotAllocated) {
+		t.Errorf("release by the wrong handle: err = %v, want ErrNotAllocated", err)
+	}
+	if info, _ := a.LookupIP(context.Background(), cur.IP); !info.Allocated || info.Sequence != cur.Sequence {
+		t.Errorf("after stale releases %s is %+v, want still held at sequence %d", cur.IP, info, cur.Sequence)
+	}
+	// Release by handle is idempotent.
+	for range 2 {
+		if _, err := a.ReleaseByHandle(context.Background(), "pod"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.ReleaseIP(context.Background(), cur.IP); !errors.Is(err, ErrNotAllocated) {
+		t.Errorf("release of a free address: err = %v, want ErrNotAllocated", err)
+	}
+}
+
+func TestEmptyBlockAffinityReleased(t *testing.T) {
+	e := newEnv(t, sized("p", "10.0.0.0/29", 30)) // 2 blocks of 4
+	a := e.alloc()
+	var hs []string
+	for i := range 6 {
+		h := "h" + string(rune('a'+i))
+		e.assign(a, h, "n1")
+		hs = append(hs, h)
+	}
+	u, _ := a.Usage(context.Background())
+	second := u.Blocks[0].CIDR
+	for _, b := range u.Blocks {
+		if b.InUse == 2 {
+			second = b.CIDR
+		}
+	}
+	for _, h := range hs[4:] {
+		if _, err := a.ReleaseByHandle(context.Background(), h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u, _ = a.Usage(context.Background())
+	for _, b := range u.Blocks {
+		if b.CIDR == second && b.Affinity != "" {
+			t.Errorf("empty non-last block %s still owned by %q", b.CIDR, b.Affinity)
+		}
+	}
+	// The node's last block keeps its affinity even when empty.
+	for _, h := range hs[:4] {
+		a.ReleaseByHandle(context.Background(), h)
+	}
+	u, _ = a.Usage(context.Background())
+	owned := 0
+	for _, b := range u.Blocks {
+		if b.Affinity == "n1" {
+			owned++
+		}
+	}
+	if owned != 1 {
+		t.Errorf("n1 owns %d blocks after releasing everything, want 1 (its last)", owned)
+	}
+	// Another node takes over the ownerless block when no CIDR is unused.
+	e.assign(e.alloc(), "x", "n2")
+	u, _ = a.Usage(context.Background())
+	if len(u.Blocks) != 2 || (u.Blocks[0].Affinity != "n2" && u.Blocks[1].Affinity != "n2") {
+		t.Errorf("blocks %+v: want n2 to own the released block", u.Blocks)
+	}
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("check: %+v", r)
+	}
+}
+
+func TestTunnelAddress(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	a := e.alloc()
+	ctx := context.Background()
+	ip1, err := a.EnsureTunnelAddr(ctx, "n1", TunnelIPIP, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip2, err := a.EnsureTunnelAddr(ctx, "n1", TunnelIPIP, nil)
+	if err != nil || ip2 != ip1 {
+		t.Fatalf("second EnsureTunnelAddr = %s, %v; want %s again", ip2, err, ip1)
+	}
+	if held, _ := a.IPsByHandle(ctx, "ipip-tunnel-addr-n1"); len(held) != 1 || held[0].IP != ip1 {
+		t.Errorf("handle ipip-tunnel-addr-n1 holds %v", held)
+	}
+	vx, err := a.EnsureTunnelAddr(ctx, "n1", TunnelVXLAN, nil)
+	if err != nil || vx == ip1 {
+		t.Errorf("vxlan tunnel address %s, %v: want a second address", vx, err)
+	}
+	// Without a Node resource the tunnel addresses are leaked; with one they are not.
+	e.now = e.now.Add(time.Hour)
+	if r := e.check(time.Minute); len(r.Leaked) != 2 {
+		t.Errorf("no Node n1: %d leaked, want the 2 tunnel addresses", len(r.Leaked))
+	}
+	mustCreate(t, e.store, api.NewNode("n1"))
+	if r := e.check(time.Minute); !r.Clean() {
+		t.Errorf("with Node n1: %+v", r)
+	}
+}
+
+func TestCheckFindsAndRepairs(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	ctx := context.Background()
+	a := e.alloc()
+	live := e.assign(a, PodHandle("live"), "n1")
+	leak := e.assign(a, PodHandle("gone"), "n1")
+	unref := e.assign(a, PodHandle("unref"), "n1")
+	w := api.NewWorkloadEndpoint("n1-k8s-default-live-eth0")
+	w.Spec = api.WorkloadEndpointSpec{Node: "n1", ContainerID: "live", InterfaceName: "mgy0", IPNetworks: []string{live.IP.String() + "/32"}}
+	mustCreate(t, e.store, w)
+	w2 := api.NewWorkloadEndpoint("n1-k8s-default-unref-eth0")
+	w2.Spec = api.WorkloadEndpointSpec{Node: "n1", ContainerID: "unref", InterfaceName: "mgy1", IPNetworks: []string{unref.IP.String() + "/32"}}
+	mustCreate(t, e.store, w2)
+
+	put := func(key string, v any) {
+		if _, err := e.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpPut(key, mustJSON(v))}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Damage: a handle that lists an address it does not hold, an allocation whose
+	// handle is gone, an affinity to a block that does not exist, a claim left pending.
+	put(datastore.HandleKey("ghost"), Handle{ID: "ghost", IPs: []Assigned{{IP: netip.MustParseAddr("10.0.0.200"), Block: netip.MustParsePrefix("10.0.0.192/26"), Sequence: 1}}})
+	if _, err := e.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpDelete(datastore.HandleKey(PodHandle("unref")))}, nil); err != nil {
+		t.Fatal(err)
+	}
+	put(datastore.AffinityKey("n9", netip.MustParsePrefix("10.0.0.128/26")), affinity{State: affinityConfirmed, Created: e.now})
+	put(datastore.AffinityKey("n8", netip.MustParsePrefix("10.0.0.64/26")), affinity{State: affinityPending, Created: e.now.Add(-time.Hour)})
+
+	e.now = e.now.Add(time.Hour)
+	r := e.check(time.Minute)
+	if len(r.Leaked) != 1 || r.Leaked[0].IP != leak.IP {
+		t.Errorf("leaked = %+v, want only %s", r.Leaked, leak.IP)
+	}
+	if len(r.Unreferenced) != 1 || r.Unreferenced[0].IP != unref.IP {
+		t.Errorf("unreferenced = %+v, want %s", r.Unreferenced, unref.IP)
+	}
+	if len(r.OrphanHandles) != 1 || r.OrphanHandles[0].Handle != "ghost" {
+		t.Errorf("orphan handles = %+v, want ghost", r.OrphanHandles)
+	}
+	if len(r.BadAffinities) != 2 {
+		t.Errorf("bad affinities = %+v, want n9's dangling one and n8's stale pending one", r.BadAffinities)
+	}
+	fixed, err := a.Repair(ctx, r)
+	if err != nil || fixed != 5 {
+		t.Fatalf("repair fixed %d, err %v; want 5", fixed, err)
+	}
+	if r := e.check(time.Minute); !r.Clean() {
+		t.Errorf("after repair: %+v", r)
+	}
+	if held, _ := a.IPsByHandle(ctx, PodHandle("unref")); len(held) != 1 || held[0].IP != unref.IP {
+		t.Errorf("unreferenced allocation was not linked back: %v", held)
+	}
+	if info, _ := a.LookupIP(ctx, live.IP); !info.Allocated {
+		t.Errorf("repair freed the live pod's %s", live.IP)
+	}
+}
+
+func TestSettlesPendingAffinity(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	ctx := context.Background()
+	cidr := netip.MustParsePrefix("10.0.0.64/26")
+	// An allocator died after writing its block but before confirming.
+	b := newBlock(cidr, "n1")
+	if _, err := e.store.Txn(ctx, nil, []clientv3.Op{
+		clientv3.OpPut(datastore.BlockKey(cidr), mustJSON(b)),
+		clientv3.OpPut(datastore.AffinityKey("n1", cidr), mustJSON(affinity{State: affinityPending, Created: e.now})),
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	got := e.assign(e.alloc(), "h", "n1")
+	if got.Block != cidr {
+		t.Errorf("assigned from %s, want the recovered block %s", got.Block, cidr)
+	}
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("check: %+v", r)
+	}
+}
+
+func TestCacheFollowsPoolChanges(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	ctx := context.Background()
+	a := e.alloc()
+	e.assign(a, "h1", "n1")
+	p, err := datastore.Get[*api.IPPool](ctx, e.store, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Spec.Disabled = true
+	if _, err := e.store.Update(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	// The warm allocator's cached pool is stale; its write must notice.
+	if _, err := a.AutoAssign(ctx, AssignArgs{Handle: "h2", Node: "n1"}); err == nil || !strings.Contains(err.Error(), "p is disabled") {
+		t.Errorf("assign from a disabled pool: err = %v, want it refused", err)
+	}
+}
+
+// The steady state — the node already has a block with room — must cost at most 2
+// etcd round trips per address for a long-lived allocator.
+func TestSteadyStateRoundTrips(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	a := e.alloc()
+	e.assign(a, "warm", "n1")
+	before := e.store.RoundTrips()
+	const n = 20
+	for i := range n {
+		e.assign(a, "h"+strings.Repeat("x", i), "n1")
+	}
+	if per := float64(e.store.RoundTrips()-before) / n; per > 2 {
+		t.Errorf("%.2f round trips per address in the steady state, want <= 2", per)
+	}
+}

@@ -1,0 +1,205 @@
+package ipam
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/margay-dev/margay/api"
+)
+
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func TestBlockAssignFIFO(t *testing.T) {
+	b := newBlock(netip.MustParsePrefix("10.0.0.0/30"), "n1")
+	got := b.assign(2, "h1", "n1", nil, t0, time.Minute, false)
+	want := []netip.Addr{netip.MustParseAddr("10.0.0.0"), netip.MustParseAddr("10.0.0.1")}
+	if len(got) != 2 || got[0].IP != want[0] || got[1].IP != want[1] {
+		t.Fatalf("assign = %v, want %v", got, want)
+	}
+	if got[0].Sequence != 1 || got[1].Sequence != 2 || b.Sequence != 2 {
+		t.Errorf("sequences %d,%d (block %d), want 1,2 (2)", got[0].Sequence, got[1].Sequence, b.Sequence)
+	}
+	// Free .0, then assign: the never-used .2 and .3 come before the freed .0.
+	if b.release(want[0], "h1", got[0].Sequence, t0) == nil {
+		t.Fatal("release of a held address failed")
+	}
+	next := b.assign(3, "h2", "n1", nil, t0.Add(time.Second), time.Minute, false)
+	if ips := addrs(next); !slices.Equal(ips, []string{"10.0.0.2", "10.0.0.3"}) {
+		t.Errorf("after a release, assign = %v; want the never-used addresses and not the cooling .0", ips)
+	}
+	if b.Available(t0.Add(time.Second), time.Minute) != 0 || len(b.Free) != 1 {
+		t.Errorf("available %d, free %d; want 0 and 1", b.Available(t0.Add(time.Second), time.Minute), len(b.Free))
+	}
+	// Past the cooldown the freed address is available again.
+	if got := b.assign(1, "h3", "n1", nil, t0.Add(2*time.Minute), time.Minute, false); len(got) != 1 || got[0].IP != want[0] {
+		t.Errorf("after the cooldown, assign = %v, want %s", got, want[0])
+	}
+}
+
+func TestBlockCooldownLastResort(t *testing.T) {
+	b := newBlock(netip.MustParsePrefix("10.0.0.0/31"), "n1")
+	got := b.assign(2, "h", "n1", nil, t0, time.Minute, false)
+	b.release(got[1].IP, "", 0, t0)
+	b.release(got[0].IP, "", 0, t0.Add(time.Second))
+	if n := len(b.assign(1, "h", "n1", nil, t0.Add(2*time.Second), time.Minute, false)); n != 0 {
+		t.Fatalf("assigned %d cooling addresses without ignoreCooldown", n)
+	}
+	// The last resort takes the address freed longest ago first.
+	got = b.assign(1, "h", "n1", nil, t0.Add(2*time.Second), time.Minute, true)
+	if len(got) != 1 || got[0].IP.String() != "10.0.0.1" {
+		t.Errorf("last-resort assign = %v, want 10.0.0.1 (freed first)", got)
+	}
+}
+
+func TestBlockStaleRelease(t *testing.T) {
+	b := newBlock(netip.MustParsePrefix("10.0.0.0/31"), "n1")
+	ip := netip.MustParseAddr("10.0.0.0")
+	first := b.assign(1, "h", "n1", nil, t0, 0, false)[0]
+	b.release(ip, "h", first.Sequence, t0)
+	b.assign(1, "h", "n1", nil, t0, 0, false) // .1
+	second := b.assign(1, "h", "n1", nil, t0, 0, true)[0]
+	if second.IP != ip {
+		t.Fatalf("expected .0 to be reused, got %s", second.IP)
+	}
+	cases := []struct {
+		name   string
+		handle string
+		seq    uint64
+		frees  bool
+	}{
+		{"old sequence", "h", first.Sequence, false},
+		{"other handle", "other", 0, false},
+		{"current", "h", second.Sequence, true},
+		{"already free", "h", second.Sequence, false},
+	}
+	for _, c := range cases {
+		if got := b.release(ip, c.handle, c.seq, t0) != nil; got != c.frees {
+			t.Errorf("%s: released=%v, want %v", c.name, got, c.frees)
+		}
+	}
+	if b.release(netip.MustParseAddr("10.9.9.9"), "", 0, t0) != nil {
+		t.Error("released an address outside the block")
+	}
+}
+
+func TestBlockOrdinals(t *testing.T) {
+	b := newBlock(netip.MustParsePrefix("10.1.255.192/26"), "")
+	if n := len(b.Allocations); n != 64 {
+		t.Fatalf("a /26 has %d ordinals", n)
+	}
+	for _, ord := range []int{0, 1, 63} {
+		got, ok := b.ordinal(b.addr(ord))
+		if !ok || got != ord {
+			t.Errorf("ordinal(addr(%d)) = %d, %v", ord, got, ok)
+		}
+	}
+	if b.addr(63).String() != "10.1.255.255" {
+		t.Errorf("addr(63) = %s", b.addr(63))
+	}
+	if _, ok := b.ordinal(netip.MustParseAddr("10.2.0.0")); ok {
+		t.Error("10.2.0.0 is not in 10.1.255.192/26")
+	}
+}
+
+func TestEligiblePools(t *testing.T) {
+	mk := func(name, cidr, sel string, disabled bool) *api.IPPool {
+		p := pool(name, cidr)
+		p.Spec.NodeSelector, p.Spec.Disabled = sel, disabled
+		p.SetDefaults()
+		return p
+	}
+	a := mk("a", "10.0.0.0/16", "", false)
+	b := mk("b", "10.1.0.0/16", "zone == 'east'", false)
+	c := mk("c", "10.2.0.0/16", "", true)
+	all := []*api.IPPool{a, b, c}
+	east := map[string]string{"zone": "east"}
+	cases := []struct {
+		name    string
+		names   []string
+		labels  map[string]string
+		want    []string
+		wantErr string
+	}{
+		{name: "all eligible", labels: east, want: []string{"a", "b"}},
+		{name: "selector excludes", want: []string{"a"}},
+		{name: "by name, in order", names: []string{"b", "a"}, labels: east, want: []string{"b", "a"}},
+		{name: "by CIDR", names: []string{"10.1.0.0/16"}, labels: east, want: []string{"b"}},
+		{name: "unknown pool", names: []string{"zz"}, wantErr: `IP pool "zz" does not exist`},
+		{name: "only disabled", names: []string{"c"}, wantErr: "c is disabled"},
+		{name: "only unselected", names: []string{"b"}, wantErr: "does not select this node"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := eligiblePools(all, tc.names, tc.labels)
+			if tc.wantErr != "" {
+				if err == nil || !contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			var names []string
+			for _, p := range got {
+				names = append(names, p.Metadata.Name)
+			}
+			if err != nil || !slices.Equal(names, tc.want) {
+				t.Errorf("got %v, %v; want %v", names, err, tc.want)
+			}
+		})
+	}
+	if _, err := eligiblePools(nil, nil, nil); err == nil || !contains(err.Error(), "no IP pools exist") {
+		t.Errorf("no pools: err = %v", err)
+	}
+}
+
+func TestBlockCandidates(t *testing.T) {
+	p := pool("p", "10.0.0.0/24")
+	p.SetDefaults()
+	taken := map[netip.Prefix]bool{netip.MustParsePrefix("10.0.0.64/26"): true}
+	var got []netip.Prefix
+	for c := range blockCandidates(p, taken, "node-a") {
+		got = append(got, c)
+	}
+	if len(got) != 3 || slices.Contains(got, netip.MustParsePrefix("10.0.0.64/26")) {
+		t.Fatalf("candidates %v: want the 3 untaken /26s", got)
+	}
+	// Different nodes start at different offsets (for these names), so simultaneous
+	// claims rarely collide; the same node always starts at the same place.
+	first := func(node string) netip.Prefix {
+		for c := range blockCandidates(p, nil, node) {
+			return c
+		}
+		return netip.Prefix{}
+	}
+	if first("node-a") != first("node-a") {
+		t.Error("the start offset is not stable")
+	}
+	starts := map[netip.Prefix]bool{}
+	for _, n := range []string{"node-a", "node-b", "node-c", "node-d", "node-e"} {
+		starts[first(n)] = true
+	}
+	if len(starts) < 2 {
+		t.Errorf("5 nodes all start at the same block")
+	}
+	// Laziness: a /8 of /32s must not be enumerated.
+	big := pool("big", "10.0.0.0/8")
+	big.Spec.BlockSize = 32
+	n := 0
+	for range blockCandidates(big, nil, "x") {
+		if n++; n == 3 {
+			break
+		}
+	}
+}
+
+func addrs(as []Assigned) []string {
+	var out []string
+	for _, a := range as {
+		out = append(out, a.IP.String())
+	}
+	return out
+}
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }
