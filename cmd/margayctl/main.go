@@ -76,7 +76,9 @@ func run(args []string, in io.Reader, out, errOut io.Writer) int {
 	return exitError
 }
 
-func oneLine(s string) string { return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ") }
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
+}
 
 // isCobraUsage recognises cobra's own errors for unknown commands and bad arguments.
 func isCobraUsage(err error) bool {
