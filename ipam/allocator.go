@@ -154,13 +154,12 @@ func (a *Allocator) loadSnapshot(ctx context.Context, node string) (*snapshot, e
 	}
 	s := &snapshot{poolRev: map[string]int64{}, config: api.NewIPAMConfiguration(), affinities: map[netip.Prefix]versioned[affinity]{}, affRev: resp.Header.Revision}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		var p api.IPPool
-		if err := json.Unmarshal(kv.Value, &p); err != nil {
-			return nil, fmt.Errorf("stored pool %s is corrupt: %w", kv.Key, err)
+		p, err := decodePool(kv)
+		if err != nil {
+			return nil, err
 		}
-		p.SetDefaults()
-		s.pools = append(s.pools, &p)
-		s.poolRev[p.Metadata.Name] = kv.ModRevision
+		s.pools = append(s.pools, p.v)
+		s.poolRev[p.v.Metadata.Name] = p.rev
 	}
 	sort.Slice(s.pools, func(i, j int) bool { return s.pools[i].Metadata.Name < s.pools[j].Metadata.Name })
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
@@ -177,15 +176,11 @@ func (a *Allocator) loadSnapshot(ctx context.Context, node string) (*snapshot, e
 		}
 	}
 	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
-		_, cidr, err := datastore.ParseAffinityKey(string(kv.Key))
+		_, cidr, af, err := decodeAffinity(kv)
 		if err != nil {
-			continue
+			return nil, err
 		}
-		var af affinity
-		if err := json.Unmarshal(kv.Value, &af); err != nil {
-			return nil, fmt.Errorf("stored affinity %s is corrupt: %w", kv.Key, err)
-		}
-		s.affinities[cidr] = versioned[affinity]{&af, kv.ModRevision}
+		s.affinities[cidr] = *af
 	}
 	return s, nil
 }
@@ -204,7 +199,7 @@ func (a *Allocator) loadBlocks(ctx context.Context, nc *nodeCache, cidrs []netip
 		return err
 	}
 	for i, c := range cidrs {
-		vb, err := decodeBlock(resp.Responses[i].GetResponseRange().Kvs)
+		vb, err := decode[Block](only(resp.Responses[i].GetResponseRange().Kvs))
 		if err != nil {
 			return err
 		}
@@ -213,26 +208,43 @@ func (a *Allocator) loadBlocks(ctx context.Context, nc *nodeCache, cidrs []netip
 	return nil
 }
 
-func decodeBlock(kvs []*mvccpb.KeyValue) (*versioned[Block], error) {
-	if len(kvs) == 0 {
-		return &versioned[Block]{}, nil
+// decode reads a stored JSON value and its ModRevision; a nil kv is an absent key.
+func decode[T any](kv *mvccpb.KeyValue) (*versioned[T], error) {
+	if kv == nil {
+		return &versioned[T]{}, nil
 	}
-	var b Block
-	if err := json.Unmarshal(kvs[0].Value, &b); err != nil {
-		return nil, fmt.Errorf("stored block %s is corrupt: %w", kvs[0].Key, err)
+	v := new(T)
+	if err := json.Unmarshal(kv.Value, v); err != nil {
+		return nil, fmt.Errorf("stored value at %s is corrupt: %w", kv.Key, err)
 	}
-	return &versioned[Block]{&b, kvs[0].ModRevision}, nil
+	return &versioned[T]{v, kv.ModRevision}, nil
 }
 
-func decodeHandle(kvs []*mvccpb.KeyValue) (*versioned[Handle], error) {
+// only returns the single result of a Get of one key, or nil.
+func only(kvs []*mvccpb.KeyValue) *mvccpb.KeyValue {
 	if len(kvs) == 0 {
-		return &versioned[Handle]{}, nil
+		return nil
 	}
-	var h Handle
-	if err := json.Unmarshal(kvs[0].Value, &h); err != nil {
-		return nil, fmt.Errorf("stored handle %s is corrupt: %w", kvs[0].Key, err)
+	return kvs[0]
+}
+
+// decodePool reads a stored pool with its defaults applied.
+func decodePool(kv *mvccpb.KeyValue) (*versioned[api.IPPool], error) {
+	p, err := decode[api.IPPool](kv)
+	if err == nil && p.v != nil {
+		p.v.SetDefaults()
 	}
-	return &versioned[Handle]{&h, kvs[0].ModRevision}, nil
+	return p, err
+}
+
+// decodeAffinity reads an affinity and the node and block its key names.
+func decodeAffinity(kv *mvccpb.KeyValue) (string, netip.Prefix, *versioned[affinity], error) {
+	node, cidr, err := datastore.ParseAffinityKey(string(kv.Key))
+	if err != nil {
+		return "", netip.Prefix{}, nil, err
+	}
+	af, err := decode[affinity](kv)
+	return node, cidr, af, err
 }
 
 func mustJSON(v any) string {

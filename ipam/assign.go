@@ -277,7 +277,7 @@ func (a *Allocator) otherBlocks(ctx context.Context, nc *nodeCache, pools []*api
 		}
 		nc.taken = map[netip.Prefix]bool{}
 		for i := range resp.Kvs {
-			vb, err := decodeBlock(resp.Kvs[i : i+1])
+			vb, err := decode[Block](resp.Kvs[i])
 			if err != nil {
 				return nil, err
 			}
@@ -331,11 +331,11 @@ func (a *Allocator) commit(ctx context.Context, nc *nodeCache, b *versioned[Bloc
 		return nil, err
 	}
 	if !resp.Succeeded {
-		fb, err := decodeBlock(resp.Responses[0].GetResponseRange().Kvs)
+		fb, err := decode[Block](only(resp.Responses[0].GetResponseRange().Kvs))
 		if err != nil {
 			return nil, err
 		}
-		fh, err := decodeHandle(resp.Responses[1].GetResponseRange().Kvs)
+		fh, err := decode[Handle](only(resp.Responses[1].GetResponseRange().Kvs))
 		if err != nil {
 			return nil, err
 		}

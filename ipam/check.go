@@ -240,7 +240,7 @@ func (a *Allocator) relink(ctx context.Context, f Finding) error {
 		if err != nil {
 			return err
 		}
-		h, err := decodeHandle(resp.Kvs)
+		h, err := decode[Handle](only(resp.Kvs))
 		if err != nil {
 			return err
 		}
@@ -270,7 +270,7 @@ func (a *Allocator) pruneHandle(ctx context.Context, id string) error {
 		if err != nil {
 			return err
 		}
-		h, err := decodeHandle(resp.Kvs)
+		h, err := decode[Handle](only(resp.Kvs))
 		if err != nil || h.v == nil {
 			return err
 		}
@@ -281,7 +281,7 @@ func (a *Allocator) pruneHandle(ctx context.Context, id string) error {
 			if err != nil {
 				return err
 			}
-			b, err := decodeBlock(bresp.Kvs)
+			b, err := decode[Block](only(bresp.Kvs))
 			if err != nil {
 				return err
 			}

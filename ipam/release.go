@@ -29,7 +29,7 @@ func (a *Allocator) ReleaseByHandle(ctx context.Context, handleID string) ([]net
 		if err != nil {
 			return released, err
 		}
-		h, err := decodeHandle(resp.Kvs)
+		h, err := decode[Handle](only(resp.Kvs))
 		if err != nil {
 			return released, err
 		}
@@ -72,7 +72,7 @@ func (a *Allocator) releaseInBlock(ctx context.Context, cidr netip.Prefix, handl
 	if err != nil {
 		return nil, err
 	}
-	b, err := decodeBlock(resp.Kvs)
+	b, err := decode[Block](only(resp.Kvs))
 	if err != nil {
 		return nil, err
 	}
@@ -170,7 +170,7 @@ func (a *Allocator) release(ctx context.Context, ip netip.Addr, handle string, s
 		if err != nil {
 			return nil, err
 		}
-		h, err := decodeHandle(hresp.Kvs)
+		h, err := decode[Handle](only(hresp.Kvs))
 		if err != nil {
 			return nil, err
 		}
@@ -208,7 +208,7 @@ func (a *Allocator) blockOf(ctx context.Context, ip netip.Addr) (*versioned[Bloc
 		if err != nil {
 			return nil, err
 		}
-		b, err := decodeBlock(bresp.Kvs)
+		b, err := decode[Block](only(bresp.Kvs))
 		if err != nil {
 			return nil, err
 		}
@@ -225,7 +225,7 @@ func (a *Allocator) IPsByHandle(ctx context.Context, handleID string) ([]Assigne
 	if err != nil {
 		return nil, err
 	}
-	h, err := decodeHandle(resp.Kvs)
+	h, err := decode[Handle](only(resp.Kvs))
 	if err != nil || h.v == nil {
 		return nil, err
 	}

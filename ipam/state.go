@@ -3,7 +3,6 @@ package ipam
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net/netip"
 	"sort"
 
@@ -45,40 +44,33 @@ func (a *Allocator) loadState(ctx context.Context) (*state, error) {
 	}
 	s := &state{rev: resp.Header.Revision, handles: map[string]*versioned[Handle]{}, weps: map[string]bool{}, nodes: map[string]bool{}}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		var p api.IPPool
-		if err := json.Unmarshal(kv.Value, &p); err != nil {
-			return nil, fmt.Errorf("stored pool %s is corrupt: %w", kv.Key, err)
+		p, err := decodePool(kv)
+		if err != nil {
+			return nil, err
 		}
-		p.SetDefaults()
-		s.pools = append(s.pools, &p)
+		s.pools = append(s.pools, p.v)
 	}
-	kvs := resp.Responses[1].GetResponseRange().Kvs
-	for i := range kvs {
-		b, err := decodeBlock(kvs[i : i+1])
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		b, err := decode[Block](kv)
 		if err != nil {
 			return nil, err
 		}
 		s.blocks = append(s.blocks, b)
 	}
 	sort.Slice(s.blocks, func(i, j int) bool { return s.blocks[i].v.CIDR.Addr().Less(s.blocks[j].v.CIDR.Addr()) })
-	kvs = resp.Responses[2].GetResponseRange().Kvs
-	for i := range kvs {
-		h, err := decodeHandle(kvs[i : i+1])
+	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+		h, err := decode[Handle](kv)
 		if err != nil {
 			return nil, err
 		}
 		s.handles[h.v.ID] = h
 	}
 	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
-		node, cidr, err := datastore.ParseAffinityKey(string(kv.Key))
+		node, cidr, af, err := decodeAffinity(kv)
 		if err != nil {
-			continue
+			return nil, err
 		}
-		var af affinity
-		if err := json.Unmarshal(kv.Value, &af); err != nil {
-			return nil, fmt.Errorf("stored affinity %s is corrupt: %w", kv.Key, err)
-		}
-		s.affinities = append(s.affinities, affinityEntry{node, cidr, versioned[affinity]{&af, kv.ModRevision}})
+		s.affinities = append(s.affinities, affinityEntry{node, cidr, *af})
 	}
 	for _, kv := range resp.Responses[4].GetResponseRange().Kvs {
 		var w api.WorkloadEndpoint
