@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"regexp"
 
 	"sigs.k8s.io/yaml"
@@ -64,6 +65,9 @@ func decodeObject(js []byte) ([]Resource, error) {
 		return nil, fmt.Errorf("expected an object with apiVersion and kind: %v", err)
 	}
 	if tm.Kind == KindList {
+		if err := checkFields(js, reflect.TypeFor[listDoc]()); err != nil {
+			return nil, err
+		}
 		var l listDoc
 		if err := strictJSON(js, &l); err != nil {
 			return nil, err
@@ -125,6 +129,9 @@ func DecodeOne(data []byte) (Resource, error) {
 		return nil, fmt.Errorf("kind: %q is not a margay kind", tm.Kind)
 	}
 	r := k.New()
+	if err := checkFields(js, reflect.TypeOf(r)); err != nil {
+		return nil, fmt.Errorf("%s: %w", k.Kind, err)
+	}
 	if err := strictJSON(js, r); err != nil {
 		return nil, fmt.Errorf("%s: %w", k.Kind, err)
 	}

@@ -502,7 +502,7 @@ func TestBadInput(t *testing.T) {
 		want      []string
 	}{
 		{"invalid yaml", "apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: [bad\n", []string{"not valid YAML"}},
-		{"unknown field", pool("  cidr: 10.50.0.0/16\n  blockSzie: 26\n"), []string{"IPPool", `unknown field "blockSzie"`}},
+		{"unknown field", pool("  cidr: 10.50.0.0/16\n  blockSzie: 26\n"), []string{"IPPool", `spec.blockSzie: unknown field; did you mean "blockSize"?`}},
 		{"unknown kind", "apiVersion: margay.dev/v1\nkind: IPPol\nmetadata: {name: x}\n", []string{`"IPPol" is not a margay kind`}},
 		{"wrong apiVersion", "apiVersion: v1\nkind: IPPool\nmetadata: {name: x}\n", []string{"apiVersion", "margay.dev/v1"}},
 		{"empty", "# nothing\n---\n", []string{"no resources"}},
