@@ -36,7 +36,7 @@ func decodeKV(k api.KindInfo, value []byte, modRev int64) (api.Resource, error) 
 	return r, nil
 }
 
-// Get reads one resource.
+// GetResource reads one resource.
 func (s *Store) GetResource(ctx context.Context, k api.KindInfo, name string) (api.Resource, error) {
 	resp, err := s.Get(ctx, ResourceKey(k, name))
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -107,7 +108,10 @@ func (s *Store) do(ctx context.Context, f func(ctx context.Context) error) error
 	case tctx.Err() != nil || errors.Is(err, context.DeadlineExceeded):
 		return &UnavailableError{Endpoints: s.cfg.Endpoints, Err: fmt.Errorf("no answer within %s", s.cfg.RequestTimeout)}
 	}
-	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable {
+	// etcd's own "no leader", "leader changed" and "request timed out" arrive as
+	// rpctypes.EtcdError, which grpc's status package does not recognise.
+	var ee rpctypes.EtcdError
+	if st, ok := status.FromError(err); (ok && st.Code() == codes.Unavailable) || (errors.As(err, &ee) && ee.Code() == codes.Unavailable) {
 		return &UnavailableError{Endpoints: s.cfg.Endpoints, Err: err}
 	}
 	return err

@@ -68,8 +68,11 @@ func (y *Syncer) Run(ctx context.Context) error {
 	for {
 		rev, err := y.resync(ctx)
 		if err == nil {
-			backoff = 100 * time.Millisecond
+			started := time.Now()
 			err = y.watch(ctx, rev)
+			if time.Since(started) > 10*time.Second {
+				backoff = 100 * time.Millisecond // it worked for a while: not a tight failure loop
+			}
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()

@@ -78,6 +78,8 @@ var (
 	ErrNoSpace = errors.New("no free addresses")
 	// ErrContention: too many concurrent writers; the caller may retry later.
 	ErrContention = errors.New("too much contention in the IPAM datastore")
+	// ErrHandleExists: AssignArgs.NewHandle was set and the handle holds addresses.
+	ErrHandleExists = errors.New("handle already holds addresses")
 	// ErrNotAllocated: release of an address that is not in use.
 	ErrNotAllocated = errors.New("address is not allocated")
 )
@@ -117,8 +119,20 @@ type snapshot struct {
 	config     *api.IPAMConfiguration
 	configRev  int64
 	nodeLabels map[string]string
+	nodeRev    int64
 	affinities map[netip.Prefix]versioned[affinity]
 	affRev     int64 // revision the affinities were listed at
+}
+
+// guards are the compares that make a write conditional on the snapshot's view of
+// cidr's pool, the IPAM configuration and the node's labels still holding.
+func (s *snapshot) guards(node string, cidr netip.Prefix) []clientv3.Cmp {
+	p := poolOf(s.pools, cidr)
+	return []clientv3.Cmp{
+		revIs(datastore.ResourceKey(poolKind, p.Metadata.Name), s.poolRev[p.Metadata.Name]),
+		revIs(configKey, s.configRev),
+		revIs(datastore.ResourceKey(nodeKind, node), s.nodeRev),
+	}
 }
 
 func (a *Allocator) node(name string) *nodeCache {
@@ -174,6 +188,7 @@ func (a *Allocator) loadSnapshot(ctx context.Context, node string) (*snapshot, e
 		if err := json.Unmarshal(kvs[0].Value, &n); err == nil {
 			s.nodeLabels = n.Metadata.Labels
 		}
+		s.nodeRev = kvs[0].ModRevision
 	}
 	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
 		_, cidr, af, err := decodeAffinity(kv)

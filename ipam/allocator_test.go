@@ -397,3 +397,84 @@ func TestSteadyStateRoundTrips(t *testing.T) {
 		t.Errorf("%.2f round trips per address in the steady state, want <= 2", per)
 	}
 }
+
+// A pool deleted with blocks still in use and recreated with another blockSize must
+// not cut new blocks across the old ones.
+func TestRecreatedPoolDoesNotOverlapOldBlocks(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	ctx := context.Background()
+	old := e.assign(e.alloc(), "old", "n1")
+	if _, err := e.store.Delete(ctx, poolKind, "p", ""); err != nil {
+		t.Fatal(err)
+	}
+	mustCreate(t, e.store, sized("p", "10.0.0.0/24", 24))
+	seen := map[netip.Addr]bool{old.IP: true}
+	for i := range 20 {
+		got, err := e.alloc().AutoAssign(ctx, AssignArgs{Handle: "new" + strings.Repeat("x", i), Node: "n2"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen[got[0].IP] {
+			t.Fatalf("%s handed out twice", got[0].IP)
+		}
+		seen[got[0].IP] = true
+	}
+	u, _ := e.alloc().Usage(ctx)
+	for i, x := range u.Blocks {
+		for _, y := range u.Blocks[i+1:] {
+			if x.CIDR.Overlaps(y.CIDR) {
+				t.Errorf("blocks %s and %s overlap", x.CIDR, y.CIDR)
+			}
+		}
+	}
+}
+
+func TestConcurrentTunnelAddress(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	got := make([]netip.Addr, 8)
+	errs := make([]error, 8)
+	done := make(chan int)
+	for i := range got {
+		go func() {
+			got[i], errs[i] = e.alloc().EnsureTunnelAddr(context.Background(), "n1", TunnelIPIP, nil)
+			done <- i
+		}()
+	}
+	for range got {
+		<-done
+	}
+	for i := range got {
+		if errs[i] != nil || got[i] != got[0] {
+			t.Errorf("caller %d got %s (%v), caller 0 got %s: want one address for all", i, got[i], errs[i], got[0])
+		}
+	}
+	if held, _ := e.alloc().IPsByHandle(context.Background(), TunnelHandle(TunnelIPIP, "n1")); len(held) != 1 {
+		t.Errorf("tunnel handle holds %v, want one address", held)
+	}
+}
+
+// A claim that stopped after writing its block is confirmed by repair, not undone.
+func TestRepairConfirmsInterruptedClaim(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	ctx := context.Background()
+	cidr := netip.MustParsePrefix("10.0.0.128/26")
+	if _, err := e.store.Txn(ctx, nil, []clientv3.Op{
+		clientv3.OpPut(datastore.BlockKey(cidr), mustJSON(newBlock(cidr, "n1"))),
+		clientv3.OpPut(datastore.AffinityKey("n1", cidr), mustJSON(affinity{State: affinityPending, Created: e.now.Add(-time.Hour)})),
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	r := e.check(DefaultLeakGrace)
+	if len(r.BadAffinities) != 1 {
+		t.Fatalf("bad affinities %+v, want the stale pending claim", r.BadAffinities)
+	}
+	if _, err := e.alloc().Repair(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("after repair: %+v", r)
+	}
+	if got := e.assign(e.alloc(), "h", "n1"); got.Block != cidr {
+		t.Errorf("n1 assigned from %s, want its recovered block %s", got.Block, cidr)
+	}
+}

@@ -28,6 +28,9 @@ type AssignArgs struct {
 	Pools []string
 	// Attrs are recorded with each allocation (pod, namespace, ...).
 	Attrs map[string]string
+	// NewHandle fails the assignment with ErrHandleExists if the handle already
+	// holds addresses, instead of adding to them.
+	NewHandle bool
 }
 
 // AutoAssign assigns args.Num new addresses to args.Handle on args.Node: from the
@@ -209,8 +212,8 @@ func (a *Allocator) affineBlocks(ctx context.Context, nc *nodeCache, pools []*ap
 	for c := range snap.affinities {
 		if poolOf(pools, c) != nil {
 			cidrs = append(cidrs, c)
-			if nc.blocks[c] == nil {
-				missing = append(missing, c)
+			if b := nc.blocks[c]; b == nil || b.v == nil {
+				missing = append(missing, c) // absent blocks too: a claimer may have written it since
 			}
 		}
 	}
@@ -249,21 +252,21 @@ func (a *Allocator) settlePending(ctx context.Context, nc *nodeCache, cidr netip
 	// block it just took must not lose its affinity.
 	akey, bkey := datastore.AffinityKey(nc.name, cidr), datastore.BlockKey(cidr)
 	cmps := []clientv3.Cmp{revIs(akey, af.rev), revIs(bkey, b.rev)}
+	var ops []clientv3.Op
 	switch {
 	case b.v != nil && b.v.Affinity == nc.name:
-		confirmed := affinity{State: affinityConfirmed, Created: af.v.Created}
-		if _, err := a.store.Txn(ctx, cmps, []clientv3.Op{clientv3.OpPut(akey, mustJSON(confirmed))}, nil); err != nil {
-			return err
-		}
+		ops = []clientv3.Op{clientv3.OpPut(akey, mustJSON(affinity{State: affinityConfirmed, Created: af.v.Created}))}
 	case b.v != nil || a.opts.Now().Sub(af.v.Created) > pendingAffinityTimeout:
-		if _, err := a.store.Txn(ctx, cmps, []clientv3.Op{clientv3.OpDelete(akey)}, nil); err != nil {
-			return err
-		}
+		ops = []clientv3.Op{clientv3.OpDelete(akey)}
 	default:
 		return nil // another allocator is claiming it right now
 	}
+	resp, err := a.store.Txn(ctx, cmps, ops, nil)
+	if err != nil || !resp.Succeeded {
+		delete(nc.blocks, cidr) // what we decided on may be stale: read it again
+	}
 	nc.snap = nil
-	return nil
+	return err
 }
 
 // otherBlocks returns the blocks in pools that the node does not own, in pool
@@ -313,14 +316,8 @@ func (a *Allocator) commit(ctx context.Context, nc *nodeCache, b *versioned[Bloc
 	}
 	h.IPs = append(h.IPs, got...)
 
-	pool := poolOf(nc.snap.pools, b.v.CIDR)
 	bkey, hkey := datastore.BlockKey(b.v.CIDR), datastore.HandleKey(args.Handle)
-	cmps := []clientv3.Cmp{
-		revIs(bkey, b.rev),
-		revIs(hkey, handle.rev),
-		revIs(datastore.ResourceKey(poolKind, pool.Metadata.Name), nc.snap.poolRev[pool.Metadata.Name]),
-		revIs(configKey, nc.snap.configRev),
-	}
+	cmps := append(nc.snap.guards(nc.name, b.v.CIDR), revIs(bkey, b.rev), revIs(hkey, handle.rev))
 	if affine {
 		cmps = append(cmps, revIs(datastore.AffinityKey(nc.name, b.v.CIDR), nc.snap.affinities[b.v.CIDR].rev))
 	}
@@ -338,6 +335,9 @@ func (a *Allocator) commit(ctx context.Context, nc *nodeCache, b *versioned[Bloc
 		fh, err := decode[Handle](only(resp.Responses[1].GetResponseRange().Kvs))
 		if err != nil {
 			return nil, err
+		}
+		if args.NewHandle && fh.v != nil {
+			return nil, fmt.Errorf("%w: %s", ErrHandleExists, args.Handle)
 		}
 		if fb.rev == b.rev && fh.rev == handle.rev {
 			nc.snap = nil // the pool, the configuration or the affinity changed
@@ -375,8 +375,13 @@ func (a *Allocator) claimUnused(ctx context.Context, nc *nodeCache, pools []*api
 			}
 		}
 	}
+	finest := finestBits(nc.taken)
+	free := func(c netip.Prefix) bool {
+		_, mine := nc.snap.affinities[c] // e.g. a claim of ours still pending
+		return !mine && !overlapsAny(c, nc.taken, finest)
+	}
 	for _, p := range pools {
-		for cidr := range blockCandidates(p, nc.taken, nc.name) {
+		for cidr := range blockCandidates(p, free, nc.name) {
 			return a.claim(ctx, nc, cidr, nil)
 		}
 	}
@@ -397,11 +402,11 @@ func (a *Allocator) claim(ctx context.Context, nc *nodeCache, cidr netip.Prefix,
 	if existing != nil {
 		brev = existing.rev
 	}
-	resp, err := a.store.Txn(ctx, []clientv3.Cmp{
+	resp, err := a.store.Txn(ctx, append(snap.guards(nc.name, cidr),
 		revIs(akey, 0),
 		revIs(bkey, brev),
 		clientv3.Compare(clientv3.ModRevision(datastore.AffinityPrefix(nc.name)), "<", snap.affRev+1).WithPrefix(),
-	}, []clientv3.Op{clientv3.OpPut(akey, mustJSON(affinity{State: affinityPending, Created: now}))}, nil)
+	), []clientv3.Op{clientv3.OpPut(akey, mustJSON(affinity{State: affinityPending, Created: now}))}, nil)
 	if err != nil || !resp.Succeeded {
 		nc.taken = nil
 		delete(nc.blocks, cidr) // it may be stale; read it again

@@ -159,7 +159,8 @@ func TestBlockCandidates(t *testing.T) {
 	p.SetDefaults()
 	taken := map[netip.Prefix]bool{netip.MustParsePrefix("10.0.0.64/26"): true}
 	var got []netip.Prefix
-	for c := range blockCandidates(p, taken, "node-a") {
+	notTaken := func(c netip.Prefix) bool { return !taken[c] }
+	for c := range blockCandidates(p, notTaken, "node-a") {
 		got = append(got, c)
 	}
 	if len(got) != 3 || slices.Contains(got, netip.MustParsePrefix("10.0.0.64/26")) {
@@ -168,7 +169,7 @@ func TestBlockCandidates(t *testing.T) {
 	// Different nodes start at different offsets (for these names), so simultaneous
 	// claims rarely collide; the same node always starts at the same place.
 	first := func(node string) netip.Prefix {
-		for c := range blockCandidates(p, nil, node) {
+		for c := range blockCandidates(p, func(netip.Prefix) bool { return true }, node) {
 			return c
 		}
 		return netip.Prefix{}
@@ -187,7 +188,7 @@ func TestBlockCandidates(t *testing.T) {
 	big := pool("big", "10.0.0.0/8")
 	big.Spec.BlockSize = 32
 	n := 0
-	for range blockCandidates(big, nil, "x") {
+	for range blockCandidates(big, func(netip.Prefix) bool { return true }, "x") {
 		if n++; n == 3 {
 			break
 		}
@@ -203,3 +204,25 @@ func addrs(as []Assigned) []string {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+func TestOverlapsAny(t *testing.T) {
+	taken := map[netip.Prefix]bool{
+		netip.MustParsePrefix("10.0.0.0/26"):  true, // a /26 of a deleted pool
+		netip.MustParsePrefix("10.0.8.0/24"):  true,
+		netip.MustParsePrefix("10.0.16.4/30"): true,
+	}
+	finest := finestBits(taken)
+	cases := map[string]bool{
+		"10.0.0.0/24":  true,  // contains a taken /26
+		"10.0.0.0/26":  true,  // equal
+		"10.0.0.64/26": false, // beside it
+		"10.0.8.64/26": true,  // inside a taken /24
+		"10.0.16.0/24": true,  // contains a taken /30
+		"10.0.17.0/24": false,
+	}
+	for c, want := range cases {
+		if got := overlapsAny(netip.MustParsePrefix(c), taken, finest); got != want {
+			t.Errorf("overlapsAny(%s) = %v, want %v", c, got, want)
+		}
+	}
+}

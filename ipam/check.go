@@ -69,8 +69,19 @@ type Finding struct {
 	Node     string       `json:"node,omitempty"`
 	Sequence uint64       `json:"seq,omitempty"`
 	Reason   string       `json:"reason"`
-	rev      int64
+	rev      int64        // of the handle, the affinity or the block the finding is about
+	blockRev int64        // of the block, for affinity findings (0: no block)
+	fix      fixKind
 }
+
+// fixKind says how Repair mends an affinity finding.
+type fixKind int
+
+const (
+	fixDeleteAffinity  fixKind = iota
+	fixConfirmAffinity         // a claim that stopped after writing its block
+	fixCreateAffinity          // a block whose owner lost its affinity
+)
 
 // Clean reports whether nothing was found.
 func (r *Report) Clean() bool {
@@ -131,13 +142,20 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 		}
 	}
 	affine := map[string]bool{}
+	blockRev := map[netip.Prefix]int64{}
+	for _, b := range s.blocks {
+		blockRev[b.v.CIDR] = b.rev
+	}
 	for _, e := range s.affinities {
 		affine[e.node+"/"+e.cidr.String()] = true
-		f := Finding{Node: e.node, Block: e.cidr, rev: e.af.rev}
+		f := Finding{Node: e.node, Block: e.cidr, rev: e.af.rev, blockRev: blockRev[e.cidr]}
 		owner, exists := owners[e.cidr]
 		switch {
 		case e.af.v.State == affinityPending && now.Sub(e.af.v.Created) > pendingAffinityTimeout:
 			f.Reason = "claim left pending since " + e.af.v.Created.Format(time.RFC3339)
+			if exists && owner == e.node {
+				f.fix = fixConfirmAffinity
+			}
 		case !exists && e.af.v.State != affinityPending:
 			f.Reason = "affinity to a block that does not exist"
 		case exists && owner != e.node && e.af.v.State != affinityPending:
@@ -149,7 +167,8 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 	}
 	for _, b := range s.blocks {
 		if b.v.Affinity != "" && !affine[b.v.Affinity+"/"+b.v.CIDR.String()] {
-			r.BadAffinities = append(r.BadAffinities, Finding{Node: b.v.Affinity, Block: b.v.CIDR, Reason: "block is owned by a node without an affinity to it", rev: b.rev})
+			r.BadAffinities = append(r.BadAffinities, Finding{Node: b.v.Affinity, Block: b.v.CIDR,
+				Reason: "block is owned by a node without an affinity to it", blockRev: b.rev, fix: fixCreateAffinity})
 		}
 	}
 	return r
@@ -214,16 +233,7 @@ func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 		fixed++
 	}
 	for _, f := range r.BadAffinities {
-		key := datastore.AffinityKey(f.Node, f.Block)
-		var err error
-		if strings.HasPrefix(f.Reason, "block is owned") {
-			// Give the owner back its affinity rather than orphan a block in use.
-			_, err = a.store.Txn(ctx, []clientv3.Cmp{revIs(key, 0), revIs(datastore.BlockKey(f.Block), f.rev)},
-				[]clientv3.Op{clientv3.OpPut(key, mustJSON(affinity{State: affinityConfirmed, Created: a.opts.Now().UTC()}))}, nil)
-		} else {
-			_, err = a.store.Txn(ctx, []clientv3.Cmp{revIs(key, f.rev)}, []clientv3.Op{clientv3.OpDelete(key)}, nil)
-		}
-		if err != nil {
+		if err := a.fixAffinity(ctx, f); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -232,17 +242,47 @@ func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 	return fixed, errors.Join(errs...)
 }
 
-// relink adds an allocation missing from its handle back to the handle.
+// fixAffinity mends one affinity finding, provided neither the affinity nor its
+// block changed since the audit.
+func (a *Allocator) fixAffinity(ctx context.Context, f Finding) error {
+	akey, bkey := datastore.AffinityKey(f.Node, f.Block), datastore.BlockKey(f.Block)
+	cmps := []clientv3.Cmp{revIs(akey, f.rev), revIs(bkey, f.blockRev)}
+	op := clientv3.OpDelete(akey)
+	if f.fix != fixDeleteAffinity {
+		// Give the owner its affinity rather than strand a block it holds.
+		op = clientv3.OpPut(akey, mustJSON(affinity{State: affinityConfirmed, Created: a.opts.Now().UTC()}))
+	}
+	resp, err := a.store.Txn(ctx, cmps, []clientv3.Op{op}, nil)
+	if err == nil && !resp.Succeeded {
+		err = fmt.Errorf("affinity of %s to %s changed since the check; check again", f.Node, f.Block)
+	}
+	return err
+}
+
+// relink adds an allocation missing from its handle back to the handle, if the
+// block still holds it for that handle and sequence (a leaked one may have been
+// released just before).
 func (a *Allocator) relink(ctx context.Context, f Finding) error {
-	hkey := datastore.HandleKey(f.Handle)
+	hkey, bkey := datastore.HandleKey(f.Handle), datastore.BlockKey(f.Block)
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
-		resp, err := a.store.Get(ctx, hkey)
+		resp, err := a.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpGet(hkey), clientv3.OpGet(bkey)}, nil)
 		if err != nil {
 			return err
 		}
-		h, err := decode[Handle](only(resp.Kvs))
+		h, err := decode[Handle](only(resp.Responses[0].GetResponseRange().Kvs))
 		if err != nil {
 			return err
+		}
+		b, err := decode[Block](only(resp.Responses[1].GetResponseRange().Kvs))
+		if err != nil {
+			return err
+		}
+		if b.v == nil {
+			return nil
+		}
+		if ord, ok := b.v.ordinal(f.IP); !ok || b.v.Allocations[ord] == nil ||
+			b.v.Allocations[ord].Handle != f.Handle || b.v.Allocations[ord].Sequence != f.Sequence {
+			return nil // no longer allocated as found: nothing to link
 		}
 		nh := Handle{ID: f.Handle}
 		if h.v != nil {
@@ -250,7 +290,7 @@ func (a *Allocator) relink(ctx context.Context, f Finding) error {
 			nh.remove(f.IP)
 		}
 		nh.IPs = append(nh.IPs, Assigned{IP: f.IP, Block: f.Block, Sequence: f.Sequence})
-		tresp, err := a.store.Txn(ctx, []clientv3.Cmp{revIs(hkey, h.rev)}, []clientv3.Op{clientv3.OpPut(hkey, mustJSON(nh))}, nil)
+		tresp, err := a.store.Txn(ctx, []clientv3.Cmp{revIs(hkey, h.rev), revIs(bkey, b.rev)}, []clientv3.Op{clientv3.OpPut(hkey, mustJSON(nh))}, nil)
 		if err != nil {
 			return err
 		}

@@ -39,19 +39,27 @@ func Configure(ctx context.Context, store *datastore.Store, mutate func(*api.IPA
 }
 
 // EnsureTunnelAddr returns the node's tunnel address for kind, assigning one from
-// pools (all eligible pools if empty) when it has none.
+// pools (all eligible pools if empty) when it has none. Two callers at once get the
+// same address.
 func (a *Allocator) EnsureTunnelAddr(ctx context.Context, node string, kind TunnelKind, pools []string) (netip.Addr, error) {
 	h := TunnelHandle(kind, node)
-	ips, err := a.IPsByHandle(ctx, h)
-	if err != nil {
-		return netip.Addr{}, err
+	for range 2 {
+		ips, err := a.IPsByHandle(ctx, h)
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		if len(ips) > 0 {
+			return ips[0].IP, nil
+		}
+		got, err := a.AutoAssign(ctx, AssignArgs{Handle: h, Node: node, Pools: pools, NewHandle: true,
+			Attrs: map[string]string{"type": string(kind) + "TunnelAddress"}})
+		if errors.Is(err, ErrHandleExists) {
+			continue // someone else assigned it meanwhile: use theirs
+		}
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		return got[0].IP, nil
 	}
-	if len(ips) > 0 {
-		return ips[0].IP, nil
-	}
-	got, err := a.AutoAssign(ctx, AssignArgs{Handle: h, Node: node, Pools: pools, Attrs: map[string]string{"type": string(kind) + "TunnelAddress"}})
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	return got[0].IP, nil
+	return netip.Addr{}, fmt.Errorf("%w: tunnel address of %s", ErrContention, node)
 }

@@ -63,10 +63,38 @@ func poolOf(pools []*api.IPPool, cidr netip.Prefix) *api.IPPool {
 	return nil
 }
 
-// blockCandidates lists the block CIDRs of pool that are not in taken, starting at
+// overlapsAny reports whether c overlaps a block in taken, whose longest prefix is
+// finest bits. Blocks of a deleted pool stay, and a pool recreated with another
+// blockSize must not cut blocks across them.
+func overlapsAny(c netip.Prefix, taken map[netip.Prefix]bool, finest int) bool {
+	for bits := api.MinBlockSize; bits <= c.Bits(); bits++ {
+		if taken[netip.PrefixFrom(c.Addr(), bits).Masked()] {
+			return true
+		}
+	}
+	if finest <= c.Bits() {
+		return false // the usual case: every block is this size or larger
+	}
+	for t := range taken {
+		if t.Bits() > c.Bits() && c.Contains(t.Addr()) {
+			return true
+		}
+	}
+	return false
+}
+
+func finestBits(taken map[netip.Prefix]bool) int {
+	f := 0
+	for t := range taken {
+		f = max(f, t.Bits())
+	}
+	return f
+}
+
+// blockCandidates lists the block CIDRs of pool for which free is true, starting at
 // an offset derived from the node name, so nodes claiming at once rarely collide.
 // It is lazy: a /8 pool of /32 blocks has 2^24 candidates.
-func blockCandidates(pool *api.IPPool, taken map[netip.Prefix]bool, node string) iter.Seq[netip.Prefix] {
+func blockCandidates(pool *api.IPPool, free func(netip.Prefix) bool, node string) iter.Seq[netip.Prefix] {
 	pfx := pool.Prefix()
 	size := pool.Spec.BlockSize
 	n := 1 << (size - pfx.Bits())
@@ -78,7 +106,7 @@ func blockCandidates(pool *api.IPPool, taken map[netip.Prefix]bool, node string)
 		for i := range n {
 			idx := (start + i) % n
 			cidr := netip.PrefixFrom(fromU32(u32(pfx.Addr())+uint32(idx)*step), size)
-			if !taken[cidr] && !yield(cidr) {
+			if free(cidr) && !yield(cidr) {
 				return
 			}
 		}

@@ -92,10 +92,11 @@ func (a *Allocator) releaseInBlock(ctx context.Context, cidr netip.Prefix, handl
 			}
 		}
 		if len(freed) > 0 {
-			aops, err := a.maybeReleaseAffinity(ctx, nb)
+			acmps, aops, err := a.maybeReleaseAffinity(ctx, nb)
 			if err != nil {
 				return nil, err
 			}
+			cmps = append(cmps, acmps...)
 			ops = append(ops, clientv3.OpPut(bkey, mustJSON(nb)))
 			ops = append(ops, aops...)
 		}
@@ -121,23 +122,29 @@ func (a *Allocator) releaseInBlock(ctx context.Context, cidr netip.Prefix, handl
 	return freed, nil
 }
 
-// maybeReleaseAffinity returns the ops that release the owner's affinity to nb if
-// nb is now empty and is not the owner's only block, clearing nb.Affinity.
-func (a *Allocator) maybeReleaseAffinity(ctx context.Context, nb *Block) ([]clientv3.Op, error) {
+// maybeReleaseAffinity returns the compares and ops that release the owner's
+// affinity to nb if nb is now empty and the owner has another confirmed block,
+// clearing nb.Affinity. The compare on that other affinity keeps two releases at
+// once from leaving the owner with no block.
+func (a *Allocator) maybeReleaseAffinity(ctx context.Context, nb *Block) ([]clientv3.Cmp, []clientv3.Op, error) {
 	if !nb.Empty() || nb.Affinity == "" {
-		return nil, nil
+		return nil, nil, nil
 	}
-	resp, err := a.store.Get(ctx, datastore.AffinityPrefix(nb.Affinity), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	resp, err := a.store.Get(ctx, datastore.AffinityPrefix(nb.Affinity), clientv3.WithPrefix())
 	if err != nil {
-		return nil, err
-	}
-	if resp.Count < 2 {
-		return nil, nil
+		return nil, nil, err
 	}
 	akey := datastore.AffinityKey(nb.Affinity, nb.CIDR)
-	a.opts.Logger.Info("releasing empty block", "node", nb.Affinity, "block", nb.CIDR)
-	nb.Affinity = ""
-	return []clientv3.Op{clientv3.OpDelete(akey)}, nil
+	for _, kv := range resp.Kvs {
+		_, _, af, err := decodeAffinity(kv)
+		if err != nil || string(kv.Key) == akey || af.v.State != affinityConfirmed {
+			continue
+		}
+		a.opts.Logger.Info("releasing empty block", "node", nb.Affinity, "block", nb.CIDR)
+		nb.Affinity = ""
+		return []clientv3.Cmp{revIs(string(kv.Key), kv.ModRevision)}, []clientv3.Op{clientv3.OpDelete(akey)}, nil
+	}
+	return nil, nil, nil
 }
 
 // ReleaseIP frees ip whoever holds it, and removes it from its handle. It returns
