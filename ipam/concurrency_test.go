@@ -64,20 +64,26 @@ func TestConcurrentAllocation(t *testing.T) {
 				// failed counts ADDs that failed retryably and were cleaned up.
 				failed atomic.Int64
 			)
-			// allocate runs the workers until n addresses have been assigned in all.
-			allocate := func(n int, midway func()) {
+			// allocate runs the workers until every node has assigned its quota.
+			// Quotas are per node, so that with strict affinity no node needs more
+			// blocks than the pool can give it.
+			allocate := func(quota map[string]int, midway func()) {
 				var wg sync.WaitGroup
 				var done, errs atomic.Int64
 				var once sync.Once
+				total := 0
+				left := map[string]*atomic.Int64{}
+				for node, q := range quota {
+					total += q
+					left[node] = new(atomic.Int64)
+					left[node].Store(int64(q))
+				}
 				for w := range nodes * workers {
 					node := fmt.Sprintf("node-%d", w%nodes)
 					wg.Go(func() {
 						a := New(store, Options{MaxAttempts: 500})
-						for {
-							if done.Add(1) > int64(n) {
-								return
-							}
-							if done.Load() > int64(n/3) && midway != nil {
+						for left[node].Add(-1) >= 0 {
+							if done.Add(1) > int64(total/3) && midway != nil {
 								once.Do(midway)
 							}
 							h, got, err := addPod(ctx, a, node, func() string { return fmt.Sprintf("k8s-pod-network.c%d", seq.Add(1)) }, &failed)
@@ -107,17 +113,31 @@ func TestConcurrentAllocation(t *testing.T) {
 					}
 				}
 			}
+			quota := map[string]int{}
+			for i := range total {
+				quota[fmt.Sprintf("node-%d", i%nodes)]++
+			}
 			start := time.Now()
-			allocate(total, midway)
+			allocate(quota, midway)
 			t.Logf("phase 1: %d addresses in %s, %d etcd round trips, %d failed ADDs retried", len(held), time.Since(start), store.RoundTrips(), failed.Load())
 			if tc.restart && failed.Load() == 0 {
 				t.Errorf("etcd was restarted, yet no assignment failed: the restart did not happen mid-run")
 			}
 			audit(t, store, held)
 
-			// Release half, by handle, concurrently.
-			release := held[:len(held)/2]
-			held = held[len(held)/2:]
+			// Release half of every node's addresses, by handle, concurrently.
+			var release, kept []heldAddr
+			count := map[string]int{}
+			clear(quota)
+			for _, h := range held {
+				if count[h.node]++; count[h.node]%2 == 0 {
+					release = append(release, h)
+					quota[h.node]++
+				} else {
+					kept = append(kept, h)
+				}
+			}
+			held = kept
 			var wg sync.WaitGroup
 			for i := range workers {
 				wg.Go(func() {
@@ -134,7 +154,7 @@ func TestConcurrentAllocation(t *testing.T) {
 			audit(t, store, held)
 
 			start = time.Now()
-			allocate(len(release), nil)
+			allocate(quota, nil)
 			t.Logf("phase 2: %d addresses in %s, %d etcd round trips", len(release), time.Since(start), store.RoundTrips())
 			rep := audit(t, store, held)
 			if rep.Allocations != total {

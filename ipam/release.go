@@ -58,6 +58,9 @@ func (a *Allocator) ReleaseByHandle(ctx context.Context, handleID string) ([]net
 			return released, err
 		}
 		released = append(released, freed...)
+		if len(targets) == len(h.v.IPs) {
+			return released, nil // that transaction deleted the handle
+		}
 		attempt = -1
 	}
 }
