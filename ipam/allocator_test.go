@@ -478,3 +478,31 @@ func TestRepairConfirmsInterruptedClaim(t *testing.T) {
 		t.Errorf("n1 assigned from %s, want its recovered block %s", got.Block, cidr)
 	}
 }
+
+// Several addresses at once are all or nothing.
+func TestAssignSeveral(t *testing.T) {
+	e := newEnv(t, sized("p", "10.0.0.0/29", 30)) // 8 addresses in 2 blocks
+	ctx := context.Background()
+	a := e.alloc()
+	got, err := a.AutoAssign(ctx, AssignArgs{Handle: "three", Node: "n1", Num: 3})
+	if err != nil || len(got) != 3 {
+		t.Fatalf("Num 3: %v, %v", got, err)
+	}
+	if held, _ := a.IPsByHandle(ctx, "three"); len(held) != 3 {
+		t.Errorf("handle holds %v, want 3 addresses", held)
+	}
+	// 5 are left; asking for 6 fails and leaves nothing behind.
+	if _, err := a.AutoAssign(ctx, AssignArgs{Handle: "six", Node: "n1", Num: 6}); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("Num 6 with 5 free: err = %v, want ErrNoSpace", err)
+	}
+	if held, _ := a.IPsByHandle(ctx, "six"); len(held) != 0 {
+		t.Errorf("a failed assignment left %v allocated", held)
+	}
+	u, _ := a.Usage(ctx)
+	if u.Pools[0].InUse != 3 {
+		t.Errorf("%d addresses in use after the failed assignment, want 3", u.Pools[0].InUse)
+	}
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("check: %+v", r)
+	}
+}

@@ -13,7 +13,10 @@ import (
 // Configure changes the cluster's IPAMConfiguration with mutate, creating it from
 // the defaults if it does not exist, and retrying on concurrent updates.
 func Configure(ctx context.Context, store *datastore.Store, mutate func(*api.IPAMConfigurationSpec)) (*api.IPAMConfiguration, error) {
-	for range DefaultMaxAttempts {
+	for attempt := range DefaultMaxAttempts {
+		if err := backoff(ctx, attempt); err != nil {
+			return nil, err
+		}
 		cur, err := datastore.Get[*api.IPAMConfiguration](ctx, store, api.IPAMConfigName)
 		var res api.Resource
 		switch {
