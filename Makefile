@@ -5,18 +5,12 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/margay-dev/margay/api.Version=$(VERSION)
 FUZZTIME ?= 10s
 
-# Tests start etcd as a separate process from this binary (see test/etcdtest).
-export MARGAY_ETCD_SERVER := $(BIN)/etcdserver
-
 .PHONY: all build test deps vet unit integration fuzz bench clean
 
 all: build
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
-
-$(BIN)/etcdserver: FORCE
-	$(GO) build -o $@ ./test/etcdtest/etcdserver
 
 test: deps vet unit integration fuzz
 
@@ -29,22 +23,20 @@ vet:
 	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 
 # Unit tests and the smaller integration tests, under the race detector.
-unit: $(BIN)/etcdserver
+unit:
 	$(GO) test -race -short -count=1 ./...
 
 # The full-size suites. The race detector slows the etcd client twentyfold, so
 # these run without it; -short runs them at a tenth of the size under -race.
-integration: $(BIN)/etcdserver
+integration:
 	$(GO) test -count=1 -run 'TestConcurrentAllocation' ./ipam
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./api
 	$(GO) test -run '^$$' -fuzz '^FuzzParseSelector$$' -fuzztime $(FUZZTIME) ./api
 
-bench: $(BIN)/etcdserver
+bench:
 	$(GO) run ./test/bench/ipambench
 
 clean:
 	rm -rf $(BIN)
-
-FORCE:

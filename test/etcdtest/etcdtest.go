@@ -20,7 +20,7 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 )
 
-// ServerEnv names a prebuilt etcdserver binary; without it the first Start builds one.
+// ServerEnv names a prebuilt etcdserver binary, for use outside this module.
 const ServerEnv = "MARGAY_ETCD_SERVER"
 
 // Options tune the server.
@@ -101,23 +101,24 @@ var (
 	buildErr  error
 )
 
-// serverBinary returns the etcdserver binary, building it once per process if
-// MARGAY_ETCD_SERVER does not name one.
+// serverBinary returns the etcdserver binary: MARGAY_ETCD_SERVER if set, else the
+// module tool (go.mod's tool directive), which the go command builds once and
+// caches by content.
 func serverBinary() (string, error) {
 	if p := os.Getenv(ServerEnv); p != "" {
 		return p, nil
 	}
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "margay-etcdserver-")
+		out, err := exec.Command("go", "tool", "-n", "etcdserver").Output()
 		if err != nil {
-			buildErr = err
+			var stderr []byte
+			if ee, ok := err.(*exec.ExitError); ok {
+				stderr = ee.Stderr
+			}
+			buildErr = fmt.Errorf("build etcdserver with 'go tool -n etcdserver' (or set %s): %v: %s", ServerEnv, err, stderr)
 			return
 		}
-		builtBin = filepath.Join(dir, "etcdserver")
-		out, err := exec.Command("go", "build", "-o", builtBin, "github.com/margay-dev/margay/test/etcdtest/etcdserver").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("build etcdserver (or set %s): %v: %s", ServerEnv, err, out)
-		}
+		builtBin = strings.TrimSpace(string(out))
 	})
 	return builtBin, buildErr
 }
