@@ -26,10 +26,11 @@ vet:
 unit:
 	$(GO) test -race -short -count=1 ./...
 
-# The full-size suites. The race detector slows the etcd client twentyfold, so
-# these run without it; -short runs them at a tenth of the size under -race.
+# What -short leaves out: the full-size IPAM concurrency suite (the race detector
+# slows the etcd client twentyfold, so it runs without; -short runs it at a tenth
+# of the size under -race) and the tests that build and run real binaries.
 integration:
-	$(GO) test -count=1 -run 'TestConcurrentAllocation' ./ipam
+	$(GO) test -count=1 -run 'TestConcurrentAllocation|TestBinary' ./ipam ./cmd/margayctl
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./api
