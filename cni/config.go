@@ -1,0 +1,102 @@
+// Package cni holds margay's CNI plugins: the configuration they read, and the
+// logic of the margay-ipam plugin.
+package cni
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/margay-dev/margay/datastore"
+)
+
+// DefaultTimeout bounds a whole plugin invocation, so an unreachable etcd fails the
+// call instead of hanging kubelet.
+const DefaultTimeout = 10 * time.Second
+
+// NetConf is the network configuration on stdin, with Calico's field names so that
+// configurations port over.
+type NetConf struct {
+	types.PluginConf
+	EtcdEndpoints  string `json:"etcd_endpoints"`
+	EtcdKeyFile    string `json:"etcd_key_file,omitempty"`
+	EtcdCertFile   string `json:"etcd_cert_file,omitempty"`
+	EtcdCACertFile string `json:"etcd_ca_cert_file,omitempty"`
+	Nodename       string `json:"nodename,omitempty"`
+	MTU            int    `json:"mtu,omitempty"`
+	LogLevel       string `json:"log_level,omitempty"`
+	LogFilePath    string `json:"log_file_path,omitempty"`
+	// TimeoutSeconds bounds each invocation (default 10).
+	TimeoutSeconds int      `json:"timeout_seconds,omitempty"`
+	IPAM           IPAMConf `json:"ipam"`
+}
+
+// IPAMConf is the "ipam" section.
+type IPAMConf struct {
+	Type string `json:"type"`
+	// IPv4Pools restricts assignment to these pools (names or CIDRs), in order.
+	IPv4Pools []string `json:"ipv4_pools,omitempty"`
+}
+
+// Timeout is the bound on one invocation.
+func (c *NetConf) Timeout() time.Duration {
+	if c.TimeoutSeconds == 0 {
+		return DefaultTimeout
+	}
+	return time.Duration(c.TimeoutSeconds) * time.Second
+}
+
+// Datastore returns how to reach etcd. Each request may take the whole invocation's
+// timeout: the invocation's context bounds the total.
+func (c *NetConf) Datastore() datastore.Config {
+	var eps []string
+	for _, e := range strings.Split(c.EtcdEndpoints, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			eps = append(eps, e)
+		}
+	}
+	return datastore.Config{Endpoints: eps, CAFile: c.EtcdCACertFile, CertFile: c.EtcdCertFile,
+		KeyFile: c.EtcdKeyFile, RequestTimeout: c.Timeout()}
+}
+
+// invalid is the CNI error for a bad configuration (code 7), naming the field.
+func invalid(field, format string, args ...any) *types.Error {
+	return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("invalid network configuration: %s: %s", field, fmt.Sprintf(format, args...)), "")
+}
+
+// ParseConf decodes and checks the configuration. hostname supplies the default
+// node name.
+func ParseConf(stdin []byte, hostname func() (string, error)) (*NetConf, error) {
+	c := &NetConf{}
+	if err := json.Unmarshal(stdin, c); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "cannot decode the network configuration", err.Error())
+	}
+	if c.Nodename == "" {
+		h, err := hostname()
+		if err != nil || h == "" {
+			return nil, invalid("nodename", "not set, and the hostname is unknown (%v)", err)
+		}
+		c.Nodename = h
+	}
+	switch {
+	case c.Datastore().Endpoints == nil:
+		return nil, invalid("etcd_endpoints", "required, for example \"https://10.0.0.1:2379\"")
+	case strings.Contains(c.Nodename, "/"):
+		return nil, invalid("nodename", "%q must not contain '/'", c.Nodename)
+	case c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535):
+		return nil, invalid("mtu", "%d is out of range; use 0 (detect) or 576 to 65535", c.MTU)
+	case c.TimeoutSeconds < 0:
+		return nil, invalid("timeout_seconds", "%d must be positive", c.TimeoutSeconds)
+	case (c.EtcdCertFile == "") != (c.EtcdKeyFile == ""):
+		return nil, invalid("etcd_cert_file", "give both etcd_cert_file and etcd_key_file, or neither")
+	}
+	switch strings.ToLower(c.LogLevel) {
+	case "", "debug", "info", "warn", "error":
+	default:
+		return nil, invalid("log_level", "%q: use debug, info, warn or error", c.LogLevel)
+	}
+	return c, nil
+}

@@ -1,0 +1,84 @@
+package cni
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+)
+
+
+func hostname() (string, error) { return "node-a", nil }
+
+func TestParseConf(t *testing.T) {
+	c, err := ParseConf([]byte(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"margay",
+		"etcd_endpoints":"http://10.0.0.1:2379, http://10.0.0.2:2379","mtu":1440,"log_level":"debug",
+		"ipam":{"type":"margay-ipam","ipv4_pools":["default-ipv4-ippool"]}}`), hostname)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Nodename != "node-a" || c.MTU != 1440 || c.IPAM.Type != "margay-ipam" || len(c.IPAM.IPv4Pools) != 1 {
+		t.Errorf("parsed %+v", c)
+	}
+	ds := c.Datastore()
+	if len(ds.Endpoints) != 2 || ds.Endpoints[1] != "http://10.0.0.2:2379" || ds.RequestTimeout != DefaultTimeout {
+		t.Errorf("datastore config %+v", ds)
+	}
+	c, _ = ParseConf([]byte(`{"etcd_endpoints":"http://e:2379","nodename":"n1","timeout_seconds":3}`), hostname)
+	if c.Nodename != "n1" || c.Timeout() != 3*time.Second {
+		t.Errorf("explicit nodename and timeout: %+v", c)
+	}
+}
+
+func TestParseConfErrors(t *testing.T) {
+	cases := []struct {
+		name, conf string
+		code       uint
+		frag       string
+	}{
+		{"not json", `{`, types.ErrDecodingFailure, "cannot decode"},
+		{"no etcd", `{"nodename":"n"}`, types.ErrInvalidNetworkConfig, "etcd_endpoints: required"},
+		{"blank etcd", `{"etcd_endpoints":" , ","nodename":"n"}`, types.ErrInvalidNetworkConfig, "etcd_endpoints"},
+		{"slash in node", `{"etcd_endpoints":"http://e","nodename":"a/b"}`, types.ErrInvalidNetworkConfig, "nodename"},
+		{"mtu", `{"etcd_endpoints":"http://e","nodename":"n","mtu":100}`, types.ErrInvalidNetworkConfig, "mtu: 100 is out of range"},
+		{"timeout", `{"etcd_endpoints":"http://e","nodename":"n","timeout_seconds":-1}`, types.ErrInvalidNetworkConfig, "timeout_seconds"},
+		{"cert without key", `{"etcd_endpoints":"http://e","nodename":"n","etcd_cert_file":"/c"}`, types.ErrInvalidNetworkConfig, "etcd_key_file"},
+		{"log level", `{"etcd_endpoints":"http://e","nodename":"n","log_level":"loud"}`, types.ErrInvalidNetworkConfig, "log_level"},
+		{"wrong type", `{"etcd_endpoints":"http://e","nodename":"n","mtu":"big"}`, types.ErrDecodingFailure, "cannot decode"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConf([]byte(tc.conf), hostname)
+			var te *types.Error
+			if !errors.As(err, &te) || te.Code != tc.code || !strings.Contains(te.Msg, tc.frag) {
+				t.Errorf("err = %#v, want code %d with %q", err, tc.code, tc.frag)
+			}
+		})
+	}
+	_, err := ParseConf([]byte(`{"etcd_endpoints":"http://e"}`), func() (string, error) { return "", errors.New("no uts") })
+	var te *types.Error
+	if !errors.As(err, &te) || te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, "nodename") {
+		t.Errorf("no hostname: err = %v", err)
+	}
+}
+
+func FuzzParseConf(f *testing.F) {
+	f.Add([]byte(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"margay","etcd_endpoints":"http://127.0.0.1:2379","nodename":"n","ipam":{"type":"margay-ipam","ipv4_pools":["p"]}}`))
+	f.Add([]byte(`{"etcd_endpoints":"a,b","mtu":1500,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.1/32"}]}}`))
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := ParseConf(data, hostname)
+		if err != nil {
+			var te *types.Error
+			if !errors.As(err, &te) || te.Code == 0 {
+				t.Fatalf("error %v is not a CNI error with a code", err)
+			}
+			return
+		}
+		if len(c.Datastore().Endpoints) == 0 || c.Nodename == "" || c.Timeout() <= 0 {
+			t.Fatalf("accepted an unusable configuration: %+v", c)
+		}
+	})
+}

@@ -1,0 +1,258 @@
+package cni
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/ipam"
+	"github.com/margay-dev/margay/test/etcdtest"
+)
+
+// binDir holds the plugin binaries built for this test run: the tests call them
+// exactly as a runtime does, through the CNI library's invoke package.
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "margay-cni-bin-")
+	if err != nil {
+		panic(err)
+	}
+	out, err := exec.Command("go", "build", "-o", dir, "../cmd/margay-ipam").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building the plugins: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type ipamEnv struct {
+	t     *testing.T
+	store *datastore.Store
+	etcd  string
+	netns string // the pod's network namespace, as the runtime would pass it
+}
+
+func newIPAMEnv(t *testing.T, poolCIDR string, blockSize int) *ipamEnv {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the plugin is given a real pod network namespace")
+	}
+	// skel refuses a CNI_NETNS that is the plugin's own namespace, so the test
+	// makes one, named with this run's prefix and removed at the end.
+	name := fmt.Sprintf("mgytest-%d-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "-"))
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	srv := etcdtest.StartT(t)
+	s, err := datastore.New(datastore.Config{Endpoints: srv.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	p := api.NewIPPool("pods")
+	p.Spec.CIDR, p.Spec.BlockSize = poolCIDR, blockSize
+	if _, err := s.Create(context.Background(), p); err != nil {
+		t.Fatal(err)
+	}
+	return &ipamEnv{t: t, store: s, etcd: srv.Endpoints()[0], netns: "/var/run/netns/" + name}
+}
+
+func (e *ipamEnv) conf(cniVersion string, extra map[string]any) []byte {
+	c := map[string]any{"cniVersion": cniVersion, "name": "k8s-pod-network", "type": "margay-ipam",
+		"etcd_endpoints": e.etcd, "nodename": "node-a", "ipam": map[string]any{"type": "margay-ipam"}}
+	for k, v := range extra {
+		c[k] = v
+	}
+	b, _ := json.Marshal(c)
+	return b
+}
+
+func (e *ipamEnv) cniArgs(cmd, containerID string) *invoke.Args {
+	return &invoke.Args{Command: cmd, ContainerID: containerID, NetNS: e.netns, IfName: "eth0",
+		Path: binDir, PluginArgsStr: "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=" + containerID}
+}
+
+func (e *ipamEnv) add(conf []byte, containerID string) (*current.Result, error) {
+	r, err := invoke.ExecPluginWithResult(context.Background(), filepath.Join(binDir, "margay-ipam"), conf, e.cniArgs("ADD", containerID), nil)
+	if err != nil {
+		return nil, err
+	}
+	return current.NewResultFromResult(r)
+}
+
+func (e *ipamEnv) run(cmd string, conf []byte, containerID string) error {
+	return invoke.ExecPluginWithoutResult(context.Background(), filepath.Join(binDir, "margay-ipam"), conf, e.cniArgs(cmd, containerID), nil)
+}
+
+func (e *ipamEnv) held(containerID string) []ipam.Assigned {
+	h, err := ipam.New(e.store, ipam.Options{}).IPsByHandle(context.Background(), ipam.PodHandle(containerID))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return h
+}
+
+func withPrev(t *testing.T, conf []byte, r *current.Result, cniVersion string) []byte {
+	t.Helper()
+	prev, err := r.GetAsVersion(cniVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(prev)
+	var m map[string]any
+	json.Unmarshal(conf, &m)
+	m["prevResult"] = json.RawMessage(raw)
+	b, _ := json.Marshal(m)
+	return b
+}
+
+// Every supported spec version: ADD, ADD again (same address), CHECK, DEL, DEL again.
+func TestIPAMPluginVersions(t *testing.T) {
+	e := newIPAMEnv(t, "10.244.0.0/16", 26)
+	pool := netip.MustParsePrefix("10.244.0.0/16")
+	for _, v := range []string{"0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
+		t.Run(v, func(t *testing.T) {
+			id := "c-" + v
+			conf := e.conf(v, nil)
+			r, err := e.add(conf, id)
+			if err != nil {
+				t.Fatalf("ADD: %v", err)
+			}
+			if len(r.IPs) != 1 {
+				t.Fatalf("ADD result %+v: want one address", r)
+			}
+			ip, _ := netip.AddrFromSlice(r.IPs[0].Address.IP.To4())
+			if ones, _ := r.IPs[0].Address.Mask.Size(); ones != 32 || !pool.Contains(ip) {
+				t.Errorf("ADD gave %s, want a /32 in %s", &r.IPs[0].Address, pool)
+			}
+			again, err := e.add(conf, id)
+			if err != nil || !again.IPs[0].Address.IP.Equal(r.IPs[0].Address.IP) {
+				t.Errorf("repeated ADD gave %v, %v; want the same %s", again, err, ip)
+			}
+			if held := e.held(id); len(held) != 1 || held[0].IP != ip {
+				t.Errorf("handle holds %v, want [%s]", held, ip)
+			}
+			if v != "0.3.1" { // CHECK arrived in 0.4.0
+				if err := e.run("CHECK", withPrev(t, conf, r, v), id); err != nil {
+					t.Errorf("CHECK: %v", err)
+				}
+			}
+			for i := range 2 {
+				if err := e.run("DEL", conf, id); err != nil {
+					t.Errorf("DEL #%d: %v", i+1, err)
+				}
+			}
+			if held := e.held(id); len(held) != 0 {
+				t.Errorf("after DEL the handle holds %v", held)
+			}
+		})
+	}
+	vi, err := invoke.GetVersionInfo(context.Background(), filepath.Join(binDir, "margay-ipam"), nil)
+	if err != nil || !slices.Equal(vi.SupportedVersions(), []string{"0.3.1", "0.4.0", "1.0.0", "1.1.0"}) {
+		t.Errorf("VERSION: %v, %v", vi, err)
+	}
+}
+
+func cniCode(err error) uint {
+	var te *types.Error
+	if errors.As(err, &te) {
+		return te.Code
+	}
+	return 0
+}
+
+func TestIPAMPluginErrors(t *testing.T) {
+	e := newIPAMEnv(t, "10.9.0.0/32", 32) // one address
+	conf := e.conf("1.0.0", nil)
+	r, err := e.add(conf, "first")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.add(conf, "second"); cniCode(err) != ErrNoAddresses {
+		t.Errorf("ADD with the pool full: err = %v, want code %d", err, ErrNoAddresses)
+	}
+	// CHECK notices a reservation released behind the plugin's back.
+	if _, err := ipam.New(e.store, ipam.Options{}).ReleaseByHandle(context.Background(), ipam.PodHandle("first")); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.run("CHECK", withPrev(t, conf, r, "1.0.0"), "first"); cniCode(err) != ErrReservation {
+		t.Errorf("CHECK after release: err = %v, want code %d", err, ErrReservation)
+	}
+	if err := e.run("CHECK", conf, "first"); cniCode(err) != types.ErrInvalidNetworkConfig {
+		t.Errorf("CHECK without prevResult: err = %v, want code 7", err)
+	}
+	var bad map[string]any
+	json.Unmarshal(conf, &bad)
+	delete(bad, "etcd_endpoints")
+	badConf, _ := json.Marshal(bad)
+	if _, err := e.add(badConf, "x"); cniCode(err) != types.ErrInvalidNetworkConfig {
+		t.Errorf("ADD without etcd_endpoints: err = %v, want code 7", err)
+	}
+	// An unreachable etcd fails within the configured timeout, asking for a retry.
+	down := e.conf("1.0.0", map[string]any{"etcd_endpoints": "http://127.0.0.1:1", "timeout_seconds": 2})
+	start := time.Now()
+	_, err = e.add(down, "y")
+	if cniCode(err) != types.ErrTryAgainLater || time.Since(start) > 5*time.Second {
+		t.Errorf("ADD with etcd down: err = %v after %s, want code 11 within the 2s timeout", err, time.Since(start))
+	}
+	if err := e.run("DEL", down, "y"); cniCode(err) != types.ErrTryAgainLater {
+		t.Errorf("DEL with etcd down: err = %v, want code 11", err)
+	}
+}
+
+// 30 ADDs at once on one node, each its own process, as kubelet starting 30 pods.
+func TestIPAMPluginConcurrentAdds(t *testing.T) {
+	e := newIPAMEnv(t, "10.244.0.0/16", 26)
+	conf := e.conf("1.0.0", nil)
+	const n = 30
+	ips := make([]string, n)
+	lat := make([]time.Duration, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			start := time.Now()
+			r, err := e.add(conf, fmt.Sprintf("pod-%d", i))
+			lat[i] = time.Since(start)
+			if err != nil {
+				t.Errorf("ADD %d: %v", i, err)
+				return
+			}
+			ips[i] = r.IPs[0].Address.IP.String()
+		})
+	}
+	wg.Wait()
+	seen := map[string]bool{}
+	for _, ip := range ips {
+		if ip != "" && seen[ip] {
+			t.Errorf("%s assigned twice", ip)
+		}
+		seen[ip] = true
+	}
+	slices.Sort(lat)
+	t.Logf("30 concurrent margay-ipam ADDs: p50 %s, max %s", lat[n/2].Round(time.Millisecond), lat[n-1].Round(time.Millisecond))
+	rep, err := ipam.New(e.store, ipam.Options{}).Check(context.Background(), ipam.DefaultLeakGrace)
+	if err != nil || !rep.Clean() || rep.Allocations != n {
+		t.Errorf("after 30 ADDs: %d allocations, clean %v, err %v", rep.Allocations, rep.Clean(), err)
+	}
+}
