@@ -9,7 +9,6 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 )
 
-
 func hostname() (string, error) { return "node-a", nil }
 
 func TestParseConf(t *testing.T) {
