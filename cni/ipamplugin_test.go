@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -23,6 +22,7 @@ import (
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/ipam"
 	"github.com/margay-dev/margay/test/etcdtest"
+	"github.com/margay-dev/margay/test/nstest"
 )
 
 // binDir holds the plugin binaries built for this test run: the tests call them
@@ -54,16 +54,8 @@ type ipamEnv struct {
 }
 
 func newIPAMEnv(t *testing.T, poolCIDR string, blockSize int) *ipamEnv {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the plugin is given a real pod network namespace")
-	}
-	// skel refuses a CNI_NETNS that is the plugin's own namespace, so the test
-	// makes one, named with this run's prefix and removed at the end.
-	name := fmt.Sprintf("mgytest-%d-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "-"))
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	// skel refuses a CNI_NETNS that is the plugin's own namespace: give it a pod's.
+	pod := nstest.New(t, "pod")
 	srv := etcdtest.StartT(t)
 	s, err := datastore.New(datastore.Config{Endpoints: srv.Endpoints()})
 	if err != nil {
@@ -75,7 +67,7 @@ func newIPAMEnv(t *testing.T, poolCIDR string, blockSize int) *ipamEnv {
 	if _, err := s.Create(context.Background(), p); err != nil {
 		t.Fatal(err)
 	}
-	return &ipamEnv{t: t, store: s, etcd: srv.Endpoints()[0], netns: "/var/run/netns/" + name}
+	return &ipamEnv{t: t, store: s, etcd: srv.Endpoints()[0], netns: pod.Path}
 }
 
 func (e *ipamEnv) conf(cniVersion string, extra map[string]any) []byte {

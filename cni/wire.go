@@ -1,0 +1,152 @@
+package cni
+
+import (
+	"crypto/sha1"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Pod-side gateway and host-side MAC: every pod routes through 169.254.1.1, which
+// the host end of its veth answers for by proxy ARP, as in Calico.
+var (
+	PodGateway = net.IPv4(169, 254, 1, 1)
+	HostMAC    = net.HardwareAddr{0xee, 0xee, 0xee, 0xee, 0xee, 0xee}
+)
+
+// HostVethName is the host end of a pod's veth: "mgy" and the first 11 hex
+// characters of sha1("<namespace>.<pod>"), or of the container ID for a container
+// without Kubernetes identity. 14 characters fit IFNAMSIZ.
+func HostVethName(namespace, pod, containerID string) string {
+	key := containerID
+	if pod != "" {
+		key = namespace + "." + pod
+	}
+	sum := sha1.Sum([]byte(key))
+	return "mgy" + hex.EncodeToString(sum[:])[:11]
+}
+
+// Wiring is what wire built, for the CNI result.
+type Wiring struct {
+	HostIndex, PodIndex int
+	PodMAC              net.HardwareAddr
+}
+
+// wire creates a veth pair whose peer is born inside the pod's namespace (no move
+// afterwards), configures both ends and routes the pod's addresses to it. It runs
+// in the node's namespace and undoes what it did if a step fails.
+func wire(podNSPath, hostName, podIf string, mtu int, ips []*net.IPNet) (w Wiring, err error) {
+	podNS, err := netns.GetFromPath(podNSPath)
+	if err != nil {
+		return w, fmt.Errorf("open pod netns %s: %w", podNSPath, err)
+	}
+	defer podNS.Close()
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return w, err
+	}
+	defer host.Close()
+	// Only the route family: a handle in another namespace would also open an XFRM
+	// socket, which minimal kernels refuse.
+	pod, err := netlink.NewHandleAt(podNS, unix.NETLINK_ROUTE)
+	if err != nil {
+		return w, fmt.Errorf("netlink in pod netns: %w", err)
+	}
+	defer pod.Close()
+
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: hostName, MTU: mtu, HardwareAddr: HostMAC},
+		PeerName:      podIf,
+		PeerMTU:       uint32(mtu),
+		PeerNamespace: netlink.NsFd(int(podNS)),
+	}
+	if err := host.LinkAdd(veth); err != nil {
+		return w, fmt.Errorf("create veth %s: %w", hostName, err)
+	}
+	defer func() {
+		if err != nil {
+			host.LinkDel(veth)
+		}
+	}()
+	hostLink, err := host.LinkByName(hostName)
+	if err != nil {
+		return w, err
+	}
+	if err := hostSysctls(hostName); err != nil {
+		return w, err
+	}
+	if err := host.LinkSetUp(hostLink); err != nil {
+		return w, fmt.Errorf("set %s up: %w", hostName, err)
+	}
+	podLink, err := pod.LinkByName(podIf)
+	if err != nil {
+		return w, fmt.Errorf("find %s in the pod: %w", podIf, err)
+	}
+	for _, ip := range ips {
+		if err := pod.AddrAdd(podLink, &netlink.Addr{IPNet: ip}); err != nil {
+			return w, fmt.Errorf("add %s to %s: %w", ip, podIf, err)
+		}
+	}
+	if err := pod.LinkSetUp(podLink); err != nil {
+		return w, fmt.Errorf("set %s up: %w", podIf, err)
+	}
+	gw := &net.IPNet{IP: PodGateway, Mask: net.CIDRMask(32, 32)}
+	if err := pod.RouteAdd(&netlink.Route{LinkIndex: podLink.Attrs().Index, Dst: gw, Scope: netlink.SCOPE_LINK}); err != nil {
+		return w, fmt.Errorf("route to %s in the pod: %w", PodGateway, err)
+	}
+	if err := pod.RouteAdd(&netlink.Route{LinkIndex: podLink.Attrs().Index, Gw: PodGateway}); err != nil {
+		return w, fmt.Errorf("default route in the pod: %w", err)
+	}
+	for _, ip := range ips {
+		r := &netlink.Route{LinkIndex: hostLink.Attrs().Index, Dst: ip, Scope: netlink.SCOPE_LINK}
+		if err := host.RouteReplace(r); err != nil {
+			return w, fmt.Errorf("host route to %s: %w", ip, err)
+		}
+	}
+	return Wiring{HostIndex: hostLink.Attrs().Index, PodIndex: podLink.Attrs().Index, PodMAC: podLink.Attrs().HardwareAddr}, nil
+}
+
+// hostSysctls lets the host end answer ARP for the pod gateway at once and forward.
+func hostSysctls(name string) error {
+	settings := []struct{ path, value string }{
+		{"ipv4/conf/" + name + "/proxy_arp", "1"},
+		{"ipv4/neigh/" + name + "/proxy_delay", "0"},
+		{"ipv4/conf/" + name + "/forwarding", "1"},
+	}
+	if _, err := os.Stat("/proc/sys/net/ipv6"); err == nil {
+		settings = append(settings, struct{ path, value string }{"ipv6/conf/" + name + "/accept_ra", "0"})
+	}
+	for _, s := range settings {
+		p := filepath.Join("/proc/sys/net", s.path)
+		if err := os.WriteFile(p, []byte(s.value), 0o644); err != nil {
+			return fmt.Errorf("sysctl %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// unwire deletes the host end of a pod's veth (the kernel removes the peer and the
+// routes through it). A veth that is already gone is not an error.
+func unwire(hostName string) error {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByName(hostName)
+	var nf netlink.LinkNotFoundError
+	if errors.As(err, &nf) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return h.LinkDel(l)
+}

@@ -1,0 +1,88 @@
+// Package nstest makes network namespaces for tests: each stands for a node or a
+// pod, carries this run's prefix in its name, and is removed when the test ends.
+// Nothing here touches the root namespace's addresses or routes.
+package nstest
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vishvananda/netns"
+)
+
+// Prefix starts the name of every namespace this process makes, so a crashed
+// run's namespaces can be found and removed (ip netns list | grep mgytest-).
+var Prefix = fmt.Sprintf("mgytest-%d-", os.Getpid())
+
+var seq atomic.Int64
+
+// NS is a named network namespace.
+type NS struct {
+	Name string
+	Path string // /var/run/netns/<name>, what CNI_NETNS takes
+}
+
+// New makes a namespace with its loopback up, or skips the test without root.
+func New(t testing.TB, role string) *NS {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to make network namespaces")
+	}
+	name := fmt.Sprintf("%s%s-%d", Prefix, role, seq.Add(1))
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+	}
+	ns := &NS{Name: name, Path: "/var/run/netns/" + name}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	return ns
+}
+
+// Run runs a command inside the namespace and returns its combined output.
+func (n *NS) Run(args ...string) (string, error) {
+	out, err := exec.Command("ip", append([]string{"netns", "exec", n.Name}, args...)...).CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+// MustRun is Run that fails the test on error.
+func (n *NS) MustRun(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := n.Run(args...)
+	if err != nil {
+		t.Fatalf("in %s: %s: %v: %s", n.Name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// Do runs f on an OS thread that is inside the namespace. Processes f starts
+// (such as a CNI plugin) are born in the namespace too.
+func (n *NS) Do(f func() error) error {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer orig.Close()
+	// Hand the thread back only once it is home again; a thread left elsewhere
+	// dies with its goroutine instead.
+	defer func() {
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
+	target, err := netns.GetFromPath(n.Path)
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	if err := netns.Set(target); err != nil {
+		return err
+	}
+	return f()
+}
