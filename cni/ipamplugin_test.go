@@ -34,7 +34,7 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	out, err := exec.Command("go", "build", "-o", dir, "../cmd/margay-ipam").CombinedOutput()
+	out, err := exec.Command("go", "build", "-o", dir, "../cmd/margay-ipam", "../cmd/margay", "../cmd/margayctl").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building the plugins: %v\n%s", err, out)
 		os.RemoveAll(dir)

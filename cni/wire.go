@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -149,4 +150,68 @@ func unwire(hostName string) error {
 		return err
 	}
 	return h.LinkDel(l)
+}
+
+// checkWiring lists how a pod's interfaces differ from what wire builds for ips.
+func checkWiring(podNSPath, hostName, podIf string, ips []*net.IPNet) []string {
+	var diffs []string
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return []string{err.Error()}
+	}
+	defer host.Close()
+	hostLink, err := host.LinkByName(hostName)
+	if err != nil {
+		diffs = append(diffs, fmt.Sprintf("host veth %s is missing", hostName))
+	} else {
+		a := hostLink.Attrs()
+		if a.HardwareAddr.String() != HostMAC.String() {
+			diffs = append(diffs, fmt.Sprintf("host veth %s has MAC %s, want %s", hostName, a.HardwareAddr, HostMAC))
+		}
+		if a.Flags&net.FlagUp == 0 {
+			diffs = append(diffs, fmt.Sprintf("host veth %s is down", hostName))
+		}
+		if b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + hostName + "/proxy_arp"); err != nil || strings.TrimSpace(string(b)) != "1" {
+			diffs = append(diffs, fmt.Sprintf("proxy_arp is off on %s", hostName))
+		}
+		for _, ip := range ips {
+			routes, err := host.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: ip}, netlink.RT_FILTER_DST)
+			if err != nil || len(routes) == 0 || routes[0].LinkIndex != a.Index {
+				diffs = append(diffs, fmt.Sprintf("no host route to %s through %s", ip, hostName))
+			}
+		}
+	}
+	podNS, err := netns.GetFromPath(podNSPath)
+	if err != nil {
+		return append(diffs, fmt.Sprintf("pod netns %s: %v", podNSPath, err))
+	}
+	defer podNS.Close()
+	pod, err := netlink.NewHandleAt(podNS, unix.NETLINK_ROUTE)
+	if err != nil {
+		return append(diffs, err.Error())
+	}
+	defer pod.Close()
+	podLink, err := pod.LinkByName(podIf)
+	if err != nil {
+		return append(diffs, fmt.Sprintf("pod interface %s is missing", podIf))
+	}
+	addrs, _ := pod.AddrList(podLink, netlink.FAMILY_V4)
+	for _, ip := range ips {
+		found := false
+		for _, a := range addrs {
+			found = found || a.IPNet.String() == ip.String()
+		}
+		if !found {
+			diffs = append(diffs, fmt.Sprintf("%s lacks address %s", podIf, ip))
+		}
+	}
+	routes, _ := pod.RouteList(podLink, netlink.FAMILY_V4)
+	hasDefault := false
+	for _, r := range routes {
+		hasDefault = hasDefault || ((r.Dst == nil || r.Dst.String() == "0.0.0.0/0") && r.Gw.Equal(PodGateway))
+	}
+	if !hasDefault {
+		diffs = append(diffs, fmt.Sprintf("the pod has no default route via %s", PodGateway))
+	}
+	return diffs
 }

@@ -32,6 +32,9 @@ type Options struct {
 	Fsync bool
 	// TLS, when set, serves clients over TLS with these files.
 	TLS *transport.TLSInfo
+	// NetNS, when set, runs etcd inside this named network namespace (ip netns),
+	// for clients that live there; its loopback is not the caller's.
+	NetNS string
 }
 
 // Server is a running (or stopped) etcd.
@@ -146,6 +149,10 @@ func (s *Server) Restart() error {
 		}
 	}
 	cmd := exec.Command(bin, args...)
+	if s.opts.NetNS != "" {
+		// ip execs etcd in place, so the process (and its death signal) is etcd's.
+		cmd = exec.Command("ip", append([]string{"netns", "exec", s.opts.NetNS, bin}, args...)...)
+	}
 	// If the test process dies, etcd dies with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var stderr strings.Builder

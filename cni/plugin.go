@@ -1,0 +1,243 @@
+package cni
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+)
+
+// MTUFile is where margay-node writes the pod MTU it detected.
+const MTUFile = "/var/lib/margay/mtu"
+
+// More of margay's own CNI error codes.
+const (
+	ErrWiring   uint = 103 // creating or configuring the pod's interfaces failed
+	ErrEndpoint uint = 104 // CHECK: the pod's interfaces or endpoint differ
+)
+
+// Funcs are the margay plugin's verbs, for skel.PluginMainFuncs.
+func Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck}
+}
+
+func (c *NetConf) ipamType() string {
+	if c.IPAM.Type == "" {
+		return "margay-ipam"
+	}
+	return c.IPAM.Type
+}
+
+// podMTU is the mtu field, else the agent's MTU file, else 1500.
+func podMTU(c *NetConf, readFile func(string) ([]byte, error)) int {
+	if c.MTU != 0 {
+		return c.MTU
+	}
+	if b, err := readFile(MTUFile); err == nil {
+		if m, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && m >= 576 && m <= 65535 {
+			return m
+		}
+	}
+	return 1500
+}
+
+// pod is a container's identity: its Kubernetes pod if kubelet gave one.
+type pod struct{ namespace, name string }
+
+func podOf(cniArgs string) pod {
+	var k k8sArgs
+	if err := types.LoadArgs(cniArgs, &k); err != nil {
+		return pod{}
+	}
+	return pod{string(k.K8S_POD_NAMESPACE), string(k.K8S_POD_NAME)}
+}
+
+// endpointName names a pod interface's WorkloadEndpoint: node.namespace.pod.ifname,
+// or node.cni.<containerID>.ifname for a container without a pod.
+func endpointName(node string, p pod, containerID, ifName string) string {
+	if p.name != "" {
+		return strings.ToLower(strings.Join([]string{node, p.namespace, p.name, ifName}, "."))
+	}
+	return strings.ToLower(strings.Join([]string{node, "cni", containerID, ifName}, "."))
+}
+
+func cmdAdd(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData, os.Hostname)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
+	defer cancel()
+	store, err := datastore.New(conf.Datastore())
+	if err != nil {
+		return invalid("etcd_endpoints", "%v", err)
+	}
+	defer store.Close()
+
+	ipamResult, err := invoke.DelegateAdd(ctx, conf.ipamType(), args.StdinData, nil)
+	if err != nil {
+		return err
+	}
+	ok := false
+	defer func() {
+		if !ok { // a failed ADD must not leak its address
+			invoke.DelegateDel(context.Background(), conf.ipamType(), args.StdinData, nil)
+		}
+	}()
+	result, err := current.NewResultFromResult(ipamResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "cannot read the IPAM result", err.Error())
+	}
+	if len(result.IPs) == 0 {
+		return types.NewError(ErrNoAddresses, "IPAM plugin "+conf.ipamType()+" returned no address", "")
+	}
+	var ips []*net.IPNet
+	var networks []string
+	for _, ip := range result.IPs {
+		n := &net.IPNet{IP: ip.Address.IP, Mask: net.CIDRMask(len(ip.Address.IP)*8, len(ip.Address.IP)*8)}
+		if v4 := ip.Address.IP.To4(); v4 != nil {
+			n = &net.IPNet{IP: v4, Mask: net.CIDRMask(32, 32)}
+		}
+		ips = append(ips, n)
+		networks = append(networks, n.String())
+	}
+
+	p := podOf(args.Args)
+	hostName := HostVethName(p.namespace, p.name, args.ContainerID)
+	w, err := wire(args.Netns, hostName, args.IfName, podMTU(conf, os.ReadFile), ips)
+	if err != nil {
+		return types.NewError(ErrWiring, "wiring the pod", err.Error())
+	}
+	defer func() {
+		if !ok {
+			unwire(hostName)
+		}
+	}()
+
+	wep := api.NewWorkloadEndpoint(endpointName(conf.Nodename, p, args.ContainerID, args.IfName))
+	wep.Spec = api.WorkloadEndpointSpec{Node: conf.Nodename, Namespace: p.namespace, Pod: p.name,
+		ContainerID: args.ContainerID, Endpoint: args.IfName, InterfaceName: hostName,
+		IPNetworks: networks, MAC: w.PodMAC.String()}
+	if err := putEndpoint(ctx, store, wep); err != nil {
+		return cniError(ctx, "writing the WorkloadEndpoint", err)
+	}
+
+	result.Interfaces = []*current.Interface{
+		{Name: hostName, Mac: HostMAC.String()},
+		{Name: args.IfName, Mac: w.PodMAC.String(), Sandbox: args.Netns},
+	}
+	for i, ip := range result.IPs {
+		ip.Interface = current.Int(1) // the pod's interface
+		ip.Address = *ips[i]
+		ip.Gateway = nil // the default route below says how to leave
+	}
+	result.Routes = []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, GW: PodGateway}}
+	ok = true
+	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// putEndpoint creates the endpoint, or replaces one left by an earlier ADD of the
+// same interface.
+func putEndpoint(ctx context.Context, s *datastore.Store, w *api.WorkloadEndpoint) error {
+	_, err := s.Create(ctx, w)
+	if !errors.Is(err, datastore.ErrAlreadyExists) {
+		return err
+	}
+	cur, err := datastore.Get[*api.WorkloadEndpoint](ctx, s, w.Metadata.Name)
+	if err != nil {
+		return err
+	}
+	w.Metadata.ResourceVersion = cur.Metadata.ResourceVersion
+	_, err = s.Update(ctx, w)
+	return err
+}
+
+// cmdDel releases the address, removes the veth and the endpoint. Each step
+// tolerates what is already gone, so DEL may be repeated and works after the pod's
+// namespace has disappeared.
+func cmdDel(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData, os.Hostname)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
+	defer cancel()
+	if err := invoke.DelegateDel(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+		return err
+	}
+	p := podOf(args.Args)
+	if err := unwire(HostVethName(p.namespace, p.name, args.ContainerID)); err != nil {
+		return types.NewError(ErrWiring, "removing the pod's veth", err.Error())
+	}
+	store, err := datastore.New(conf.Datastore())
+	if err != nil {
+		return invalid("etcd_endpoints", "%v", err)
+	}
+	defer store.Close()
+	name := endpointName(conf.Nodename, p, args.ContainerID, args.IfName)
+	if _, err := store.Delete(ctx, api.KindOf((*api.WorkloadEndpoint)(nil)), name, ""); err != nil && !errors.Is(err, datastore.ErrNotFound) {
+		return cniError(ctx, "deleting the WorkloadEndpoint", err)
+	}
+	return nil
+}
+
+// cmdCheck verifies the IPAM reservation (through the IPAM plugin), the host veth
+// and its route, and the WorkloadEndpoint against prevResult.
+func cmdCheck(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData, os.Hostname)
+	if err != nil {
+		return err
+	}
+	if err := version.ParsePrevResult(&conf.PluginConf); err != nil || conf.PrevResult == nil {
+		return invalid("prevResult", "CHECK needs the result of ADD")
+	}
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "cannot convert prevResult", err.Error())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
+	defer cancel()
+	if err := invoke.DelegateCheck(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+		return err
+	}
+	p := podOf(args.Args)
+	hostName := HostVethName(p.namespace, p.name, args.ContainerID)
+	var want []*net.IPNet
+	for _, ip := range prev.IPs {
+		a := ip.Address
+		want = append(want, &a)
+	}
+	if diffs := checkWiring(args.Netns, hostName, args.IfName, want); len(diffs) > 0 {
+		return types.NewError(ErrEndpoint, "the pod's network differs from prevResult", strings.Join(diffs, "; "))
+	}
+	store, err := datastore.New(conf.Datastore())
+	if err != nil {
+		return invalid("etcd_endpoints", "%v", err)
+	}
+	defer store.Close()
+	name := endpointName(conf.Nodename, p, args.ContainerID, args.IfName)
+	wep, err := datastore.Get[*api.WorkloadEndpoint](ctx, store, name)
+	if err != nil {
+		if errors.Is(err, datastore.ErrNotFound) {
+			return types.NewError(ErrEndpoint, "the pod's WorkloadEndpoint is missing", name)
+		}
+		return cniError(ctx, "reading the WorkloadEndpoint", err)
+	}
+	if wep.Spec.InterfaceName != hostName || wep.Spec.ContainerID != args.ContainerID {
+		return types.NewError(ErrEndpoint, "the WorkloadEndpoint differs",
+			fmt.Sprintf("it names interface %s and container %s", wep.Spec.InterfaceName, wep.Spec.ContainerID))
+	}
+	return nil
+}

@@ -1,0 +1,193 @@
+package cni
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/ipam"
+	"github.com/margay-dev/margay/test/etcdtest"
+	"github.com/margay-dev/margay/test/nstest"
+)
+
+// runtime drives the plugins through libcni, exactly as containerd or CRI-O do,
+// from inside a node namespace, with etcd running in that namespace too (its
+// loopback is not the test's). The test reads the datastore with margayctl, run
+// in the node.
+type runtime struct {
+	t    *testing.T
+	node *nstest.NS
+	etcd string
+	cfg  *libcni.CNIConfig
+	list *libcni.NetworkConfigList
+}
+
+func newRuntime(t *testing.T, cniVersion string) *runtime {
+	n := node(t)
+	srv, err := etcdtest.Start(etcdtest.Options{NetNS: n.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	r := &runtime{t: t, node: n, etcd: srv.Endpoints()[0], cfg: libcni.NewCNIConfigWithCacheDir([]string{binDir}, t.TempDir(), nil)}
+	poolFile := filepath.Join(t.TempDir(), "pool.yaml")
+	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n"), 0o600)
+	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
+		t.Fatalf("create the pool: %v: %s", err, out)
+	}
+	conf := fmt.Sprintf(`{"cniVersion": %q, "name": "k8s-pod-network", "plugins": [
+		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "mtu": 1440, "ipam": {"type": "margay-ipam"}}]}`, cniVersion, r.etcd)
+	if r.list, err = libcni.ConfListFromBytes([]byte(conf)); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// ctl runs margayctl in the node.
+func (r *runtime) ctl(args ...string) (string, error) {
+	return r.node.Run(append([]string{filepath.Join(binDir, "margayctl"), "--etcd-endpoints", r.etcd}, args...)...)
+}
+
+func podRT(ns *nstest.NS, name string) *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{ContainerID: "cid-" + name, NetNS: ns.Path, IfName: "eth0",
+		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "default"}, {"K8S_POD_NAME", name}}}
+}
+
+func (r *runtime) add(rt *libcni.RuntimeConf) (*current.Result, error) {
+	var res types.Result
+	err := r.node.Do(func() (err error) {
+		res, err = r.cfg.AddNetworkList(context.Background(), r.list, rt)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return current.NewResultFromResult(res)
+}
+
+func (r *runtime) check(rt *libcni.RuntimeConf) error {
+	return r.node.Do(func() error { return r.cfg.CheckNetworkList(context.Background(), r.list, rt) })
+}
+
+func (r *runtime) del(rt *libcni.RuntimeConf) error {
+	return r.node.Do(func() error { return r.cfg.DelNetworkList(context.Background(), r.list, rt) })
+}
+
+// podIP is the IPv4 address on a pod's eth0.
+func podIP(t *testing.T, ns *nstest.NS) string {
+	f := strings.Fields(ns.MustRun(t, "ip", "-o", "-4", "addr", "show", "eth0"))
+	for i, w := range f {
+		if w == "inet" && i+1 < len(f) {
+			if p, err := netip.ParsePrefix(f[i+1]); err == nil {
+				return p.Addr().String()
+			}
+		}
+	}
+	t.Fatalf("no address on eth0 in %s: %v", ns.Name, f)
+	return ""
+}
+
+// Every spec version through libcni: ADD two pods, check the wiring and the
+// endpoint, ping, CHECK (and CHECK noticing a deleted host route), DEL twice.
+func TestPluginLifecycle(t *testing.T) {
+	for _, v := range []string{"0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
+		t.Run(v, func(t *testing.T) {
+			r := newRuntime(t, v)
+			podA, podB := nstest.New(t, "pod"), nstest.New(t, "pod")
+			rtA, rtB := podRT(podA, "pod-a"), podRT(podB, "pod-b")
+			resA, err := r.add(rtA)
+			if err != nil {
+				t.Fatalf("ADD pod-a: %v", err)
+			}
+			if _, err := r.add(rtB); err != nil {
+				t.Fatalf("ADD pod-b: %v", err)
+			}
+			host := HostVethName("default", "pod-a", "cid-a")
+			if len(resA.Interfaces) != 2 || resA.Interfaces[0].Name != host || resA.Interfaces[1].Sandbox != podA.Path {
+				t.Errorf("interfaces %+v: want the host veth %s and eth0 in the pod", resA.Interfaces, host)
+			}
+			if len(resA.IPs) != 1 || resA.IPs[0].Interface == nil || *resA.IPs[0].Interface != 1 {
+				t.Fatalf("ips %+v: want one address on interface 1", resA.IPs)
+			}
+			ipA := resA.IPs[0].Address.IP.String()
+			if got := podA.MustRun(t, "ip", "-o", "addr", "show", "eth0"); !strings.Contains(got, ipA+"/32") {
+				t.Errorf("pod eth0: %q, want %s/32", got, ipA)
+			}
+			if got := podA.MustRun(t, "ip", "link", "show", "eth0"); !strings.Contains(got, "mtu 1440") {
+				t.Errorf("pod eth0 %q: want the configured mtu 1440", got)
+			}
+			var wep api.WorkloadEndpoint
+			out, err := r.ctl("get", "workloadendpoints", "node-a.default.pod-a.eth0", "-o", "json")
+			if err != nil || json.Unmarshal([]byte(out), &wep) != nil || wep.Spec.InterfaceName != host ||
+				len(wep.Spec.IPNetworks) != 1 || wep.Spec.IPNetworks[0] != ipA+"/32" {
+				t.Errorf("WorkloadEndpoint: %v: %s", err, out)
+			}
+			for _, dst := range []string{podIP(t, podB), "198.18.1.2"} {
+				if out, err := podA.Run("ping", "-c", "2", "-W", "2", "-i", "0.2", dst); err != nil {
+					t.Errorf("ping %s from pod-a: %v\n%s", dst, err, out)
+				}
+			}
+			if v != "0.3.1" { // CHECK arrived in 0.4.0
+				if err := r.check(rtA); err != nil {
+					t.Errorf("CHECK: %v", err)
+				}
+				r.node.MustRun(t, "ip", "route", "del", ipA+"/32")
+				if err := r.check(rtA); cniCode(err) != ErrEndpoint || !strings.Contains(err.Error(), "no host route") {
+					t.Errorf("CHECK after the host route was deleted: %v, want code %d naming the route", err, ErrEndpoint)
+				}
+			}
+			for i := range 2 {
+				if err := r.del(rtA); err != nil {
+					t.Errorf("DEL #%d: %v", i+1, err)
+				}
+			}
+			if out, err := r.node.Run("ip", "link", "show", host); err == nil {
+				t.Errorf("host veth left after DEL: %s", out)
+			}
+			if out, err := r.ctl("get", "workloadendpoints", "node-a.default.pod-a.eth0"); err == nil || !strings.Contains(out, "not found") {
+				t.Errorf("WorkloadEndpoint after DEL: %v: %s, want not found", err, out)
+			}
+			var info ipam.IPInfo
+			if out, err := r.ctl("ipam", "show", "--ip", ipA, "-o", "json"); err != nil || json.Unmarshal([]byte(out), &info) != nil || info.Allocated {
+				t.Errorf("%s after DEL: %v: %s, want free", ipA, err, out)
+			}
+			// pod-b still has its endpoint, so nothing is leaked even with no grace.
+			var rep ipam.Report
+			if out, err := r.ctl("ipam", "check", "--grace", "0s", "-o", "json"); err != nil || json.Unmarshal([]byte(out), &rep) != nil || !rep.Clean() {
+				t.Errorf("ipam check after DEL: %v: %s", err, out)
+			}
+		})
+	}
+}
+
+// A failed ADD leaks nothing: the pod already has an eth0, so wiring fails after
+// the address was assigned; the address is released and no endpoint is written.
+func TestPluginAddRollsBack(t *testing.T) {
+	r := newRuntime(t, "1.0.0")
+	p := nstest.New(t, "pod")
+	p.MustRun(t, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer")
+	_, err := r.add(podRT(p, "pod-x"))
+	if cniCode(err) != ErrWiring {
+		t.Fatalf("ADD into a pod that has an eth0: %v, want code %d", err, ErrWiring)
+	}
+	var pools []ipam.PoolUsage
+	if out, err := r.ctl("ipam", "show", "-o", "json"); err != nil || json.Unmarshal([]byte(out), &pools) != nil || len(pools) != 1 || pools[0].InUse != 0 {
+		t.Errorf("after the failed ADD: %v: %s, want no address in use", err, out)
+	}
+	if out, _ := r.ctl("get", "workloadendpoints"); strings.Contains(out, "pod-x") {
+		t.Errorf("the failed ADD left an endpoint: %s", out)
+	}
+	if out, err := r.node.Run("ip", "link", "show", HostVethName("default", "pod-x", "cid-pod-x")); err == nil {
+		t.Errorf("the failed ADD left the host veth: %s", out)
+	}
+}
