@@ -49,7 +49,7 @@ func podAttrs(cniArgs string) map[string]string {
 
 // IPAMFuncs are margay-ipam's verbs, for skel.PluginMainFuncs.
 func IPAMFuncs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: ipamAdd, Del: ipamDel, Check: ipamCheck}
+	return skel.CNIFuncs{Add: ipamAdd, Del: ipamDel, Check: ipamCheck, Status: cmdStatus}
 }
 
 // session is what every verb sets up: the configuration, a bounded context and

@@ -17,6 +17,7 @@ import (
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/ipam"
 )
 
 // MTUFile is where margay-node writes the pod MTU it detected.
@@ -30,7 +31,7 @@ const (
 
 // Funcs are the margay plugin's verbs, for skel.PluginMainFuncs.
 func Funcs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck}
+	return skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck, Status: cmdStatus}
 }
 
 func (c *NetConf) ipamType() string {
@@ -238,6 +239,32 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if wep.Spec.InterfaceName != hostName || wep.Spec.ContainerID != args.ContainerID {
 		return types.NewError(ErrEndpoint, "the WorkloadEndpoint differs",
 			fmt.Sprintf("it names interface %s and container %s", wep.Spec.InterfaceName, wep.Spec.ContainerID))
+	}
+	return nil
+}
+
+// cmdStatus says whether pods can be added now (CNI 1.1 STATUS): etcd answers and,
+// when margay assigns the addresses, some pool serves this node. Error 50
+// otherwise, with the reason.
+func cmdStatus(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData, os.Hostname)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
+	defer cancel()
+	store, err := datastore.New(conf.Datastore())
+	if err != nil {
+		return invalid("etcd_endpoints", "%v", err)
+	}
+	defer store.Close()
+	if err := store.Ping(ctx); err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: the datastore is unreachable", err.Error())
+	}
+	if conf.ipamType() == "margay-ipam" {
+		if _, err := ipam.UsablePools(ctx, store, conf.Nodename, conf.IPAM.IPv4Pools); err != nil {
+			return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: no pool serves node "+conf.Nodename, err.Error())
+		}
 	}
 	return nil
 }

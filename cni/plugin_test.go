@@ -191,3 +191,31 @@ func TestPluginAddRollsBack(t *testing.T) {
 		t.Errorf("the failed ADD left the host veth: %s", out)
 	}
 }
+
+// STATUS (CNI 1.1): fine with etcd and a pool; error 50 when no pool serves the
+// node or etcd does not answer.
+func TestPluginStatus(t *testing.T) {
+	r := newRuntime(t, "1.1.0")
+	status := func(list *libcni.NetworkConfigList) error {
+		return r.node.Do(func() error { return r.cfg.GetStatusNetworkList(context.Background(), list) })
+	}
+	if err := status(r.list); err != nil {
+		t.Fatalf("STATUS: %v", err)
+	}
+	poolFile := filepath.Join(t.TempDir(), "pool.yaml")
+	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, disabled: true}\n"), 0o600)
+	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
+		t.Fatalf("disable the pool: %v: %s", err, out)
+	}
+	if err := status(r.list); cniCode(err) != types.ErrPluginNotAvailable || !strings.Contains(err.Error(), "no pool serves node node-a") {
+		t.Errorf("STATUS with the only pool disabled: %v, want code 50", err)
+	}
+	down, err := libcni.ConfListFromBytes([]byte(`{"cniVersion": "1.1.0", "name": "k8s-pod-network", "plugins": [
+		{"type": "margay", "etcd_endpoints": "http://127.0.0.1:1", "nodename": "node-a", "timeout_seconds": 2, "ipam": {"type": "margay-ipam"}}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := status(down); cniCode(err) != types.ErrPluginNotAvailable || !strings.Contains(err.Error(), "unreachable") {
+		t.Errorf("STATUS with etcd down: %v, want code 50", err)
+	}
+}

@@ -1,6 +1,8 @@
 package ipam
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"iter"
@@ -8,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
 )
 
 // eligiblePools picks the pools a node may allocate from, in the order to try them.
@@ -111,4 +114,22 @@ func blockCandidates(pool *api.IPPool, free func(netip.Prefix) bool, node string
 			}
 		}
 	}
+}
+
+// UsablePools returns the pools node may assign from (names restricts them, as in
+// AssignArgs.Pools), or an error saying why there are none.
+func UsablePools(ctx context.Context, store *datastore.Store, node string, names []string) ([]*api.IPPool, error) {
+	pools, err := datastore.List[*api.IPPool](ctx, store)
+	if err != nil {
+		return nil, err
+	}
+	var labels map[string]string
+	n, err := datastore.Get[*api.Node](ctx, store, node)
+	switch {
+	case err == nil:
+		labels = n.Metadata.Labels
+	case !errors.Is(err, datastore.ErrNotFound):
+		return nil, err
+	}
+	return eligiblePools(pools, names, labels)
 }
