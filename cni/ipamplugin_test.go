@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -24,27 +22,6 @@ import (
 	"github.com/margay-dev/margay/test/etcdtest"
 	"github.com/margay-dev/margay/test/nstest"
 )
-
-// binDir holds the plugin binaries built for this test run: the tests call them
-// exactly as a runtime does, through the CNI library's invoke package.
-var binDir string
-
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "margay-cni-bin-")
-	if err != nil {
-		panic(err)
-	}
-	out, err := exec.Command("go", "build", "-o", dir, "../cmd/margay-ipam", "../cmd/margay", "../cmd/margayctl").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "building the plugins: %v\n%s", err, out)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
 
 type ipamEnv struct {
 	t     *testing.T
