@@ -4,11 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -49,51 +46,7 @@ func podAttrs(cniArgs string) map[string]string {
 
 // IPAMFuncs are margay-ipam's verbs, for skel.PluginMainFuncs.
 func IPAMFuncs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: ipamAdd, Del: ipamDel, Check: ipamCheck, Status: cmdStatus}
-}
-
-// session is what every verb sets up: the configuration, a bounded context and
-// an allocator.
-type session struct {
-	conf  *NetConf
-	ctx   context.Context
-	store *datastore.Store
-	alloc *ipam.Allocator
-}
-
-func open(args *skel.CmdArgs) (*session, func(), error) {
-	conf, err := ParseConf(args.StdinData, os.Hostname)
-	if err != nil {
-		return nil, nil, err
-	}
-	store, err := datastore.New(conf.Datastore())
-	if err != nil {
-		return nil, nil, invalid("etcd_endpoints", "%v", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
-	// Logs go to log_file_path as JSON with the container ID, or nowhere: stdout
-	// carries the result and stderr goes to kubelet's log unlabelled.
-	var out io.WriteCloser = nopCloser{io.Discard}
-	if conf.LogFilePath != "" {
-		if f, err := os.OpenFile(conf.LogFilePath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600); err == nil {
-			out = f
-		}
-	}
-	log := slog.New(slog.NewJSONHandler(out, &slog.HandlerOptions{Level: logLevel(conf.LogLevel)})).With("containerID", args.ContainerID)
-	s := &session{conf: conf, ctx: ctx, store: store, alloc: ipam.New(store, ipam.Options{Logger: log})}
-	return s, func() { cancel(); store.Close(); out.Close() }, nil
-}
-
-type nopCloser struct{ io.Writer }
-
-func (nopCloser) Close() error { return nil }
-
-func logLevel(s string) slog.Level {
-	var l slog.Level
-	if l.UnmarshalText([]byte(s)) != nil {
-		return slog.LevelInfo
-	}
-	return l
+	return skel.CNIFuncs{Add: verb("ADD", ipamAdd), Del: verb("DEL", ipamDel), Check: verb("CHECK", ipamCheck), Status: verb("STATUS", cmdStatus)}
 }
 
 // cniError maps a failure to the spec's codes: 11 (try again later) for an etcd
@@ -111,12 +64,7 @@ func cniError(ctx context.Context, what string, err error) error {
 	return types.NewError(ErrDatastoreFailed, what, err.Error())
 }
 
-func ipamAdd(args *skel.CmdArgs) error {
-	s, done, err := open(args)
-	if err != nil {
-		return err
-	}
-	defer done()
+func ipamAdd(s *session, args *skel.CmdArgs) error {
 	handle := ipam.PodHandle(args.ContainerID)
 	// A repeated ADD for the same container (kubelet retrying after a timeout)
 	// returns what the first one assigned instead of taking another address.
@@ -144,12 +92,7 @@ func hostNet(ip netip.Addr) net.IPNet {
 
 // ipamDel releases the container's addresses. Releasing nothing is success: DEL
 // must be idempotent.
-func ipamDel(args *skel.CmdArgs) error {
-	s, done, err := open(args)
-	if err != nil {
-		return err
-	}
-	defer done()
+func ipamDel(s *session, args *skel.CmdArgs) error {
 	if _, err := s.alloc.ReleaseByHandle(s.ctx, ipam.PodHandle(args.ContainerID)); err != nil {
 		return cniError(s.ctx, "releasing addresses", err)
 	}
@@ -158,12 +101,7 @@ func ipamDel(args *skel.CmdArgs) error {
 
 // ipamCheck verifies that the container still holds exactly the addresses of
 // prevResult.
-func ipamCheck(args *skel.CmdArgs) error {
-	s, done, err := open(args)
-	if err != nil {
-		return err
-	}
-	defer done()
+func ipamCheck(s *session, args *skel.CmdArgs) error {
 	if err := version.ParsePrevResult(&s.conf.PluginConf); err != nil {
 		return types.NewError(types.ErrDecodingFailure, "cannot decode prevResult", err.Error())
 	}

@@ -31,7 +31,7 @@ const (
 
 // Funcs are the margay plugin's verbs, for skel.PluginMainFuncs.
 func Funcs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck, Status: cmdStatus}
+	return skel.CNIFuncs{Add: verb("ADD", cmdAdd), Del: verb("DEL", cmdDel), Check: verb("CHECK", cmdCheck), Status: verb("STATUS", cmdStatus)}
 }
 
 func (c *NetConf) ipamType() string {
@@ -74,18 +74,8 @@ func endpointName(node string, p pod, containerID, ifName string) string {
 	return strings.ToLower(strings.Join([]string{node, "cni", containerID, ifName}, "."))
 }
 
-func cmdAdd(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData, os.Hostname)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
-	defer cancel()
-	store, err := datastore.New(conf.Datastore())
-	if err != nil {
-		return invalid("etcd_endpoints", "%v", err)
-	}
-	defer store.Close()
+func cmdAdd(ss *session, args *skel.CmdArgs) error {
+	conf, ctx, store := ss.conf, ss.ctx, ss.store
 
 	ipamResult, err := invoke.DelegateAdd(ctx, conf.ipamType(), args.StdinData, nil)
 	if err != nil {
@@ -168,13 +158,8 @@ func putEndpoint(ctx context.Context, s *datastore.Store, w *api.WorkloadEndpoin
 // cmdDel releases the address, removes the veth and the endpoint. Each step
 // tolerates what is already gone, so DEL may be repeated and works after the pod's
 // namespace has disappeared.
-func cmdDel(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData, os.Hostname)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
-	defer cancel()
+func cmdDel(ss *session, args *skel.CmdArgs) error {
+	conf, ctx, store := ss.conf, ss.ctx, ss.store
 	if err := invoke.DelegateDel(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
 		return err
 	}
@@ -182,11 +167,6 @@ func cmdDel(args *skel.CmdArgs) error {
 	if err := unwire(HostVethName(p.namespace, p.name, args.ContainerID)); err != nil {
 		return types.NewError(ErrWiring, "removing the pod's veth", err.Error())
 	}
-	store, err := datastore.New(conf.Datastore())
-	if err != nil {
-		return invalid("etcd_endpoints", "%v", err)
-	}
-	defer store.Close()
 	name := endpointName(conf.Nodename, p, args.ContainerID, args.IfName)
 	if _, err := store.Delete(ctx, api.KindOf((*api.WorkloadEndpoint)(nil)), name, ""); err != nil && !errors.Is(err, datastore.ErrNotFound) {
 		return cniError(ctx, "deleting the WorkloadEndpoint", err)
@@ -196,11 +176,8 @@ func cmdDel(args *skel.CmdArgs) error {
 
 // cmdCheck verifies the IPAM reservation (through the IPAM plugin), the host veth
 // and its route, and the WorkloadEndpoint against prevResult.
-func cmdCheck(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData, os.Hostname)
-	if err != nil {
-		return err
-	}
+func cmdCheck(ss *session, args *skel.CmdArgs) error {
+	conf, ctx, store := ss.conf, ss.ctx, ss.store
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil || conf.PrevResult == nil {
 		return invalid("prevResult", "CHECK needs the result of ADD")
 	}
@@ -208,8 +185,6 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "cannot convert prevResult", err.Error())
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
-	defer cancel()
 	if err := invoke.DelegateCheck(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
 		return err
 	}
@@ -223,11 +198,6 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if diffs := checkWiring(args.Netns, hostName, args.IfName, want); len(diffs) > 0 {
 		return types.NewError(ErrEndpoint, "the pod's network differs from prevResult", strings.Join(diffs, "; "))
 	}
-	store, err := datastore.New(conf.Datastore())
-	if err != nil {
-		return invalid("etcd_endpoints", "%v", err)
-	}
-	defer store.Close()
 	name := endpointName(conf.Nodename, p, args.ContainerID, args.IfName)
 	wep, err := datastore.Get[*api.WorkloadEndpoint](ctx, store, name)
 	if err != nil {
@@ -246,18 +216,8 @@ func cmdCheck(args *skel.CmdArgs) error {
 // cmdStatus says whether pods can be added now (CNI 1.1 STATUS): etcd answers and,
 // when margay assigns the addresses, some pool serves this node. Error 50
 // otherwise, with the reason.
-func cmdStatus(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData, os.Hostname)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
-	defer cancel()
-	store, err := datastore.New(conf.Datastore())
-	if err != nil {
-		return invalid("etcd_endpoints", "%v", err)
-	}
-	defer store.Close()
+func cmdStatus(ss *session, args *skel.CmdArgs) error {
+	ctx, store, conf := ss.ctx, ss.store, ss.conf
 	if err := store.Ping(ctx); err != nil {
 		return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: the datastore is unreachable", err.Error())
 	}

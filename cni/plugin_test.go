@@ -219,3 +219,39 @@ func TestPluginStatus(t *testing.T) {
 		t.Errorf("STATUS with etcd down: %v, want code 50", err)
 	}
 }
+
+// log_file_path: JSON lines, each with the container ID, from both plugins.
+func TestPluginLogFile(t *testing.T) {
+	r := newRuntime(t, "1.0.0")
+	logFile := filepath.Join(t.TempDir(), "cni.log")
+	r.list = confList(t, fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
+		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "log_file_path": %q, "ipam": {"type": "margay-ipam"}}]}`, r.etcd, logFile))
+	p := nstest.New(t, "pod")
+	rt := podRT(p, "pod-log")
+	if _, err := r.add(rt); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.del(rt); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	var msgs []string
+	for _, l := range lines {
+		var rec struct {
+			Msg         string `json:"msg"`
+			ContainerID string `json:"containerID"`
+		}
+		if err := json.Unmarshal([]byte(l), &rec); err != nil || rec.ContainerID != "cid-pod-log" {
+			t.Errorf("log line %q: want JSON with containerID cid-pod-log", l)
+		}
+		msgs = append(msgs, rec.Msg)
+	}
+	// Each verb logs once per plugin: margay and the margay-ipam it delegates to.
+	if strings.Count(strings.Join(msgs, ","), "ADD") != 2 || strings.Count(strings.Join(msgs, ","), "DEL") != 2 {
+		t.Errorf("log messages %v: want ADD and DEL from both plugins", msgs)
+	}
+}

@@ -1,0 +1,75 @@
+package cni
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+
+	"github.com/containernetworking/cni/pkg/skel"
+
+	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/ipam"
+)
+
+// session is what every verb sets up: the configuration, a bounded context and
+// an allocator.
+type session struct {
+	conf  *NetConf
+	ctx   context.Context
+	store *datastore.Store
+	alloc *ipam.Allocator
+	log   *slog.Logger
+}
+
+func open(args *skel.CmdArgs) (*session, func(), error) {
+	conf, err := ParseConf(args.StdinData, os.Hostname)
+	if err != nil {
+		return nil, nil, err
+	}
+	store, err := datastore.New(conf.Datastore())
+	if err != nil {
+		return nil, nil, invalid("etcd_endpoints", "%v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
+	// Logs go to log_file_path as JSON with the container ID, or nowhere: stdout
+	// carries the result and stderr goes to kubelet's log unlabelled.
+	var out io.WriteCloser = nopCloser{io.Discard}
+	if conf.LogFilePath != "" {
+		if f, err := os.OpenFile(conf.LogFilePath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600); err == nil {
+			out = f
+		}
+	}
+	log := slog.New(slog.NewJSONHandler(out, &slog.HandlerOptions{Level: logLevel(conf.LogLevel)})).With("containerID", args.ContainerID)
+	s := &session{conf: conf, ctx: ctx, store: store, alloc: ipam.New(store, ipam.Options{Logger: log}), log: log}
+	return s, func() { cancel(); store.Close(); out.Close() }, nil
+}
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }
+
+func logLevel(s string) slog.Level {
+	var l slog.Level
+	if l.UnmarshalText([]byte(s)) != nil {
+		return slog.LevelInfo
+	}
+	return l
+}
+
+// verb runs one plugin verb in a session, logging its outcome.
+func verb(name string, f func(*session, *skel.CmdArgs) error) func(*skel.CmdArgs) error {
+	return func(args *skel.CmdArgs) error {
+		s, done, err := open(args)
+		if err != nil {
+			return err
+		}
+		defer done()
+		if err := f(s, args); err != nil {
+			s.log.Error(name+" failed", "netns", args.Netns, "ifname", args.IfName, "err", err)
+			return err
+		}
+		s.log.Info(name, "netns", args.Netns, "ifname", args.IfName)
+		return nil
+	}
+}
