@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -46,7 +47,8 @@ func podAttrs(cniArgs string) map[string]string {
 
 // IPAMFuncs are margay-ipam's verbs, for skel.PluginMainFuncs.
 func IPAMFuncs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: verb("ADD", ipamAdd), Del: verb("DEL", ipamDel), Check: verb("CHECK", ipamCheck), Status: verb("STATUS", cmdStatus)}
+	return skel.CNIFuncs{Add: verb("ADD", ipamAdd), Del: verb("DEL", ipamDel), Check: verb("CHECK", ipamCheck),
+		Status: verb("STATUS", cmdStatus), GC: verb("GC", ipamGC)}
 }
 
 // cniError maps a failure to the spec's codes: 11 (try again later) for an etcd
@@ -129,6 +131,34 @@ func ipamCheck(s *session, args *skel.CmdArgs) error {
 	if !slices.Equal(want, got) {
 		return types.NewError(ErrReservation, "the IPAM reservation differs from prevResult",
 			fmt.Sprintf("handle %s holds %v, prevResult has %v", ipam.PodHandle(args.ContainerID), got, want))
+	}
+	return nil
+}
+
+// gcGrace spares allocations younger than this from GC: an ADD still in progress
+// holds its address before the runtime lists the attachment as valid.
+const gcGrace = time.Minute
+
+// ipamGC releases this node's pod addresses whose container is not among the
+// valid attachments.
+func ipamGC(s *session, args *skel.CmdArgs) error {
+	valid := map[string]bool{}
+	for _, a := range s.conf.ValidAttachments {
+		valid[ipam.PodHandle(a.ContainerID)] = true
+	}
+	handles, err := s.alloc.PodHandles(s.ctx, s.conf.Nodename)
+	if err != nil {
+		return cniError(s.ctx, "listing pod addresses", err)
+	}
+	for h, newest := range handles {
+		if valid[h] || time.Since(newest) < gcGrace {
+			continue
+		}
+		ips, err := s.alloc.ReleaseByHandle(s.ctx, h)
+		if err != nil {
+			return cniError(s.ctx, "releasing "+h, err)
+		}
+		s.log.Info("GC: released a stale pod's addresses", "handle", h, "ips", ips)
 	}
 	return nil
 }

@@ -225,3 +225,32 @@ func TestIPAMPluginConcurrentAdds(t *testing.T) {
 		t.Errorf("after 30 ADDs: %d allocations, clean %v, err %v", rep.Allocations, rep.Clean(), err)
 	}
 }
+
+// margay-ipam's own GC releases this node's pod addresses whose container the
+// runtime no longer lists, sparing the listed ones and any younger than a minute
+// (an ADD in flight).
+func TestIPAMPluginGC(t *testing.T) {
+	e := newIPAMEnv(t, "10.244.0.0/16", 26)
+	ctx := context.Background()
+	hourAgo := ipam.New(e.store, ipam.Options{Now: func() time.Time { return time.Now().Add(-time.Hour) }})
+	for _, c := range []string{"stale", "live"} {
+		if _, err := hourAgo.AutoAssign(ctx, ipam.AssignArgs{Handle: ipam.PodHandle(c), Node: "node-a"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := ipam.New(e.store, ipam.Options{}).AutoAssign(ctx, ipam.AssignArgs{Handle: ipam.PodHandle("fresh"), Node: "node-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hourAgo.AutoAssign(ctx, ipam.AssignArgs{Handle: ipam.PodHandle("other-node"), Node: "node-b"}); err != nil {
+		t.Fatal(err)
+	}
+	conf := e.conf("1.1.0", map[string]any{"cni.dev/valid-attachments": []map[string]string{{"containerID": "live", "ifname": "eth0"}}})
+	if err := e.run("GC", conf, ""); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	for c, want := range map[string]int{"stale": 0, "live": 1, "fresh": 1, "other-node": 1} {
+		if got := len(e.held(c)); got != want {
+			t.Errorf("after GC %s holds %d addresses, want %d", c, got, want)
+		}
+	}
+}

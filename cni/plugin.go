@@ -31,7 +31,8 @@ const (
 
 // Funcs are the margay plugin's verbs, for skel.PluginMainFuncs.
 func Funcs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: verb("ADD", cmdAdd), Del: verb("DEL", cmdDel), Check: verb("CHECK", cmdCheck), Status: verb("STATUS", cmdStatus)}
+	return skel.CNIFuncs{Add: verb("ADD", cmdAdd), Del: verb("DEL", cmdDel), Check: verb("CHECK", cmdCheck),
+		Status: verb("STATUS", cmdStatus), GC: verb("GC", cmdGC)}
 }
 
 func (c *NetConf) ipamType() string {
@@ -225,6 +226,52 @@ func cmdStatus(ss *session, args *skel.CmdArgs) error {
 		if _, err := ipam.UsablePools(ctx, store, conf.Nodename, conf.IPAM.IPv4Pools); err != nil {
 			return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: no pool serves node "+conf.Nodename, err.Error())
 		}
+	}
+	return nil
+}
+
+// cmdGC (CNI 1.1) removes this node's pods of this network that the runtime no
+// longer knows (not in cni.dev/valid-attachments): their address, veth and
+// endpoint, as DEL would. libcni first DELs what its cache knows; this catches what
+// the cache lost, such as after a reboot. The IPAM plugin then gets its own GC.
+func cmdGC(ss *session, args *skel.CmdArgs) error {
+	conf, ctx, store := ss.conf, ss.ctx, ss.store
+	valid := map[string]bool{}
+	for _, a := range conf.ValidAttachments {
+		valid[a.ContainerID+"/"+a.IfName] = true
+	}
+	weps, err := datastore.List[*api.WorkloadEndpoint](ctx, store)
+	if err != nil {
+		return cniError(ctx, "listing WorkloadEndpoints", err)
+	}
+	var errs []error
+	for _, w := range weps {
+		if w.Spec.Node != conf.Nodename || valid[w.Spec.ContainerID+"/"+w.Spec.Endpoint] {
+			continue
+		}
+		ss.log.Info("GC: removing a stale pod", "containerID", w.Spec.ContainerID, "endpoint", w.Metadata.Name)
+		// The IPAM plugin reads the attachment from the environment, as in a DEL.
+		os.Setenv("CNI_CONTAINERID", w.Spec.ContainerID)
+		os.Setenv("CNI_IFNAME", w.Spec.Endpoint)
+		if err := invoke.DelegateDel(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+			errs = append(errs, fmt.Errorf("release %s: %w", w.Spec.ContainerID, err))
+			continue
+		}
+		if err := unwire(w.Spec.InterfaceName); err != nil {
+			errs = append(errs, fmt.Errorf("remove %s: %w", w.Spec.InterfaceName, err))
+			continue
+		}
+		if _, err := store.Delete(ctx, api.KindOf(w), w.Metadata.Name, w.Metadata.ResourceVersion); err != nil && !errors.Is(err, datastore.ErrNotFound) {
+			errs = append(errs, err)
+		}
+	}
+	os.Unsetenv("CNI_CONTAINERID")
+	os.Unsetenv("CNI_IFNAME")
+	if err := invoke.DelegateGC(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return cniError(ctx, "garbage collection", errors.Join(errs...))
 	}
 	return nil
 }

@@ -255,3 +255,40 @@ func TestPluginLogFile(t *testing.T) {
 		t.Errorf("log messages %v: want ADD and DEL from both plugins", msgs)
 	}
 }
+
+// GC (CNI 1.1) removes a pod the runtime no longer lists even when libcni's cache
+// lost it (a fresh cache here), and leaves the listed pod alone.
+func TestPluginGC(t *testing.T) {
+	r := newRuntime(t, "1.1.0")
+	podA, podB := nstest.New(t, "pod"), nstest.New(t, "pod")
+	resA, err := r.add(podRT(podA, "pod-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.add(podRT(podB, "pod-b")); err != nil {
+		t.Fatal(err)
+	}
+	lostCache := libcni.NewCNIConfigWithCacheDir([]string{binDir}, t.TempDir(), nil)
+	err = r.node.Do(func() error {
+		return lostCache.GCNetworkList(context.Background(), r.list, &libcni.GCArgs{
+			ValidAttachments: []types.GCAttachment{{ContainerID: "cid-pod-b", IfName: "eth0"}}})
+	})
+	if err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	hostA := HostVethName("default", "pod-a", "cid-pod-a")
+	if out, err := r.node.Run("ip", "link", "show", hostA); err == nil {
+		t.Errorf("GC left pod-a's veth: %s", out)
+	}
+	if out, err := r.ctl("get", "workloadendpoints", "-o", "json"); err != nil || strings.Contains(out, "pod-a") || !strings.Contains(out, "pod-b") {
+		t.Errorf("endpoints after GC: %v: %s; want only pod-b's", err, out)
+	}
+	var info ipam.IPInfo
+	ipA := resA.IPs[0].Address.IP.String()
+	if out, err := r.ctl("ipam", "show", "--ip", ipA, "-o", "json"); err != nil || json.Unmarshal([]byte(out), &info) != nil || info.Allocated {
+		t.Errorf("pod-a's %s after GC: %v: %s, want free", ipA, err, out)
+	}
+	if out, err := podB.Run("ping", "-c", "1", "-W", "2", "198.18.1.2"); err != nil {
+		t.Errorf("pod-b lost its network in GC: %v\n%s", err, out)
+	}
+}

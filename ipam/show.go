@@ -3,6 +3,7 @@ package ipam
 import (
 	"context"
 	"errors"
+	"strings"
 	"net/netip"
 	"time"
 
@@ -118,4 +119,22 @@ func (a *Allocator) LookupIP(ctx context.Context, ip netip.Addr) (*IPInfo, error
 	ord, _ := b.v.ordinal(ip)
 	in := info(pools, b.v, ord)
 	return &in, nil
+}
+
+// PodHandles returns the pod handles (k8s-pod-network.<containerID>) holding
+// addresses for node, each with the time of its newest allocation, for CNI GC.
+func (a *Allocator) PodHandles(ctx context.Context, node string) (map[string]time.Time, error) {
+	s, err := a.loadState(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]time.Time{}
+	for _, b := range s.blocks {
+		for _, al := range b.v.Allocations {
+			if al != nil && al.Node == node && strings.HasPrefix(al.Handle, PodHandlePrefix) && al.Time.After(out[al.Handle]) {
+				out[al.Handle] = al.Time
+			}
+		}
+	}
+	return out, nil
 }
