@@ -3,8 +3,8 @@ package ipam
 import (
 	"context"
 	"errors"
-	"strings"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/margay-dev/margay/api"
