@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 
 	"github.com/containernetworking/cni/pkg/skel"
 
@@ -36,6 +37,7 @@ func open(args *skel.CmdArgs) (*session, func(), error) {
 	// carries the result and stderr goes to kubelet's log unlabelled.
 	var out io.WriteCloser = nopCloser{io.Discard}
 	if conf.LogFilePath != "" {
+		os.MkdirAll(filepath.Dir(conf.LogFilePath), 0o755)
 		if f, err := os.OpenFile(conf.LogFilePath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600); err == nil {
 			out = f
 		}
