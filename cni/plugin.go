@@ -78,14 +78,16 @@ func endpointName(node string, p pod, containerID, ifName string) string {
 func cmdAdd(ss *session, args *skel.CmdArgs) error {
 	conf, ctx, store := ss.conf, ss.ctx, ss.store
 
-	ipamResult, err := invoke.DelegateAdd(ctx, conf.ipamType(), args.StdinData, nil)
+	ipamResult, err := invoke.DelegateAdd(ss.delegate, conf.ipamType(), args.StdinData, nil)
 	if err != nil {
 		return err
 	}
 	ok := false
 	defer func() {
-		if !ok { // a failed ADD must not leak its address
-			invoke.DelegateDel(context.Background(), conf.ipamType(), args.StdinData, nil)
+		if !ok { // a failed ADD must not leak its address, even if ADD ran out of time
+			rctx, cancel := context.WithTimeout(context.Background(), conf.Timeout()+delegateSlack)
+			defer cancel()
+			invoke.DelegateDel(rctx, conf.ipamType(), args.StdinData, nil)
 		}
 	}()
 	result, err := current.NewResultFromResult(ipamResult)
@@ -161,7 +163,7 @@ func putEndpoint(ctx context.Context, s *datastore.Store, w *api.WorkloadEndpoin
 // namespace has disappeared.
 func cmdDel(ss *session, args *skel.CmdArgs) error {
 	conf, ctx, store := ss.conf, ss.ctx, ss.store
-	if err := invoke.DelegateDel(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+	if err := invoke.DelegateDel(ss.delegate, conf.ipamType(), args.StdinData, nil); err != nil {
 		return err
 	}
 	p := podOf(args.Args)
@@ -186,7 +188,7 @@ func cmdCheck(ss *session, args *skel.CmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "cannot convert prevResult", err.Error())
 	}
-	if err := invoke.DelegateCheck(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+	if err := invoke.DelegateCheck(ss.delegate, conf.ipamType(), args.StdinData, nil); err != nil {
 		return err
 	}
 	p := podOf(args.Args)
@@ -253,7 +255,7 @@ func cmdGC(ss *session, args *skel.CmdArgs) error {
 		// The IPAM plugin reads the attachment from the environment, as in a DEL.
 		os.Setenv("CNI_CONTAINERID", w.Spec.ContainerID)
 		os.Setenv("CNI_IFNAME", w.Spec.Endpoint)
-		if err := invoke.DelegateDel(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+		if err := invoke.DelegateDel(ss.delegate, conf.ipamType(), args.StdinData, nil); err != nil {
 			errs = append(errs, fmt.Errorf("release %s: %w", w.Spec.ContainerID, err))
 			continue
 		}
@@ -267,7 +269,7 @@ func cmdGC(ss *session, args *skel.CmdArgs) error {
 	}
 	os.Unsetenv("CNI_CONTAINERID")
 	os.Unsetenv("CNI_IFNAME")
-	if err := invoke.DelegateGC(ctx, conf.ipamType(), args.StdinData, nil); err != nil {
+	if err := invoke.DelegateGC(ss.delegate, conf.ipamType(), args.StdinData, nil); err != nil {
 		errs = append(errs, err)
 	}
 	if len(errs) > 0 {

@@ -25,11 +25,17 @@ import (
 // loopback is not the test's). The test reads the datastore with margayctl, run
 // in the node.
 type runtime struct {
-	t    *testing.T
-	node *nstest.NS
-	etcd string
-	cfg  *libcni.CNIConfig
-	list *libcni.NetworkConfigList
+	t     *testing.T
+	node  *nstest.NS
+	srv   *etcdtest.Server
+	etcd  string
+	cache string // libcni's cache of attachments
+	list  *libcni.NetworkConfigList
+}
+
+// lib is libcni for one call; libcni.CNIConfig is not safe for concurrent use.
+func (r *runtime) lib() *libcni.CNIConfig {
+	return libcni.NewCNIConfigWithCacheDir([]string{binDir}, r.cache, nil)
 }
 
 func newRuntime(t *testing.T, cniVersion string) *runtime {
@@ -39,7 +45,7 @@ func newRuntime(t *testing.T, cniVersion string) *runtime {
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Close)
-	r := &runtime{t: t, node: n, etcd: srv.Endpoints()[0], cfg: libcni.NewCNIConfigWithCacheDir([]string{binDir}, t.TempDir(), nil)}
+	r := &runtime{t: t, node: n, srv: srv, etcd: srv.Endpoints()[0], cache: t.TempDir()}
 	poolFile := filepath.Join(t.TempDir(), "pool.yaml")
 	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n"), 0o600)
 	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
@@ -66,7 +72,7 @@ func podRT(ns *nstest.NS, name string) *libcni.RuntimeConf {
 func (r *runtime) add(rt *libcni.RuntimeConf) (*current.Result, error) {
 	var res types.Result
 	err := r.node.Do(func() (err error) {
-		res, err = r.cfg.AddNetworkList(context.Background(), r.list, rt)
+		res, err = r.lib().AddNetworkList(context.Background(), r.list, rt)
 		return err
 	})
 	if err != nil {
@@ -76,11 +82,11 @@ func (r *runtime) add(rt *libcni.RuntimeConf) (*current.Result, error) {
 }
 
 func (r *runtime) check(rt *libcni.RuntimeConf) error {
-	return r.node.Do(func() error { return r.cfg.CheckNetworkList(context.Background(), r.list, rt) })
+	return r.node.Do(func() error { return r.lib().CheckNetworkList(context.Background(), r.list, rt) })
 }
 
 func (r *runtime) del(rt *libcni.RuntimeConf) error {
-	return r.node.Do(func() error { return r.cfg.DelNetworkList(context.Background(), r.list, rt) })
+	return r.node.Do(func() error { return r.lib().DelNetworkList(context.Background(), r.list, rt) })
 }
 
 // podIP is the IPv4 address on a pod's eth0.
@@ -197,7 +203,7 @@ func TestPluginAddRollsBack(t *testing.T) {
 func TestPluginStatus(t *testing.T) {
 	r := newRuntime(t, "1.1.0")
 	status := func(list *libcni.NetworkConfigList) error {
-		return r.node.Do(func() error { return r.cfg.GetStatusNetworkList(context.Background(), list) })
+		return r.node.Do(func() error { return r.lib().GetStatusNetworkList(context.Background(), list) })
 	}
 	if err := status(r.list); err != nil {
 		t.Fatalf("STATUS: %v", err)

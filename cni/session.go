@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 
@@ -21,6 +22,10 @@ type session struct {
 	store *datastore.Store
 	alloc *ipam.Allocator
 	log   *slog.Logger
+	// delegate bounds calls to the IPAM plugin. It runs a little longer than ctx:
+	// the IPAM plugin keeps to the same timeout itself, and its own error (such as
+	// "etcd unavailable, try again") must arrive before we give up on it.
+	delegate context.Context
 }
 
 func open(args *skel.CmdArgs) (*session, func(), error) {
@@ -33,6 +38,7 @@ func open(args *skel.CmdArgs) (*session, func(), error) {
 		return nil, nil, invalid("etcd_endpoints", "%v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
+	dctx, dcancel := context.WithTimeout(context.Background(), conf.Timeout()+delegateSlack)
 	// Logs go to log_file_path as JSON with the container ID, or nowhere: stdout
 	// carries the result and stderr goes to kubelet's log unlabelled.
 	var out io.WriteCloser = nopCloser{io.Discard}
@@ -43,9 +49,11 @@ func open(args *skel.CmdArgs) (*session, func(), error) {
 		}
 	}
 	log := slog.New(slog.NewJSONHandler(out, &slog.HandlerOptions{Level: logLevel(conf.LogLevel)})).With("containerID", args.ContainerID)
-	s := &session{conf: conf, ctx: ctx, store: store, alloc: ipam.New(store, ipam.Options{Logger: log}), log: log}
-	return s, func() { cancel(); store.Close(); out.Close() }, nil
+	s := &session{conf: conf, ctx: ctx, store: store, alloc: ipam.New(store, ipam.Options{Logger: log}), log: log, delegate: dctx}
+	return s, func() { cancel(); dcancel(); store.Close(); out.Close() }, nil
 }
+
+const delegateSlack = 2 * time.Second
 
 type nopCloser struct{ io.Writer }
 
