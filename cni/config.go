@@ -5,6 +5,7 @@ package cni
 import (
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"strings"
 	"time"
 
@@ -81,7 +82,14 @@ func ParseConf(stdin []byte, hostname func() (string, error)) (*NetConf, error) 
 		}
 		c.Nodename = h
 	}
+	for _, e := range c.Datastore().Endpoints {
+		if u, err := url.Parse(e); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, invalid("etcd_endpoints", "%q is not an http:// or https:// URL", e)
+		}
+	}
 	switch {
+	case c.Type == "":
+		return nil, invalid("type", "required")
 	case c.Datastore().Endpoints == nil:
 		return nil, invalid("etcd_endpoints", "required, for example \"https://10.0.0.1:2379\"")
 	case strings.Contains(c.Nodename, "/"):

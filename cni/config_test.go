@@ -25,7 +25,7 @@ func TestParseConf(t *testing.T) {
 	if len(ds.Endpoints) != 2 || ds.Endpoints[1] != "http://10.0.0.2:2379" || ds.RequestTimeout != DefaultTimeout {
 		t.Errorf("datastore config %+v", ds)
 	}
-	c, _ = ParseConf([]byte(`{"etcd_endpoints":"http://e:2379","nodename":"n1","timeout_seconds":3}`), hostname)
+	c, _ = ParseConf([]byte(`{"type":"margay","etcd_endpoints":"http://e:2379","nodename":"n1","timeout_seconds":3}`), hostname)
 	if c.Nodename != "n1" || c.Timeout() != 3*time.Second {
 		t.Errorf("explicit nodename and timeout: %+v", c)
 	}
@@ -38,14 +38,16 @@ func TestParseConfErrors(t *testing.T) {
 		frag       string
 	}{
 		{"not json", `{`, types.ErrDecodingFailure, "cannot decode"},
-		{"no etcd", `{"nodename":"n"}`, types.ErrInvalidNetworkConfig, "etcd_endpoints: required"},
-		{"blank etcd", `{"etcd_endpoints":" , ","nodename":"n"}`, types.ErrInvalidNetworkConfig, "etcd_endpoints"},
-		{"slash in node", `{"etcd_endpoints":"http://e","nodename":"a/b"}`, types.ErrInvalidNetworkConfig, "nodename"},
-		{"mtu", `{"etcd_endpoints":"http://e","nodename":"n","mtu":100}`, types.ErrInvalidNetworkConfig, "mtu: 100 is out of range"},
-		{"timeout", `{"etcd_endpoints":"http://e","nodename":"n","timeout_seconds":-1}`, types.ErrInvalidNetworkConfig, "timeout_seconds"},
-		{"cert without key", `{"etcd_endpoints":"http://e","nodename":"n","etcd_cert_file":"/c"}`, types.ErrInvalidNetworkConfig, "etcd_key_file"},
-		{"log level", `{"etcd_endpoints":"http://e","nodename":"n","log_level":"loud"}`, types.ErrInvalidNetworkConfig, "log_level"},
-		{"wrong type", `{"etcd_endpoints":"http://e","nodename":"n","mtu":"big"}`, types.ErrDecodingFailure, "cannot decode"},
+		{"no etcd", `{"type":"margay","nodename":"n"}`, types.ErrInvalidNetworkConfig, "etcd_endpoints: required"},
+		{"blank etcd", `{"type":"margay","etcd_endpoints":" , ","nodename":"n"}`, types.ErrInvalidNetworkConfig, "etcd_endpoints"},
+		{"slash in node", `{"type":"margay","etcd_endpoints":"http://e","nodename":"a/b"}`, types.ErrInvalidNetworkConfig, "nodename"},
+		{"mtu", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","mtu":100}`, types.ErrInvalidNetworkConfig, "mtu: 100 is out of range"},
+		{"timeout", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","timeout_seconds":-1}`, types.ErrInvalidNetworkConfig, "timeout_seconds"},
+		{"cert without key", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","etcd_cert_file":"/c"}`, types.ErrInvalidNetworkConfig, "etcd_key_file"},
+		{"log level", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","log_level":"loud"}`, types.ErrInvalidNetworkConfig, "log_level"},
+		{"no type", `{"etcd_endpoints":"http://e","nodename":"n"}`, types.ErrInvalidNetworkConfig, "type: required"},
+		{"endpoint not a URL", `{"type":"margay","etcd_endpoints":"10.0.0.1:2379","nodename":"n"}`, types.ErrInvalidNetworkConfig, "is not an http:// or https:// URL"},
+		{"wrong type", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","mtu":"big"}`, types.ErrDecodingFailure, "cannot decode"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -56,7 +58,7 @@ func TestParseConfErrors(t *testing.T) {
 			}
 		})
 	}
-	_, err := ParseConf([]byte(`{"etcd_endpoints":"http://e"}`), func() (string, error) { return "", errors.New("no uts") })
+	_, err := ParseConf([]byte(`{"type":"margay","etcd_endpoints":"http://e"}`), func() (string, error) { return "", errors.New("no uts") })
 	var te *types.Error
 	if !errors.As(err, &te) || te.Code != types.ErrInvalidNetworkConfig || !strings.Contains(te.Msg, "nodename") {
 		t.Errorf("no hostname: err = %v", err)
@@ -65,7 +67,7 @@ func TestParseConfErrors(t *testing.T) {
 
 func FuzzParseConf(f *testing.F) {
 	f.Add([]byte(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"margay","etcd_endpoints":"http://127.0.0.1:2379","nodename":"n","ipam":{"type":"margay-ipam","ipv4_pools":["p"]}}`))
-	f.Add([]byte(`{"etcd_endpoints":"a,b","mtu":1500,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.1/32"}]}}`))
+	f.Add([]byte(`{"type":"margay","etcd_endpoints":"http://a,https://b","mtu":1500,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.1/32"}]}}`))
 	f.Add([]byte(`{}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := ParseConf(data, hostname)
