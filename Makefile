@@ -37,8 +37,10 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseSelector$$' -fuzztime $(FUZZTIME) ./api
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConf$$' -fuzztime $(FUZZTIME) ./cni
 
+# cnibench needs root: it makes network namespaces.
 bench:
 	$(GO) run ./test/bench/ipambench
+	$(GO) run ./test/bench/cnibench
 
 clean:
 	rm -rf $(BIN)

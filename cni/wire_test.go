@@ -20,18 +20,12 @@ func TestHostVethName(t *testing.T) {
 	}
 }
 
-// node makes a node namespace the way a real host is: an uplink with an address,
-// a default route (without which proxy ARP does not answer for 169.254.1.1) and
-// forwarding on. The uplink is one end of a veth pair whose other end stays in
-// the same namespace: nothing leaves it.
+// node makes a node namespace that looks like a real host (see nstest.MakeHost).
 func node(t *testing.T) *nstest.NS {
 	n := nstest.New(t, "node")
-	n.MustRun(t, "ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p")
-	n.MustRun(t, "ip", "addr", "add", "198.18.1.2/24", "dev", "uplink0")
-	n.MustRun(t, "ip", "link", "set", "uplink0p", "up")
-	n.MustRun(t, "ip", "link", "set", "uplink0", "up")
-	n.MustRun(t, "ip", "route", "add", "default", "via", "198.18.1.1")
-	n.MustRun(t, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+	if err := n.MakeHost("198.18.1.2/24"); err != nil {
+		t.Fatal(err)
+	}
 	return n
 }
 

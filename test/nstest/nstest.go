@@ -5,6 +5,7 @@ package nstest
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
@@ -27,20 +28,62 @@ type NS struct {
 	Path string // /var/run/netns/<name>, what CNI_NETNS takes
 }
 
-// New makes a namespace with its loopback up, or skips the test without root.
+// New makes a namespace for a test, removed when the test ends, or skips the
+// test without root.
 func New(t testing.TB, role string) *NS {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to make network namespaces")
 	}
+	ns, err := Create(role)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Delete)
+	return ns
+}
+
+// Create makes a namespace with its loopback up; the caller deletes it.
+func Create(role string) (*NS, error) {
 	name := fmt.Sprintf("%s%s-%d", Prefix, role, seq.Add(1))
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+		return nil, fmt.Errorf("ip netns add %s: %v: %s", name, err, out)
 	}
 	ns := &NS{Name: name, Path: "/var/run/netns/" + name}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	ns.MustRun(t, "ip", "link", "set", "lo", "up")
-	return ns
+	if out, err := ns.Run("ip", "link", "set", "lo", "up"); err != nil {
+		ns.Delete()
+		return nil, fmt.Errorf("loopback up in %s: %v: %s", name, err, out)
+	}
+	return ns, nil
+}
+
+// Delete removes the namespace.
+func (n *NS) Delete() { exec.Command("ip", "netns", "del", n.Name).Run() }
+
+// MakeHost makes the namespace look like a real host: an uplink with addr
+// (CIDR), a default route through the first address of its subnet, and
+// forwarding on. Without the default route, proxy ARP does not answer for the pod
+// gateway 169.254.1.1. The uplink is a veth whose peer stays in the namespace:
+// nothing leaves it.
+func (n *NS) MakeHost(addr string) error {
+	p, err := netip.ParsePrefix(addr)
+	if err != nil {
+		return err
+	}
+	gw := p.Masked().Addr().Next()
+	for _, c := range [][]string{
+		{"ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p"},
+		{"ip", "addr", "add", addr, "dev", "uplink0"},
+		{"ip", "link", "set", "uplink0p", "up"},
+		{"ip", "link", "set", "uplink0", "up"},
+		{"ip", "route", "add", "default", "via", gw.String()},
+		{"sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"},
+	} {
+		if out, err := n.Run(c...); err != nil {
+			return fmt.Errorf("in %s: %s: %v: %s", n.Name, strings.Join(c, " "), err, out)
+		}
+	}
+	return nil
 }
 
 // Run runs a command inside the namespace and returns its combined output.
