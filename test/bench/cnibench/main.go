@@ -128,20 +128,30 @@ func rt(ns *nstest.NS, id string) *libcni.RuntimeConf {
 		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "bench"}, {"K8S_POD_NAME", id}}}
 }
 
+// makePods makes n pod namespaces; cleanup deletes those made, even on error.
+func makePods(n int) ([]*nstest.NS, func(), error) {
+	var pods []*nstest.NS
+	cleanup := func() {
+		for _, p := range pods {
+			p.Delete()
+		}
+	}
+	for range n {
+		p, err := nstest.Create("bench-pod")
+		if err != nil {
+			return nil, cleanup, err
+		}
+		pods = append(pods, p)
+	}
+	return pods, cleanup, nil
+}
+
 // sequential adds n pods one after another, then deletes them one after another.
 func sequential(node *nstest.NS, list *libcni.NetworkConfigList, bin, cache string, n, run int) (add, del []time.Duration, err error) {
-	pods := make([]*nstest.NS, n)
-	defer func() {
-		for _, p := range pods {
-			if p != nil {
-				p.Delete()
-			}
-		}
-	}()
-	for i := range pods {
-		if pods[i], err = nstest.Create("bench-pod"); err != nil {
-			return nil, nil, err
-		}
+	pods, cleanup, err := makePods(n)
+	defer cleanup()
+	if err != nil {
+		return nil, nil, err
 	}
 	cfg := libcni.NewCNIConfigWithCacheDir([]string{bin}, cache, nil)
 	for i, p := range pods {
@@ -168,19 +178,10 @@ func sequential(node *nstest.NS, list *libcni.NetworkConfigList, bin, cache stri
 
 // concurrent adds n pods at once, as kubelet starting n pods, then deletes them.
 func concurrent(node *nstest.NS, list *libcni.NetworkConfigList, bin, cache string, n, run int) ([]time.Duration, error) {
-	pods := make([]*nstest.NS, n)
-	defer func() {
-		for _, p := range pods {
-			if p != nil {
-				p.Delete()
-			}
-		}
-	}()
-	for i := range pods {
-		var err error
-		if pods[i], err = nstest.Create("bench-pod"); err != nil {
-			return nil, err
-		}
+	pods, cleanup, err := makePods(n)
+	defer cleanup()
+	if err != nil {
+		return nil, err
 	}
 	lat := make([]time.Duration, n)
 	errs := make([]error, n)
