@@ -69,14 +69,12 @@ func cniError(ctx context.Context, what string, err error) error {
 func ipamAdd(s *session, args *skel.CmdArgs) error {
 	handle := ipam.PodHandle(args.ContainerID)
 	// A repeated ADD for the same container (kubelet retrying after a timeout)
-	// returns what the first one assigned instead of taking another address.
-	held, err := s.alloc.IPsByHandle(s.ctx, handle)
-	if err == nil && len(held) == 0 {
-		held, err = s.alloc.AutoAssign(s.ctx, ipam.AssignArgs{Handle: handle, Node: s.conf.Nodename,
-			Pools: s.conf.IPAM.IPv4Pools, Attrs: podAttrs(args.Args), NewHandle: true})
-		if errors.Is(err, ipam.ErrHandleExists) {
-			held, err = s.alloc.IPsByHandle(s.ctx, handle)
-		}
+	// returns what the first one assigned instead of taking another address. The
+	// assignment itself finds that out, so a first ADD pays no extra read.
+	held, err := s.alloc.AutoAssign(s.ctx, ipam.AssignArgs{Handle: handle, Node: s.conf.Nodename,
+		Pools: s.conf.IPAM.IPv4Pools, Attrs: podAttrs(args.Args), NewHandle: true})
+	if errors.Is(err, ipam.ErrHandleExists) {
+		held, err = s.alloc.IPsByHandle(s.ctx, handle)
 	}
 	if err != nil {
 		return cniError(s.ctx, "assigning an address", err)
