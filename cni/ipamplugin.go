@@ -67,6 +67,15 @@ func cniError(ctx context.Context, what string, err error) error {
 }
 
 func ipamAdd(s *session, args *skel.CmdArgs) error {
+	result, err := assign(s, args)
+	if err != nil {
+		return err
+	}
+	return types.PrintResult(result, s.conf.CNIVersion)
+}
+
+// assign gives the container its addresses, the work of margay-ipam ADD.
+func assign(s *session, args *skel.CmdArgs) (*current.Result, error) {
 	handle := ipam.PodHandle(args.ContainerID)
 	// A repeated ADD for the same container (kubelet retrying after a timeout)
 	// returns what the first one assigned instead of taking another address. The
@@ -77,13 +86,13 @@ func ipamAdd(s *session, args *skel.CmdArgs) error {
 		held, err = s.alloc.IPsByHandle(s.ctx, handle)
 	}
 	if err != nil {
-		return cniError(s.ctx, "assigning an address", err)
+		return nil, cniError(s.ctx, "assigning an address", err)
 	}
 	result := &current.Result{CNIVersion: current.ImplementedSpecVersion}
 	for _, h := range held {
 		result.IPs = append(result.IPs, &current.IPConfig{Address: hostNet(h.IP)})
 	}
-	return types.PrintResult(result, s.conf.CNIVersion)
+	return result, nil
 }
 
 func hostNet(ip netip.Addr) net.IPNet {
@@ -93,7 +102,11 @@ func hostNet(ip netip.Addr) net.IPNet {
 // ipamDel releases the container's addresses. Releasing nothing is success: DEL
 // must be idempotent.
 func ipamDel(s *session, args *skel.CmdArgs) error {
-	if _, err := s.alloc.ReleaseByHandle(s.ctx, ipam.PodHandle(args.ContainerID)); err != nil {
+	return release(s, args.ContainerID)
+}
+
+func release(s *session, containerID string) error {
+	if _, err := s.alloc.ReleaseByHandle(s.ctx, ipam.PodHandle(containerID)); err != nil {
 		return cniError(s.ctx, "releasing addresses", err)
 	}
 	return nil
@@ -112,11 +125,15 @@ func ipamCheck(s *session, args *skel.CmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrDecodingFailure, "cannot convert prevResult", err.Error())
 	}
+	return checkReservation(s, args.ContainerID, prev)
+}
+
+func checkReservation(s *session, containerID string, prev *current.Result) error {
 	var want []string
 	for _, ip := range prev.IPs {
 		want = append(want, ip.Address.IP.String())
 	}
-	held, err := s.alloc.IPsByHandle(s.ctx, ipam.PodHandle(args.ContainerID))
+	held, err := s.alloc.IPsByHandle(s.ctx, ipam.PodHandle(containerID))
 	if err != nil {
 		return cniError(s.ctx, "reading the reservation", err)
 	}
@@ -128,7 +145,7 @@ func ipamCheck(s *session, args *skel.CmdArgs) error {
 	slices.Sort(got)
 	if !slices.Equal(want, got) {
 		return types.NewError(ErrReservation, "the IPAM reservation differs from prevResult",
-			fmt.Sprintf("handle %s holds %v, prevResult has %v", ipam.PodHandle(args.ContainerID), got, want))
+			fmt.Sprintf("handle %s holds %v, prevResult has %v", ipam.PodHandle(containerID), got, want))
 	}
 	return nil
 }
@@ -140,6 +157,10 @@ const gcGrace = time.Minute
 // ipamGC releases this node's pod addresses whose container is not among the
 // valid attachments.
 func ipamGC(s *session, args *skel.CmdArgs) error {
+	return collectAddresses(s)
+}
+
+func collectAddresses(s *session) error {
 	valid := map[string]bool{}
 	for _, a := range s.conf.ValidAttachments {
 		valid[ipam.PodHandle(a.ContainerID)] = true

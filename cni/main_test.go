@@ -36,7 +36,7 @@ func buildPlugins(dir string) error {
 	}
 	// The reference plugins, for interop: go.mod's tool directive pins their
 	// version and the go command builds them into its cache.
-	for _, tool := range []string{"host-local", "bridge"} {
+	for _, tool := range []string{"host-local", "bridge", "portmap"} {
 		path, err := exec.Command("go", "tool", "-n", tool).Output()
 		if err == nil {
 			err = os.Symlink(strings.TrimSpace(string(path)), filepath.Join(dir, tool))

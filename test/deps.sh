@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests need, if any is missing. Run as root.
 set -euo pipefail
 
-packages=(ca-certificates iproute2 iputils-ping)
+packages=(ca-certificates iproute2 iputils-ping iptables)
 
 if ! command -v go >/dev/null; then
 	echo "deps: Go is not on PATH; install Go 1.26 or later (https://go.dev/doc/install)" >&2

@@ -2,13 +2,6 @@
 // margay's IP pools, for the margay plugin or any other main plugin.
 package main
 
-import (
-	"github.com/containernetworking/cni/pkg/skel"
+import "github.com/margay-dev/margay/cni"
 
-	"github.com/margay-dev/margay/api"
-	"github.com/margay-dev/margay/cni"
-)
-
-func main() {
-	skel.PluginMainFuncs(cni.IPAMFuncs(), cni.SupportedVersions, "margay-ipam "+api.Version)
-}
+func main() { cni.Main(cni.IPAMFuncs(), "margay-ipam") }
