@@ -33,6 +33,7 @@ unit:
 # of the size under -race) and the tests that build and run real binaries.
 integration:
 	$(GO) test -count=1 -run 'TestConcurrentAllocation|TestBinary' ./ipam ./cmd/margayctl
+	$(GO) test -count=1 ./test/e2e
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./api

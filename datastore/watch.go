@@ -7,6 +7,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/margay-dev/margay/api"
 )
 
 // EventType says what happened to a key.
@@ -142,4 +144,9 @@ func (y *Syncer) watch(ctx context.Context, rev int64) error {
 		}
 	}
 	return ctx.Err()
+}
+
+// DecodeEvent reads a put event on a resource key of kind k.
+func DecodeEvent(k api.KindInfo, ev Event) (api.Resource, error) {
+	return decodeKV(k, ev.Value, ev.ModRevision)
 }

@@ -289,3 +289,18 @@ func backoff(ctx context.Context, n int) error {
 		return nil
 	}
 }
+
+// AffinityConfirmed reads an affinity key and value as a watcher sees them: the
+// node, the block, and whether the claim is confirmed. A pending claim is not the
+// node's yet, so it must not be advertised or routed.
+func AffinityConfirmed(key string, value []byte) (node string, block netip.Prefix, confirmed bool, err error) {
+	node, block, err = datastore.ParseAffinityKey(key)
+	if err != nil {
+		return "", netip.Prefix{}, false, err
+	}
+	var af affinity
+	if err := json.Unmarshal(value, &af); err != nil {
+		return "", netip.Prefix{}, false, fmt.Errorf("affinity %s: %w", key, err)
+	}
+	return node, block, af.State == affinityConfirmed, nil
+}

@@ -2,7 +2,9 @@
 # Installs the Debian packages the tests need, if any is missing. Run as root.
 set -euo pipefail
 
-packages=(ca-certificates iproute2 iputils-ping iptables)
+# iptables for the data plane and the portmap plugin; bird2 and frr are the ToRs
+# of the interop tests, run only inside lab namespaces.
+packages=(ca-certificates iproute2 iputils-ping iptables bird2 frr)
 
 if ! command -v go >/dev/null; then
 	echo "deps: Go is not on PATH; install Go 1.26 or later (https://go.dev/doc/install)" >&2
@@ -18,6 +20,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 		exit 1
 	fi
 	echo "deps: installing ${missing[*]}"
+	# The routing daemons must not start as services in the host's namespace:
+	# policy-rc.d tells the packages' scripts not to start anything.
+	policy=/usr/sbin/policy-rc.d
+	own_policy=
+	if [ ! -e "$policy" ]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+		trap '[ -n "$own_policy" ] && rm -f "$policy"' EXIT
+	fi
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi

@@ -130,7 +130,7 @@ func (a *app) rootCmd() *cobra.Command {
 	}
 	group(root)
 	root.AddCommand(a.applyCmd("apply"), a.applyCmd("create"), a.applyCmd("replace"),
-		a.deleteCmd(), a.getCmd(), a.ipamCmd(), a.versionCmd())
+		a.deleteCmd(), a.getCmd(), a.ipamCmd(), a.nodeCmd(), a.versionCmd())
 	return root
 }
 

@@ -35,6 +35,9 @@ type Options struct {
 	// NetNS, when set, runs etcd inside this named network namespace (ip netns),
 	// for clients that live there; its loopback is not the caller's.
 	NetNS string
+	// Host is the address clients reach etcd at, on port 2379; empty means a
+	// free loopback port. Set it with NetNS, to serve a lab's other namespaces.
+	Host string
 }
 
 // Server is a running (or stopped) etcd.
@@ -61,16 +64,21 @@ func Start(opts Options) (*Server, error) {
 	if opts.TLS != nil {
 		scheme = "https"
 	}
-	cp, err := freePort()
-	if err != nil {
-		return nil, err
+	if opts.Host != "" {
+		s.clientURL = fmt.Sprintf("%s://%s", scheme, net.JoinHostPort(opts.Host, "2379"))
+		s.peerURL = "http://127.0.0.1:2380"
+	} else {
+		cp, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		pp, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		s.clientURL = fmt.Sprintf("%s://127.0.0.1:%d", scheme, cp)
+		s.peerURL = fmt.Sprintf("http://127.0.0.1:%d", pp)
 	}
-	pp, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	s.clientURL = fmt.Sprintf("%s://127.0.0.1:%d", scheme, cp)
-	s.peerURL = fmt.Sprintf("http://127.0.0.1:%d", pp)
 	if err := s.Restart(); err != nil {
 		s.Close()
 		return nil, err

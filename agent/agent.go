@@ -1,0 +1,435 @@
+// Package agent is margay-node: it registers the node, mirrors the datastore,
+// runs the embedded BGP speaker, and feeds both into felix's calculation and
+// reconcilers, on every change and on a resync timer.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/bgp"
+	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/felix"
+	"github.com/margay-dev/margay/felix/calc"
+)
+
+// Config is margay-node's configuration.
+type Config struct {
+	NodeName  string
+	Datastore datastore.Config
+	// IP is the node's address as a CIDR, or "" / "autodetect" to find it with
+	// AutodetectMethod.
+	IP               string
+	AutodetectMethod string
+	// AS overrides the node's AS number (0: inherit from BGPConfiguration).
+	AS api.ASNumber
+	// DefaultPool is created when the datastore has no pool at all ("" never).
+	DefaultPool    string
+	MTUFile        string
+	HealthAddr     string // /livez and /readyz
+	MetricsAddr    string // Prometheus
+	GRPCAddr       string // GoBGP's API, loopback only
+	ResyncInterval time.Duration
+	Logger         *slog.Logger
+}
+
+// Defaults.
+const (
+	DefaultHealthAddr     = ":9099"
+	DefaultMetricsAddr    = ":9091"
+	DefaultGRPCAddr       = "127.0.0.1:50051"
+	DefaultMTUFile        = "/var/lib/margay/mtu"
+	DefaultPoolCIDR       = "10.244.0.0/16"
+	DefaultResyncInterval = 10 * time.Second
+	// peerGrace is how long readiness waits for every peer to be Established once.
+	peerGrace = 30 * time.Second
+	// holdTTL bounds how long a crashed agent's name stays taken.
+	holdTTL = 15 * time.Second
+)
+
+// Agent is one running margay-node.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	store   *datastore.Store
+	addr    netip.Prefix
+	iface   string
+	view    *view
+	kickC   chan struct{}
+	routes  *felix.Routes
+	ipsets  *felix.IPSets
+	ipt     *felix.IPTables
+	metrics *metrics
+	health  *health
+
+	speaker    *bgp.Speaker
+	speakerCfg bgp.Config
+	mtu        int
+	problems   string
+}
+
+// Run starts the agent and runs it until ctx ends. It returns an error when the
+// node cannot start (datastore unreachable, name or address taken); after that
+// it keeps running and reports trouble through logs, metrics and /readyz. On
+// return it leaves routes, rules and BGP sessions' routes at peers in place, so
+// traffic keeps flowing while it restarts.
+func Run(ctx context.Context, cfg Config) error {
+	a, err := start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer a.store.Close()
+	a.loop(ctx)
+	return nil
+}
+
+func start(ctx context.Context, cfg Config) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ResyncInterval <= 0 {
+		cfg.ResyncInterval = DefaultResyncInterval
+	}
+	if cfg.NodeName == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("node name: %w; give --nodename", err)
+		}
+		cfg.NodeName = h
+	}
+	log := cfg.Logger.With("node", cfg.NodeName)
+	a := &Agent{cfg: cfg, log: log, kickC: make(chan struct{}, 1), metrics: newMetrics()}
+	a.health = newHealth(a.metrics.registry)
+	addr, iface, err := nodeAddress(cfg.IP, cfg.AutodetectMethod)
+	if err != nil {
+		return nil, err
+	}
+	a.addr, a.iface = addr, iface
+	log.Info("node address", "ip", addr.String(), "interface", iface)
+
+	if a.store, err = datastore.New(cfg.Datastore); err != nil {
+		return nil, err
+	}
+	if err := a.register(ctx); err != nil {
+		a.store.Close()
+		return nil, err
+	}
+	if err := writeSysctl("net/ipv4/ip_forward", "1"); err != nil {
+		a.store.Close()
+		return nil, err
+	}
+	if a.ipt, err = felix.NewIPTables(log); err != nil {
+		a.store.Close()
+		return nil, err
+	}
+	a.routes, a.ipsets = felix.NewRoutes(log), felix.NewIPSets(log)
+	a.view = newView(cfg.NodeName, a.kick, log)
+	for _, h := range a.view.handlers() {
+		go a.store.NewSyncer(h.prefix, h, log).Run(ctx)
+	}
+	go a.watchRoutes(ctx)
+	go a.pingDatastore(ctx)
+	a.health.serve(ctx, cfg.HealthAddr, cfg.MetricsAddr, log)
+	return a, nil
+}
+
+// nodeAddress is the explicit address, or the autodetected one.
+func nodeAddress(ip, method string) (netip.Prefix, string, error) {
+	ifaces, err := LocalIfaces()
+	if err != nil {
+		return netip.Prefix{}, "", fmt.Errorf("list interfaces: %w", err)
+	}
+	if ip != "" && ip != "autodetect" {
+		p, err := netip.ParsePrefix(ip)
+		if err != nil || !p.Addr().Is4() {
+			return netip.Prefix{}, "", fmt.Errorf("--ip %q: give the node's IPv4 address with its subnet's prefix length, such as 198.18.1.2/24, or autodetect", ip)
+		}
+		for _, i := range ifaces {
+			for _, a := range i.Addrs {
+				if a.Addr() == p.Addr() {
+					return p, i.Name, nil
+				}
+			}
+		}
+		return p, "", nil // not local (a NAT address): no interface to take the MTU from
+	}
+	return ChooseAddress(method, ifaces, RouteSource)
+}
+
+func (a *Agent) kick() {
+	select {
+	case a.kickC <- struct{}{}:
+	default:
+	}
+}
+
+// loop reconciles after every change (batched for 50 ms) and on the resync timer.
+func (a *Agent) loop(ctx context.Context) {
+	t := time.NewTicker(a.cfg.ResyncInterval)
+	defer t.Stop()
+	var bgpChanges <-chan struct{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.kickC:
+		case <-bgpChanges:
+		case <-t.C:
+		}
+		select { // let a burst of changes settle
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+		a.reconcile(ctx)
+		if a.speaker != nil {
+			bgpChanges = a.speaker.Changes()
+		}
+	}
+}
+
+// reconcile computes the desired state and applies it: BGP peers, the data plane,
+// then the advertisements.
+func (a *Agent) reconcile(ctx context.Context) {
+	a.health.beat()
+	s := a.view.snapshot()
+	if !s.synced {
+		return
+	}
+	if s.self == nil {
+		a.log.Error("this node's Node resource is gone; registering it again")
+		if err := a.register(ctx); err != nil {
+			a.log.Error("cannot register the node", "err", err)
+		}
+		return
+	}
+	settings := api.ResolveBGP(s.configs[api.GlobalBGPConfigName], s.configs[api.BGPConfigName(a.cfg.NodeName)])
+	if err := a.ensureSpeaker(ctx, s.self, settings); err != nil {
+		a.log.Error("BGP speaker", "err", err)
+		a.health.set("bgp", err.Error())
+		return
+	}
+	a.health.set("bgp", "")
+	paths, err := a.speaker.BestPaths(ctx)
+	if err != nil {
+		a.log.Error("BGP paths", "err", err)
+	}
+	in := calc.Input{Node: a.cfg.NodeName, NodeIP: a.addr, Pools: s.pools, Nodes: s.nodes,
+		Blocks: s.blocks, Endpoints: s.eps, RandomFully: a.ipt.RandomFully()}
+	for _, p := range paths {
+		in.Paths = append(in.Paths, calc.Path{Prefix: p.Prefix, NextHop: p.NextHop})
+	}
+	out := calc.Compute(in)
+	// Advertise before adding peers: a session that comes up then sends our
+	// routes before its End-of-RIB, so a restarting node's peers never drop them.
+	if err := a.speaker.SetAdvertised(ctx, out.Advertise); err != nil {
+		a.log.Error("BGP advertisements", "err", err)
+	}
+	peers, problems := bgp.DesiredPeers(a.cfg.NodeName, s.nodes, s.peers, settings)
+	if err := a.speaker.SetPeers(ctx, peers); err != nil {
+		a.log.Error("BGP peers", "err", err)
+	}
+	a.health.expectPeers(peers)
+	a.reportProblems(append(problems, out.Problems...))
+	// Until BGP has converged after a start, routes learned before it are kept:
+	// dropping them while the sessions come up would cut traffic on a restart.
+	a.routes.KeepRemote(!a.health.converged())
+	a.apply(out)
+	a.writeMTU(s.pools)
+	a.metrics.blocks.Set(float64(len(s.blocks)))
+	a.updatePeerMetrics(ctx)
+}
+
+// apply runs the reconcilers: ipsets before the rules that match on them.
+func (a *Agent) apply(out calc.Output) {
+	ok := true
+	step := func(name string, f func() (bool, error)) {
+		start := time.Now()
+		_, err := f()
+		a.metrics.reconcileSeconds.WithLabelValues(name).Observe(time.Since(start).Seconds())
+		if err != nil {
+			ok = false
+			a.metrics.reconcileErrors.WithLabelValues(name).Inc()
+			a.log.Error("data plane", "reconciler", name, "err", err)
+		}
+	}
+	step("routes", func() (bool, error) { return a.routes.Apply(out.Routes) })
+	step("ipsets", func() (bool, error) { return a.ipsets.Apply(out.IPSets) })
+	step("iptables", func() (bool, error) { return a.ipt.Apply(out.Chains, out.Jumps) })
+	step("sysctls", func() (bool, error) {
+		var errs []error
+		for k, v := range out.Sysctls {
+			errs = append(errs, writeSysctl(k, v))
+		}
+		return false, errors.Join(errs...)
+	})
+	if n, err := a.routes.Count(); err == nil {
+		a.metrics.routes.Set(float64(n))
+	}
+	if ok {
+		a.health.dataplaneSynced()
+	}
+}
+
+func (a *Agent) reportProblems(ps []string) {
+	joined := strings.Join(ps, "\n")
+	if joined == a.problems {
+		return
+	}
+	a.problems = joined
+	for _, p := range ps {
+		a.log.Warn("not routed", "problem", p)
+	}
+}
+
+// ensureSpeaker starts the BGP speaker, or restarts it when the node's AS,
+// listen port or route reflector cluster changed.
+func (a *Agent) ensureSpeaker(ctx context.Context, self *api.Node, s api.BGPSettings) error {
+	as := s.ASNumber
+	var cluster string
+	if b := self.Spec.BGP; b != nil {
+		if b.ASNumber != nil {
+			as = *b.ASNumber
+		}
+		cluster = b.RouteReflectorClusterID
+	}
+	// Sessions leave from the node's address: the passive side of a mesh pair
+	// accepts its peer only from there.
+	want := bgp.Config{RouterID: a.addr.Addr(), LocalAddress: a.addr.Addr(), ASNumber: uint32(as), ListenPort: s.ListenPort,
+		ClusterID: cluster, GRPCAddress: a.cfg.GRPCAddr, Logger: a.log}
+	if a.speaker != nil && a.speakerCfg.RouterID == want.RouterID && a.speakerCfg.ASNumber == want.ASNumber &&
+		a.speakerCfg.ListenPort == want.ListenPort && a.speakerCfg.ClusterID == want.ClusterID {
+		return nil
+	}
+	if a.speaker != nil {
+		a.log.Warn("BGP identity changed; restarting the speaker", "as", want.ASNumber, "port", want.ListenPort, "clusterID", cluster)
+		a.speaker.Close()
+		a.speaker = nil
+	}
+	sp, err := bgp.Start(ctx, want)
+	if err != nil {
+		return err
+	}
+	a.speaker, a.speakerCfg = sp, want
+	a.health.bgpStarted()
+	return nil
+}
+
+func (a *Agent) updatePeerMetrics(ctx context.Context) {
+	ps, err := a.speaker.Peers(ctx)
+	if err != nil {
+		return
+	}
+	counts := map[string]int{}
+	for _, p := range ps {
+		counts[p.State]++
+		if p.State == "Established" {
+			a.health.established(p.Address)
+		}
+	}
+	a.metrics.peers.Reset()
+	for st, n := range counts {
+		a.metrics.peers.WithLabelValues(st).Set(float64(n))
+	}
+}
+
+// writeMTU writes the pod MTU for the CNI plugin when it changes.
+func (a *Agent) writeMTU(pools []*api.IPPool) {
+	if a.cfg.MTUFile == "" || a.iface == "" {
+		return
+	}
+	underlay, err := InterfaceMTU(a.iface)
+	if err != nil {
+		a.log.Error("underlay MTU", "interface", a.iface, "err", err)
+		return
+	}
+	m := PodMTU(underlay, pools)
+	if m == a.mtu {
+		return
+	}
+	if err := writeAtomic(a.cfg.MTUFile, []byte(strconv.Itoa(m)+"\n")); err != nil {
+		a.log.Error("writing the MTU file", "path", a.cfg.MTUFile, "err", err)
+		return
+	}
+	a.mtu = m
+	a.log.Info("pod MTU", "mtu", m, "underlay", underlay, "file", a.cfg.MTUFile)
+}
+
+// PodMTU is the MTU pods get: the underlay's, less the largest encapsulation
+// overhead any enabled pool may need (IPIP 20 bytes, VXLAN 50).
+func PodMTU(underlay int, pools []*api.IPPool) int {
+	overhead := 0
+	for _, p := range pools {
+		if p.Spec.Disabled {
+			continue
+		}
+		if p.Spec.IPIPMode.Enabled() {
+			overhead = max(overhead, 20)
+		}
+		if p.Spec.VXLANMode.Enabled() {
+			overhead = max(overhead, 50)
+		}
+	}
+	return underlay - overhead
+}
+
+func writeAtomic(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+// writeSysctl sets a sysctl under /proc/sys/net of this namespace, if it differs.
+func writeSysctl(name, value string) error {
+	p := filepath.Join("/proc/sys", name)
+	if cur, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(cur)) == value {
+		return nil
+	}
+	if err := os.WriteFile(p, []byte(value), 0o644); err != nil {
+		return fmt.Errorf("sysctl %s=%s: %w", name, value, err)
+	}
+	return nil
+}
+
+// pingDatastore tracks whether etcd answers, for readiness: the syncers retry
+// quietly on their own.
+func (a *Agent) pingDatastore(ctx context.Context) {
+	for {
+		err := a.store.Ping(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		msg := ""
+		if err != nil {
+			msg = err.Error()
+		}
+		a.health.set("datastore", msg)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
+}

@@ -1,0 +1,121 @@
+package agent
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Iface is an interface and its IPv4 addresses, as autodetection sees it.
+type Iface struct {
+	Name  string
+	Addrs []netip.Prefix
+}
+
+// skipFirstFound are interfaces first-found never picks: loopback, container and
+// pod plumbing, tunnels and bridges of other software.
+var skipFirstFound = regexp.MustCompile(`^(lo|docker.*|veth.*|mgy.*|cali.*|tunl.*|vxlan.*|flannel.*|cni.*|kube-ipvs.*|virbr.*|br-.*|dummy.*|cilium.*|weave.*|nodelocaldns.*|wg.*)$`)
+
+// ChooseAddress picks the node's address by an autodetection method:
+//   - first-found: the first global IPv4 address of the first real interface;
+//   - interface=REGEX: the first address of the first interface whose name
+//     matches;
+//   - cidr=CIDR: the first address inside CIDR;
+//   - can-reach=IP: the address the kernel uses to reach IP, which reach gives.
+//
+// The result keeps the interface's prefix length: it decides the node's subnet.
+func ChooseAddress(method string, ifaces []Iface, reach func(netip.Addr) (netip.Addr, error)) (netip.Prefix, string, error) {
+	kind, arg, _ := strings.Cut(method, "=")
+	var match func(Iface, netip.Prefix) bool
+	switch kind {
+	case "first-found", "":
+		match = func(i Iface, _ netip.Prefix) bool { return !skipFirstFound.MatchString(i.Name) }
+	case "interface":
+		re, err := regexp.Compile("^(" + arg + ")$")
+		if err != nil || arg == "" {
+			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: interface= needs a regular expression: %v", method, err)
+		}
+		match = func(i Iface, _ netip.Prefix) bool { return re.MatchString(i.Name) }
+	case "cidr":
+		c, err := netip.ParsePrefix(arg)
+		if err != nil {
+			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: cidr= needs a CIDR such as 198.18.0.0/16", method)
+		}
+		match = func(_ Iface, a netip.Prefix) bool { return c.Contains(a.Addr()) }
+	case "can-reach":
+		dst, err := netip.ParseAddr(arg)
+		if err != nil {
+			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: can-reach= needs an IP address", method)
+		}
+		src, err := reach(dst)
+		if err != nil {
+			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: no route to %s: %w", method, dst, err)
+		}
+		match = func(_ Iface, a netip.Prefix) bool { return a.Addr() == src }
+	default:
+		return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: use first-found, interface=REGEX, cidr=CIDR or can-reach=IP", method)
+	}
+	for _, i := range ifaces {
+		for _, a := range i.Addrs {
+			if a.Addr().Is4() && a.Addr().IsGlobalUnicast() && !a.Addr().IsLinkLocalUnicast() && match(i, a) {
+				return a, i.Name, nil
+			}
+		}
+	}
+	return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q found no IPv4 address; give the node's address with --ip CIDR", method)
+}
+
+// LocalIfaces lists this namespace's interfaces that are up, with their IPv4
+// addresses, in index order.
+func LocalIfaces() ([]Iface, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	var out []Iface
+	for _, l := range links {
+		if l.Attrs().Flags&net.FlagUp == 0 {
+			continue
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil {
+			return nil, err
+		}
+		i := Iface{Name: l.Attrs().Name}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok {
+				bits, _ := a.Mask.Size()
+				i.Addrs = append(i.Addrs, netip.PrefixFrom(ip.Unmap(), bits))
+			}
+		}
+		out = append(out, i)
+	}
+	return out, nil
+}
+
+// RouteSource is the source address the kernel would use toward dst.
+func RouteSource(dst netip.Addr) (netip.Addr, error) {
+	rs, err := netlink.RouteGet(dst.AsSlice())
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, r := range rs {
+		if a, ok := netip.AddrFromSlice(r.Src); ok {
+			return a.Unmap(), nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("the route to %s has no source address", dst)
+}
+
+// InterfaceMTU is the MTU of the named interface.
+func InterfaceMTU(name string) (int, error) {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return 0, err
+	}
+	return l.Attrs().MTU, nil
+}

@@ -1,0 +1,41 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/margay-dev/margay/felix"
+)
+
+// watchRoutes kicks the loop when someone deletes one of margay's routes, so it
+// is back at once rather than at the next resync.
+func (a *Agent) watchRoutes(ctx context.Context) {
+	ch := make(chan netlink.RouteUpdate, 256)
+	err := netlink.RouteSubscribeWithOptions(ch, ctx.Done(), netlink.RouteSubscribeOptions{
+		ErrorCallback: func(err error) { a.log.Warn("route events", "err", err) },
+	})
+	if err != nil {
+		a.log.Warn("cannot watch route events; relying on the resync timer", "err", err)
+		return
+	}
+	for u := range ch {
+		if u.Type == unix.RTM_DELROUTE && u.Protocol == felix.RouteProtocol {
+			a.kick()
+		}
+	}
+}
+
+// Cleanup removes everything margay-node programs on this node: its iptables
+// chains and jumps, its ipsets (after the rules that use them) and its routes.
+// Pods lose connectivity; it is for taking margay off a node.
+func Cleanup(log *slog.Logger) error {
+	ipt, err := felix.NewIPTables(log)
+	if err != nil {
+		return err
+	}
+	return errors.Join(ipt.Cleanup(), felix.NewIPSets(log).Cleanup(), felix.NewRoutes(log).Cleanup())
+}

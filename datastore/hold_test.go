@@ -1,0 +1,47 @@
+package datastore
+
+import (
+	"context"
+	"log/slog"
+	"testing"
+	"time"
+)
+
+// A held key refuses another holder while its holder lives, lets the same holder
+// take it again at once (a restart), and frees itself when the holder goes
+// silent for the lease's TTL.
+func TestHold(t *testing.T) {
+	_, s := startStore(t)
+	ctx := testCtx(t)
+	key := AgentsPrefix + "node1"
+	aCtx, stopA := context.WithCancel(ctx)
+	if err := s.Hold(aCtx, key, "198.18.1.2", 2*time.Second, slog.Default()); err != nil {
+		t.Fatal(err)
+	}
+	err := s.Hold(ctx, key, "198.18.1.9", 2*time.Second, slog.Default())
+	if h, ok := err.(*HeldError); !ok || h.Holder != "198.18.1.2" {
+		t.Fatalf("second holder: %v, want a HeldError naming 198.18.1.2", err)
+	}
+	time.Sleep(3 * time.Second) // longer than the TTL: the keep-alive must be working
+	if err := s.Hold(ctx, key, "198.18.1.9", 2*time.Second, slog.Default()); !IsHeld(err) {
+		t.Fatalf("after the TTL with the holder alive: %v, want held", err)
+	}
+	restartCtx, stopRestart := context.WithCancel(ctx)
+	defer stopRestart()
+	if err := s.Hold(restartCtx, key, "198.18.1.2", 2*time.Second, slog.Default()); err != nil {
+		t.Fatalf("the same holder again: %v", err)
+	}
+	stopA()
+	stopRestart()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := s.Hold(ctx, key, "198.18.1.9", 2*time.Second, slog.Default())
+		if err == nil {
+			break
+		}
+		if !IsHeld(err) || time.Now().After(deadline) {
+			t.Fatalf("after the holder went away: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

@@ -1,0 +1,202 @@
+package calc
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/margay-dev/margay/api"
+)
+
+func pool(name, cidr string, mut func(*api.IPPoolSpec)) *api.IPPool {
+	p := api.NewIPPool(name)
+	p.Spec.CIDR = cidr
+	if mut != nil {
+		mut(&p.Spec)
+	}
+	p.SetDefaults()
+	return p
+}
+
+func node(name, addr string) *api.Node {
+	n := api.NewNode(name)
+	n.Spec.BGP = &api.NodeBGPSpec{IPv4Address: addr}
+	return n
+}
+
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+func path(prefix, nh string) Path {
+	return Path{Prefix: pfx(prefix), NextHop: netip.MustParseAddr(nh)}
+}
+
+func routes(rs []Route) []string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, r.String())
+	}
+	return out
+}
+
+func TestComputeRoutes(t *testing.T) {
+	never := pool("never", "10.244.0.0/16", nil)
+	cross := pool("cross", "10.245.0.0/16", func(s *api.IPPoolSpec) { s.IPIPMode = api.EncapCrossSubnet })
+	vx := pool("vx", "10.246.0.0/16", func(s *api.IPPoolSpec) { s.VXLANMode = api.EncapAlways })
+	base := Input{
+		Node:   "n1",
+		NodeIP: pfx("198.18.1.2/24"),
+		Pools:  []*api.IPPool{never, cross, vx},
+		Nodes:  []*api.Node{node("n1", "198.18.1.2/24"), node("n2", "198.18.1.3/24"), node("n3", "198.18.2.2/24")},
+	}
+	tests := []struct {
+		name     string
+		mut      func(*Input)
+		want     []string
+		adv      []string
+		problems []string // substrings, one per problem
+	}{
+		{
+			name: "nothing yet",
+			want: nil,
+		},
+		{
+			name: "local block and its pods",
+			mut: func(in *Input) {
+				in.Blocks = []netip.Prefix{pfx("10.244.1.0/26")}
+				in.Endpoints = []Endpoint{{Name: "a", Interface: "mgya", IPs: []netip.Prefix{pfx("10.244.1.1/32")}}}
+			},
+			want: []string{"blackhole 10.244.1.0/26", "10.244.1.1/32 dev mgya"},
+			adv:  []string{"10.244.1.0/26"},
+		},
+		{
+			name: "a borrowed address is routed and advertised as a /32",
+			mut: func(in *Input) {
+				in.Blocks = []netip.Prefix{pfx("10.244.1.0/26")}
+				in.Endpoints = []Endpoint{{Name: "b", Interface: "mgyb", IPs: []netip.Prefix{pfx("10.244.9.7/32")}}}
+			},
+			want: []string{"blackhole 10.244.1.0/26", "10.244.9.7/32 dev mgyb"},
+			adv:  []string{"10.244.1.0/26", "10.244.9.7/32"},
+		},
+		{
+			name: "same-subnet next hop is direct, whatever the pool's mode",
+			mut: func(in *Input) {
+				in.Paths = []Path{path("10.244.2.0/26", "198.18.1.3"), path("10.245.2.0/26", "198.18.1.3"), path("10.246.2.0/26", "198.18.1.3")}
+			},
+			want: []string{"10.244.2.0/26 via 198.18.1.3", "10.245.2.0/26 via 198.18.1.3", "10.246.2.0/26 via 198.18.1.3"},
+		},
+		{
+			name: "cross-subnet: Never routes directly, encapsulating pools are reported, not routed",
+			mut: func(in *Input) {
+				in.Paths = []Path{path("10.244.3.0/26", "198.18.2.2"), path("10.245.3.0/26", "198.18.2.2"), path("10.246.3.0/26", "198.18.9.9")}
+			},
+			want: []string{"10.244.3.0/26 via 198.18.2.2"},
+			problems: []string{
+				"10.245.3.0/26: node n3 (198.18.2.2) is outside this node's subnet 198.18.1.0/24 and pool cross encapsulates",
+				"10.246.3.0/26: next hop 198.18.9.9 is outside",
+			},
+		},
+		{
+			name: "a remote /32 borrowed from our block wins by length; our own prefixes reflected back are ignored",
+			mut: func(in *Input) {
+				in.Blocks = []netip.Prefix{pfx("10.244.1.0/26")}
+				in.Endpoints = []Endpoint{{Name: "a", Interface: "mgya", IPs: []netip.Prefix{pfx("10.244.1.1/32")}}}
+				in.Paths = []Path{path("10.244.1.5/32", "198.18.1.3"), path("10.244.1.0/26", "198.18.1.3"), path("10.244.1.1/32", "198.18.1.3")}
+			},
+			want: []string{"blackhole 10.244.1.0/26", "10.244.1.1/32 dev mgya", "10.244.1.5/32 via 198.18.1.3"},
+			adv:  []string{"10.244.1.0/26"},
+		},
+		{
+			name: "prefixes outside every pool are not margay's",
+			mut: func(in *Input) {
+				in.Paths = []Path{path("0.0.0.0/0", "198.18.1.1"), path("192.168.0.0/24", "198.18.1.3")}
+			},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			in := base
+			if tc.mut != nil {
+				tc.mut(&in)
+			}
+			out := Compute(in)
+			if got := routes(out.Routes); !slices.Equal(got, tc.want) {
+				t.Errorf("routes\n got %q\nwant %q", got, tc.want)
+			}
+			var adv []string
+			for _, p := range out.Advertise {
+				adv = append(adv, p.String())
+			}
+			if !slices.Equal(adv, tc.adv) {
+				t.Errorf("advertise %q, want %q", adv, tc.adv)
+			}
+			if len(out.Problems) != len(tc.problems) {
+				t.Fatalf("problems %q, want %d", out.Problems, len(tc.problems))
+			}
+			for i, p := range tc.problems {
+				if !strings.Contains(out.Problems[i], p) {
+					t.Errorf("problem %q, want it to contain %q", out.Problems[i], p)
+				}
+			}
+		})
+	}
+}
+
+func TestComputeIPSetsAndRules(t *testing.T) {
+	in := Input{
+		Node:   "n1",
+		NodeIP: pfx("198.18.1.2/24"),
+		Pools: []*api.IPPool{
+			pool("nat", "10.244.0.0/16", func(s *api.IPPoolSpec) { s.NATOutgoing = true }),
+			pool("nonat", "10.250.0.0/16", nil),
+			pool("old", "10.251.0.0/16", func(s *api.IPPoolSpec) { s.NATOutgoing, s.Disabled = true, true }),
+		},
+		Nodes:       []*api.Node{node("n2", "198.18.1.3/24"), node("n1", "198.18.1.2/24"), api.NewNode("no-address")},
+		Endpoints:   []Endpoint{{Name: "a", Interface: "mgya", IPs: []netip.Prefix{pfx("10.244.1.1/32")}}},
+		RandomFully: true,
+	}
+	out := Compute(in)
+	sets := map[string][]string{}
+	for _, s := range out.IPSets {
+		for _, m := range s.Members {
+			sets[s.Name] = append(sets[s.Name], m.String())
+		}
+	}
+	for name, want := range map[string][]string{
+		SetMasqPools: {"10.244.0.0/16", "10.251.0.0/16"}, // a disabled pool's pods still need NAT
+		SetAllPools:  {"10.244.0.0/16", "10.250.0.0/16", "10.251.0.0/16"},
+		SetAllHosts:  {"198.18.1.2/32", "198.18.1.3/32"},
+	} {
+		if !slices.Equal(sets[name], want) {
+			t.Errorf("ipset %s = %q, want %q", name, sets[name], want)
+		}
+	}
+	chains := map[string][]string{}
+	for _, c := range out.Chains {
+		for _, r := range c.Rules {
+			chains[c.Name] = append(chains[c.Name], strings.Join(r, " "))
+		}
+	}
+	if got := chains[ChainFromWL]; len(got) != 2 || !strings.Contains(got[0], "-s 10.244.1.1/32 -i mgya -j RETURN") || !strings.HasSuffix(got[1], "-j DROP") {
+		t.Errorf("%s = %q: want the pod's own source returned, then DROP", ChainFromWL, got)
+	}
+	if got := chains[ChainToWL]; len(got) != 2 || got[0] != "-o mgya -j RETURN" || !strings.HasSuffix(got[1], "-j DROP") {
+		t.Errorf("%s = %q: want the known interface returned, then DROP", ChainToWL, got)
+	}
+	if got := chains[ChainPostrouting]; len(got) != 1 || !strings.Contains(got[0], SetMasqPools+" src") ||
+		!strings.Contains(got[0], "! --match-set "+SetAllPools+" dst") || !strings.HasSuffix(got[0], "-j MASQUERADE --random-fully") {
+		t.Errorf("%s = %q", ChainPostrouting, got)
+	}
+	in.RandomFully = false
+	for _, c := range Compute(in).Chains {
+		if c.Name == ChainPostrouting && slices.Contains(c.Rules[0], "--random-fully") {
+			t.Errorf("--random-fully without support: %q", c.Rules[0])
+		}
+	}
+	if len(out.Jumps) != 3 {
+		t.Errorf("jumps %v", out.Jumps)
+	}
+	if out.Sysctls["net/ipv4/ip_forward"] != "1" {
+		t.Errorf("sysctls %v", out.Sysctls)
+	}
+}

@@ -1,0 +1,63 @@
+package calc
+
+// Chain is one of margay's iptables chains with its complete rule list. Rules are
+// written as iptables-save prints them (`-s` before `-i`, /32 masks spelled
+// out), so that the reconciler can compare them with what the kernel holds.
+type Chain struct {
+	Table string // "filter" or "nat"
+	Name  string
+	Rules [][]string // the arguments after `-A <Name>`
+}
+
+// Jump sends a base chain's traffic through one of margay's chains first.
+type Jump struct {
+	Table, From, To string
+}
+
+// margay's chains.
+const (
+	ChainForward     = "MGY-FORWARD"
+	ChainInput       = "MGY-INPUT"
+	ChainFromWL      = "MGY-FROM-WL"
+	ChainToWL        = "MGY-TO-WL"
+	ChainPostrouting = "MGY-POSTROUTING"
+)
+
+// rules is margay's rule set:
+//   - anti-spoofing: a packet from a pod interface must come from that pod's
+//     address, on the way to the node (INPUT) and through it (FORWARD);
+//   - forwarding from and to known pod interfaces is accepted, and to a pod
+//     interface margay does not know is dropped;
+//   - NAT outgoing: traffic from a natOutgoing pool to anything outside every
+//     pool leaves with the node's address.
+func rules(in Input) ([]Chain, []Jump) {
+	from := Chain{Table: "filter", Name: ChainFromWL}
+	to := Chain{Table: "filter", Name: ChainToWL}
+	for _, ep := range in.Endpoints {
+		for _, ip := range ep.IPs {
+			from.Rules = append(from.Rules, []string{"-s", ip.Masked().String(), "-i", ep.Interface, "-j", "RETURN"})
+		}
+		to.Rules = append(to.Rules, []string{"-o", ep.Interface, "-j", "RETURN"})
+	}
+	from.Rules = append(from.Rules, []string{"-m", "comment", "--comment", "margay: spoofed or unknown pod", "-j", "DROP"})
+	to.Rules = append(to.Rules, []string{"-m", "comment", "--comment", "margay: unknown pod", "-j", "DROP"})
+	forward := Chain{Table: "filter", Name: ChainForward, Rules: [][]string{
+		{"-i", "mgy+", "-j", ChainFromWL},
+		{"-i", "mgy+", "-j", "ACCEPT"},
+		{"-o", "mgy+", "-j", ChainToWL},
+		{"-o", "mgy+", "-j", "ACCEPT"},
+	}}
+	input := Chain{Table: "filter", Name: ChainInput, Rules: [][]string{
+		{"-i", "mgy+", "-j", ChainFromWL},
+	}}
+	masq := []string{"-m", "set", "--match-set", SetMasqPools, "src", "-m", "set", "!", "--match-set", SetAllPools, "dst", "-j", "MASQUERADE"}
+	if in.RandomFully {
+		masq = append(masq, "--random-fully")
+	}
+	post := Chain{Table: "nat", Name: ChainPostrouting, Rules: [][]string{masq}}
+	return []Chain{from, to, forward, input, post}, []Jump{
+		{Table: "filter", From: "FORWARD", To: ChainForward},
+		{Table: "filter", From: "INPUT", To: ChainInput},
+		{Table: "nat", From: "POSTROUTING", To: ChainPostrouting},
+	}
+}

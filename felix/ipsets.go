@@ -1,0 +1,267 @@
+package felix
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+
+	"github.com/margay-dev/margay/felix/calc"
+)
+
+// SetPrefix starts the name of every ipset margay owns. Sets with other names
+// are never changed or destroyed.
+const SetPrefix = "mgy-"
+
+// IPSets keeps margay's ipsets equal to the desired ones, through netlink (no
+// ipset binary needed). Apply and Cleanup work in the network namespace of the
+// thread that calls them: they open their netlink socket there.
+type IPSets struct {
+	log *slog.Logger
+}
+
+// NewIPSets returns an ipset reconciler.
+func NewIPSets(log *slog.Logger) *IPSets { return &IPSets{log: log} }
+
+// kernelSet is what the kernel holds for one set.
+type kernelSet struct {
+	typ     string
+	family  uint8
+	members map[netip.Prefix]bool
+}
+
+// Apply creates the desired sets that are missing, recreates a set of the wrong
+// type, adds missing members and removes extra ones, and destroys margay's sets
+// that are no longer desired. Members change in place, so iptables rules that
+// reference a set keep working throughout. A set that is no longer desired but
+// still referenced (its rule goes in the iptables pass that follows) is left
+// for the next Apply; a set of the wrong type that a rule uses is an error.
+func (s *IPSets) Apply(desired []calc.IPSet) (changed bool, err error) {
+	defer recoverNetlink(&err)
+	h, err := openIPSets()
+	if err != nil {
+		return false, err
+	}
+	defer h.Close()
+	have, err := listSets(h)
+	if err != nil {
+		return false, err
+	}
+	var errs []error
+	want := map[string]bool{}
+	for _, d := range desired {
+		want[d.Name] = true // even if invalid: a bad input must not destroy the set
+		if err := validSet(d); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		c, err := s.applySet(h, d, have[d.Name])
+		changed = changed || c
+		if err != nil {
+			errs = append(errs, fmt.Errorf("ipset %s: %w", d.Name, err))
+		}
+	}
+	for name := range have {
+		if want[name] {
+			continue
+		}
+		err := h.IpsetDestroy(name)
+		switch {
+		case errors.Is(err, nl.IPSetError(nl.IPSET_ERR_BUSY)):
+			s.log.Debug("stale ipset still referenced; retried on the next Apply", "set", name)
+		case err != nil && !errors.Is(err, unix.ENOENT):
+			errs = append(errs, fmt.Errorf("destroy ipset %s: %w", name, err))
+		default:
+			s.log.Info("ipset destroyed", "set", name)
+			changed = true
+		}
+	}
+	return changed, errors.Join(errs...)
+}
+
+// Cleanup destroys every margay ipset. Run it after IPTables.Cleanup: the kernel
+// refuses to destroy a set that a rule references.
+func (s *IPSets) Cleanup() (err error) {
+	defer recoverNetlink(&err)
+	h, err := openIPSets()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	have, err := listSets(h)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for name := range have {
+		if err := h.IpsetDestroy(name); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("destroy ipset %s (is an iptables rule still using it?): %w", name, err))
+			continue
+		}
+		s.log.Info("ipset destroyed", "set", name)
+	}
+	return errors.Join(errs...)
+}
+
+// openIPSets opens a netfilter netlink socket in the calling thread's namespace;
+// the socket stays there, whichever thread uses it later.
+func openIPSets() (*netlink.Handle, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, fmt.Errorf("ipset netlink socket: %w", err)
+	}
+	// A handle's sockets have no timeout: bound each call, so a lost reply cannot
+	// stall the agent loop.
+	if err := h.SetSocketTimeout(10 * time.Second); err != nil {
+		h.Close()
+		return nil, fmt.Errorf("ipset netlink socket: %w", err)
+	}
+	return h, nil
+}
+
+func validSet(d calc.IPSet) error {
+	if !strings.HasPrefix(d.Name, SetPrefix) || len(d.Name) >= nl.IPSET_MAXNAMELEN {
+		return fmt.Errorf("ipset name %q: want %s<name> shorter than %d characters", d.Name, SetPrefix, nl.IPSET_MAXNAMELEN)
+	}
+	if d.Type != "hash:net" && d.Type != "hash:ip" {
+		return fmt.Errorf("ipset %s: type %q is not hash:net or hash:ip", d.Name, d.Type)
+	}
+	for _, m := range d.Members {
+		if !m.IsValid() || !m.Addr().Is4() {
+			return fmt.Errorf("ipset %s: member %s is not an IPv4 prefix", d.Name, m)
+		}
+		if d.Type == "hash:ip" && m.Bits() != 32 {
+			// The kernel would store every address of the prefix, which then never
+			// compares equal to the one desired member.
+			return fmt.Errorf("ipset %s: hash:ip member %s is not a single address", d.Name, m)
+		}
+	}
+	return nil
+}
+
+func (s *IPSets) applySet(h *netlink.Handle, d calc.IPSet, cur *kernelSet) (changed bool, err error) {
+	switch {
+	case cur == nil:
+		if err := create(h, d.Name, d.Type); err != nil {
+			return false, err
+		}
+		s.log.Info("ipset created", "set", d.Name, "type", d.Type)
+		cur, changed = &kernelSet{}, true
+	case cur.typ != d.Type || cur.family != unix.AF_INET:
+		// The kernel swaps only sets of the same features (hash:ip and hash:net
+		// differ), so the set is remade, which it refuses while a rule uses it.
+		err := h.IpsetDestroy(d.Name)
+		if errors.Is(err, nl.IPSetError(nl.IPSET_ERR_BUSY)) {
+			return false, fmt.Errorf("has type %s, want %s, and an iptables rule still uses it: remove margay's rules (IPTables.Cleanup) and apply again", cur.typ, d.Type)
+		}
+		if err != nil {
+			return false, fmt.Errorf("destroy it to fix its type %s: %w", cur.typ, err)
+		}
+		if err := create(h, d.Name, d.Type); err != nil {
+			return true, err
+		}
+		s.log.Info("ipset recreated", "set", d.Name, "was", cur.typ, "type", d.Type)
+		cur, changed = &kernelSet{}, true
+	}
+	want := map[netip.Prefix]bool{}
+	for _, m := range d.Members {
+		m = m.Masked()
+		want[m] = true
+		if cur.members[m] {
+			continue
+		}
+		err := h.IpsetAdd(d.Name, entry(d.Type, m))
+		if err != nil && !errors.Is(err, nl.IPSetError(nl.IPSET_ERR_EXIST)) {
+			return changed, fmt.Errorf("add %s: %w", m, err)
+		}
+		s.log.Info("ipset member added", "set", d.Name, "member", m.String())
+		changed = true
+	}
+	for m := range cur.members {
+		if want[m] {
+			continue
+		}
+		err := h.IpsetDel(d.Name, entry(d.Type, m))
+		if err != nil && !errors.Is(err, nl.IPSetError(nl.IPSET_ERR_EXIST)) {
+			return changed, fmt.Errorf("remove %s: %w", m, err)
+		}
+		s.log.Info("ipset member removed", "set", d.Name, "member", m.String())
+		changed = true
+	}
+	return changed, nil
+}
+
+func create(h *netlink.Handle, name, typ string) error {
+	if err := h.IpsetCreate(name, typ, netlink.IpsetCreateOptions{Family: unix.AF_INET}); err != nil {
+		return fmt.Errorf("create %s %s: %w", name, typ, err)
+	}
+	return nil
+}
+
+func entry(typ string, m netip.Prefix) *netlink.IPSetEntry {
+	e := &netlink.IPSetEntry{IP: net.IP(m.Addr().AsSlice())}
+	if typ == "hash:net" {
+		e.CIDR = uint8(m.Bits())
+	}
+	return e
+}
+
+// listSets reads margay's sets and their members in one dump.
+func listSets(h *netlink.Handle) (map[string]*kernelSet, error) {
+	results, err := h.IpsetListAll()
+	if err != nil {
+		return nil, fmt.Errorf("list ipsets: %w", err)
+	}
+	sets := map[string]*kernelSet{}
+	// A large set spans several dump messages; only the first carries its type.
+	for _, r := range results {
+		if !strings.HasPrefix(r.SetName, SetPrefix) {
+			continue
+		}
+		k := sets[r.SetName]
+		if k == nil {
+			k = &kernelSet{members: map[netip.Prefix]bool{}}
+			sets[r.SetName] = k
+		}
+		if r.TypeName != "" {
+			k.typ, k.family = r.TypeName, r.Family
+		}
+		for _, e := range r.Entries {
+			a, ok := netip.AddrFromSlice(e.IP)
+			if !ok {
+				continue
+			}
+			bits := int(e.CIDR)
+			if bits == 0 { // hash:ip lists bare addresses
+				bits = a.Unmap().BitLen()
+			}
+			if p, err := a.Unmap().Prefix(bits); err == nil {
+				k.members[p] = true
+			}
+		}
+	}
+	return sets, nil
+}
+
+// recoverNetlink turns into an error the panic that netlink v1.3.1 raises when a
+// netlink call fails with an error that is not a syscall.Errno (its ipset code
+// type-asserts, for example on an interrupted dump).
+func recoverNetlink(err *error) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	if te, ok := r.(*runtime.TypeAssertionError); ok && strings.Contains(te.Error(), "syscall.Errno") {
+		*err = fmt.Errorf("ipset netlink: %v", te)
+		return
+	}
+	panic(r)
+}

@@ -1,0 +1,274 @@
+package felix
+
+import (
+	"bytes"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/felix/calc"
+	"github.com/margay-dev/margay/test/nstest"
+)
+
+// Interfaces of the two pods in labInput.
+const (
+	vethA = "mgyaaaaaaaaaaa"
+	vethB = "mgybbbbbbbbbbb"
+)
+
+// labInput is a node with two pods, a natOutgoing pool and a plain one, and a
+// second node.
+func labInput() calc.Input {
+	nat := api.NewIPPool("nat")
+	nat.Spec.CIDR, nat.Spec.NATOutgoing = "10.244.0.0/16", true
+	nat.SetDefaults()
+	plain := api.NewIPPool("plain")
+	plain.Spec.CIDR = "10.250.0.0/16"
+	plain.SetDefaults()
+	var nodes []*api.Node
+	for _, na := range [][2]string{{"n1", "198.18.1.2/24"}, {"n2", "198.18.1.3/24"}} {
+		n := api.NewNode(na[0])
+		n.Spec.BGP = &api.NodeBGPSpec{IPv4Address: na[1]}
+		nodes = append(nodes, n)
+	}
+	p := netip.MustParsePrefix
+	return calc.Input{
+		Node:   "n1",
+		NodeIP: p("198.18.1.2/24"),
+		Pools:  []*api.IPPool{nat, plain},
+		Nodes:  nodes,
+		Blocks: []netip.Prefix{p("10.244.0.0/26")},
+		Endpoints: []calc.Endpoint{
+			{Name: "a", Interface: vethA, IPs: []netip.Prefix{p("10.244.0.5/32")}},
+			{Name: "b", Interface: vethB, IPs: []netip.Prefix{p("10.250.0.7/32")}},
+		},
+	}
+}
+
+// logs records a reconciler's log lines, without timestamps, so a test can tell
+// what it changed.
+type logs struct{ buf bytes.Buffer }
+
+func (l *logs) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(&l.buf, &slog.HandlerOptions{
+		Level: slog.LevelDebug,
+		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			if a.Key == slog.TimeKey && len(groups) == 0 {
+				return slog.Attr{}
+			}
+			return a
+		},
+	}))
+}
+
+// take returns the lines logged since the last take.
+func (l *logs) take() []string {
+	s := strings.TrimSpace(l.buf.String())
+	l.buf.Reset()
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, "\n")
+}
+
+// kernelSets lists every ipset in the namespace as "type member member...",
+// read straight from netlink.
+func kernelSets(t *testing.T, ns *nstest.NS) map[string]string {
+	t.Helper()
+	got := map[string]string{}
+	err := ns.Do(func() error {
+		h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		all, err := h.IpsetListAll()
+		if err != nil {
+			return err
+		}
+		for _, r := range all {
+			var members []string
+			for _, e := range r.Entries {
+				cidr := e.CIDR
+				if cidr == 0 {
+					cidr = 32
+				}
+				members = append(members, fmt.Sprintf("%s/%d", e.IP, cidr))
+			}
+			slices.Sort(members)
+			got[r.SetName] = strings.Join(append([]string{r.TypeName}, members...), " ")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
+// inNS runs netlink ipset calls inside the namespace, as someone other than
+// margay would.
+func inNS(t *testing.T, ns *nstest.NS, f func(h *netlink.Handle) error) {
+	t.Helper()
+	err := ns.Do(func() error {
+		h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		return f(h)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func ipEntry(s string) *netlink.IPSetEntry {
+	p := netip.MustParsePrefix(s)
+	return &netlink.IPSetEntry{IP: net.IP(p.Addr().AsSlice()), CIDR: uint8(p.Bits())}
+}
+
+func applySets(t *testing.T, ns *nstest.NS, s *IPSets, sets []calc.IPSet) bool {
+	t.Helper()
+	var changed bool
+	if err := ns.Do(func() (err error) { changed, err = s.Apply(sets); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return changed
+}
+
+// The ipset reconciler creates margay's sets with the right members, changes
+// nothing on a second pass, repairs every kind of drift, follows an input
+// change member by member, and never touches a set it does not own.
+func TestIPSetsApply(t *testing.T) {
+	ns := nstest.New(t, "node")
+	var l logs
+	s := NewIPSets(l.logger())
+	in := labInput()
+	inNS(t, ns, func(h *netlink.Handle) error {
+		if err := h.IpsetCreate("other-set", "hash:ip", netlink.IpsetCreateOptions{}); err != nil {
+			return err
+		}
+		return h.IpsetAdd("other-set", &netlink.IPSetEntry{IP: net.ParseIP("192.0.2.1")})
+	})
+	want := map[string]string{
+		"other-set":      "hash:ip 192.0.2.1/32",
+		"mgy-masq-pools": "hash:net 10.244.0.0/16",
+		"mgy-all-pools":  "hash:net 10.244.0.0/16 10.250.0.0/16",
+		"mgy-all-hosts":  "hash:ip 198.18.1.2/32 198.18.1.3/32",
+	}
+	check := func(what string) {
+		t.Helper()
+		if got := kernelSets(t, ns); !maps.Equal(got, want) {
+			t.Errorf("%s: ipsets\n%v\nwant\n%v", what, got, want)
+		}
+	}
+	sets := calc.Compute(in).IPSets
+	if !applySets(t, ns, s, sets) {
+		t.Error("first Apply reported no change")
+	}
+	check("first Apply")
+	l.take()
+	if applySets(t, ns, s, sets) {
+		t.Errorf("second Apply changed something: %q", l.take())
+	}
+
+	drift := []struct {
+		name string
+		mess func(h *netlink.Handle) error
+	}{
+		{"set destroyed", func(h *netlink.Handle) error { return h.IpsetDestroy("mgy-all-hosts") }},
+		{"set flushed", func(h *netlink.Handle) error { return h.IpsetFlush("mgy-all-pools") }},
+		{"member removed", func(h *netlink.Handle) error { return h.IpsetDel("mgy-all-pools", ipEntry("10.250.0.0/16")) }},
+		{"stray member", func(h *netlink.Handle) error { return h.IpsetAdd("mgy-masq-pools", ipEntry("10.99.0.0/16")) }},
+		{"wrong type", func(h *netlink.Handle) error {
+			if err := h.IpsetDestroy("mgy-all-hosts"); err != nil {
+				return err
+			}
+			if err := h.IpsetCreate("mgy-all-hosts", "hash:net", netlink.IpsetCreateOptions{}); err != nil {
+				return err
+			}
+			return h.IpsetAdd("mgy-all-hosts", ipEntry("198.18.0.0/16"))
+		}},
+		{"stale margay set", func(h *netlink.Handle) error {
+			return h.IpsetCreate("mgy-old", "hash:ip", netlink.IpsetCreateOptions{})
+		}},
+	}
+	for _, d := range drift {
+		inNS(t, ns, d.mess)
+		if !applySets(t, ns, s, sets) {
+			t.Errorf("%s: Apply reported no change", d.name)
+		}
+		check(d.name)
+		l.take()
+		if applySets(t, ns, s, sets) {
+			t.Errorf("%s: Apply after the repair changed something: %q", d.name, l.take())
+		}
+	}
+
+	// One pool fewer: only that member goes.
+	in.Pools = in.Pools[:1]
+	if !applySets(t, ns, s, calc.Compute(in).IPSets) {
+		t.Error("removing a pool reported no change")
+	}
+	if got := l.take(); len(got) != 1 || !strings.Contains(got[0], `msg="ipset member removed" set=mgy-all-pools member=10.250.0.0/16`) {
+		t.Errorf("removing a pool: logged %q, want only the one member removed", got)
+	}
+	want["mgy-all-pools"] = "hash:net 10.244.0.0/16"
+	check("one pool fewer")
+
+	if err := ns.Do(s.Cleanup); err != nil {
+		t.Fatal(err)
+	}
+	want = map[string]string{"other-set": "hash:ip 192.0.2.1/32"}
+	check("Cleanup")
+}
+
+// A set of the wrong type that a rule uses cannot be remade (nor swapped: the
+// kernel swaps only sets of the same features): Apply says so, and repairs it
+// once the rule is gone.
+func TestIPSetsWrongTypeInUse(t *testing.T) {
+	ns := nstest.New(t, "node")
+	s := NewIPSets(slog.New(slog.DiscardHandler))
+	inNS(t, ns, func(h *netlink.Handle) error {
+		if err := h.IpsetCreate(calc.SetAllHosts, "hash:net", netlink.IpsetCreateOptions{}); err != nil {
+			return err
+		}
+		return h.IpsetAdd(calc.SetAllHosts, ipEntry("198.18.0.0/16"))
+	})
+	ns.MustRun(t, "iptables", "-A", "INPUT", "-m", "set", "--match-set", calc.SetAllHosts, "src", "-j", "ACCEPT")
+	sets := calc.Compute(labInput()).IPSets
+	err := ns.Do(func() error { _, err := s.Apply(sets); return err })
+	if err == nil || !strings.Contains(err.Error(), calc.SetAllHosts) || !strings.Contains(err.Error(), "rule still uses it") {
+		t.Errorf("Apply with a wrong-type set in use: err = %v", err)
+	}
+	if got := kernelSets(t, ns)[calc.SetAllPools]; got != "hash:net 10.244.0.0/16 10.250.0.0/16" {
+		t.Errorf("the other sets must still be applied: %s = %q", calc.SetAllPools, got)
+	}
+	// Cleanup cannot destroy it either, and says so.
+	if err := ns.Do(s.Cleanup); err == nil || !strings.Contains(err.Error(), calc.SetAllHosts) {
+		t.Errorf("Cleanup with a set in use: err = %v", err)
+	}
+	ns.MustRun(t, "iptables", "-F", "INPUT")
+	if !applySets(t, ns, s, sets) {
+		t.Error("Apply once the rule is gone reported no change")
+	}
+	if got := kernelSets(t, ns)[calc.SetAllHosts]; got != "hash:ip 198.18.1.2/32 198.18.1.3/32" {
+		t.Errorf("%s = %q once the rule is gone", calc.SetAllHosts, got)
+	}
+	if err := ns.Do(s.Cleanup); err != nil {
+		t.Fatal(err)
+	}
+	if got := kernelSets(t, ns); len(got) != 0 {
+		t.Errorf("after Cleanup: %v", got)
+	}
+}

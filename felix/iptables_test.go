@@ -1,0 +1,327 @@
+package felix
+
+import (
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/margay-dev/margay/felix/calc"
+	"github.com/margay-dev/margay/test/nstest"
+)
+
+func newIPTables(t *testing.T, log *slog.Logger) *IPTables {
+	t.Helper()
+	ipt, err := NewIPTables(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ipt
+}
+
+func applyRules(t *testing.T, ns *nstest.NS, ipt *IPTables, out calc.Output) bool {
+	t.Helper()
+	var changed bool
+	if err := ns.Do(func() (err error) { changed, err = ipt.Apply(out.Chains, out.Jumps); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return changed
+}
+
+// mgyChains lists the margay chains in iptables-save output as "table/chain".
+func mgyChains(save string) []string {
+	var chains []string
+	table := ""
+	for _, l := range strings.Split(save, "\n") {
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table = l[1:]
+		case strings.HasPrefix(l, ":"+ChainPrefix):
+			chains = append(chains, table+"/"+strings.Fields(l[1:])[0])
+		}
+	}
+	slices.Sort(chains)
+	return chains
+}
+
+// The iptables reconciler in a node namespace: it programs margay's chains as
+// iptables-save prints them, puts each jump first in its base chain, changes
+// nothing on a second pass, repairs drift, rewrites only the chains an input
+// change touches, and leaves other rules alone, through Cleanup too.
+func TestIPTablesApply(t *testing.T) {
+	ns := nstest.New(t, "node")
+	var l logs
+	ipt := newIPTables(t, l.logger())
+	sets := NewIPSets(slog.New(slog.DiscardHandler))
+	in := labInput()
+	in.RandomFully = ipt.RandomFully()
+	// Someone else's rules, which margay must leave where they are.
+	ns.MustRun(t, "iptables", "-A", "FORWARD", "-s", "192.0.2.1/32", "-j", "ACCEPT")
+	ns.MustRun(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "uplink0", "-j", "RETURN")
+	out := calc.Compute(in)
+	applySets(t, ns, sets, out.IPSets) // the rules match on them
+
+	masq := "-A MGY-POSTROUTING -m set --match-set mgy-masq-pools src -m set ! --match-set mgy-all-pools dst -j MASQUERADE"
+	if in.RandomFully {
+		masq += " --random-fully"
+	}
+	want := map[string]string{ // table/chain: `iptables -S` of it
+		"filter/MGY-FROM-WL": `-N MGY-FROM-WL
+-A MGY-FROM-WL -s 10.244.0.5/32 -i mgyaaaaaaaaaaa -j RETURN
+-A MGY-FROM-WL -s 10.250.0.7/32 -i mgybbbbbbbbbbb -j RETURN
+-A MGY-FROM-WL -m comment --comment "margay: spoofed or unknown pod" -j DROP`,
+		"filter/MGY-TO-WL": `-N MGY-TO-WL
+-A MGY-TO-WL -o mgyaaaaaaaaaaa -j RETURN
+-A MGY-TO-WL -o mgybbbbbbbbbbb -j RETURN
+-A MGY-TO-WL -m comment --comment "margay: unknown pod" -j DROP`,
+		"filter/MGY-FORWARD": `-N MGY-FORWARD
+-A MGY-FORWARD -i mgy+ -j MGY-FROM-WL
+-A MGY-FORWARD -i mgy+ -j ACCEPT
+-A MGY-FORWARD -o mgy+ -j MGY-TO-WL
+-A MGY-FORWARD -o mgy+ -j ACCEPT`,
+		"filter/MGY-INPUT": `-N MGY-INPUT
+-A MGY-INPUT -i mgy+ -j MGY-FROM-WL`,
+		"nat/MGY-POSTROUTING": "-N MGY-POSTROUTING\n" + masq,
+		"filter/FORWARD": `-P FORWARD ACCEPT
+-A FORWARD -j MGY-FORWARD
+-A FORWARD -s 192.0.2.1/32 -j ACCEPT`,
+		"filter/INPUT": `-P INPUT ACCEPT
+-A INPUT -j MGY-INPUT`,
+		"nat/POSTROUTING": `-P POSTROUTING ACCEPT
+-A POSTROUTING -j MGY-POSTROUTING
+-A POSTROUTING -o uplink0 -j RETURN`,
+	}
+	check := func(what string) {
+		t.Helper()
+		for key, w := range want {
+			table, chain, _ := strings.Cut(key, "/")
+			if got, _ := ns.Run("iptables", "-t", table, "-S", chain); got != w {
+				t.Errorf("%s: %s is\n%s\nwant\n%s", what, key, got, w)
+			}
+		}
+		var chains []string
+		for key := range want {
+			if strings.Contains(key, "/"+ChainPrefix) {
+				chains = append(chains, key)
+			}
+		}
+		slices.Sort(chains)
+		if got := mgyChains(ns.MustRun(t, "iptables-save")); !slices.Equal(got, chains) {
+			t.Errorf("%s: margay chains %q, want %q", what, got, chains)
+		}
+	}
+	if !applyRules(t, ns, ipt, out) {
+		t.Error("first Apply reported no change")
+	}
+	check("first Apply")
+	for _, line := range l.take() {
+		if strings.Contains(line, "level=WARN") {
+			t.Errorf("first Apply: %s", line)
+		}
+	}
+	if applyRules(t, ns, ipt, out) {
+		t.Errorf("second Apply changed something: %q", l.take())
+	}
+
+	for _, d := range []struct {
+		name string
+		mess [][]string // iptables arguments
+	}{
+		{"chain flushed", [][]string{{"-F", calc.ChainFromWL}}},
+		{"rule deleted", [][]string{{"-D", calc.ChainToWL, "1"}}},
+		{"rule added", [][]string{{"-A", calc.ChainForward, "-j", "ACCEPT"}}},
+		{"bypass inserted", [][]string{{"-I", calc.ChainFromWL, "1", "-j", "RETURN"}}},
+		{"jump deleted", [][]string{{"-D", "FORWARD", "-j", calc.ChainForward}}},
+		{"jump not first", [][]string{
+			{"-t", "nat", "-D", "POSTROUTING", "-j", calc.ChainPostrouting},
+			{"-t", "nat", "-A", "POSTROUTING", "-j", calc.ChainPostrouting},
+		}},
+		{"jump duplicated", [][]string{
+			{"-A", "FORWARD", "-j", calc.ChainForward},
+			{"-I", "FORWARD", "2", "-j", calc.ChainForward},
+			{"-I", "INPUT", "1", "-j", calc.ChainInput},
+		}},
+		{"chain and jump deleted", [][]string{
+			{"-t", "nat", "-D", "POSTROUTING", "-j", calc.ChainPostrouting},
+			{"-t", "nat", "-F", calc.ChainPostrouting},
+			{"-t", "nat", "-X", calc.ChainPostrouting},
+		}},
+		{"stale margay chains", [][]string{
+			{"-N", "MGY-OLD"},
+			{"-A", "MGY-OLD", "-j", "ACCEPT"},
+			{"-I", "FORWARD", "2", "-j", "MGY-OLD"},
+			{"-A", calc.ChainForward, "-j", "MGY-OLD"},
+			{"-t", "nat", "-N", "MGY-OLD-NAT"},
+		}},
+	} {
+		for _, args := range d.mess {
+			ns.MustRun(t, append([]string{"iptables"}, args...)...)
+		}
+		if !applyRules(t, ns, ipt, out) {
+			t.Errorf("%s: Apply reported no change", d.name)
+		}
+		check(d.name)
+		l.take()
+		if applyRules(t, ns, ipt, out) {
+			t.Errorf("%s: Apply after the repair changed something: %q", d.name, l.take())
+		}
+	}
+
+	// Pod b goes: only the two per-pod chains are rewritten.
+	in.Endpoints = in.Endpoints[:1]
+	if !applyRules(t, ns, ipt, calc.Compute(in)) {
+		t.Error("removing an endpoint reported no change")
+	}
+	got := l.take()
+	if len(got) != 2 || !strings.Contains(got[0], "chain="+calc.ChainFromWL+" ") || !strings.Contains(got[1], "chain="+calc.ChainToWL+" ") {
+		t.Errorf("removing an endpoint: logged %q, want rewrites of %s and %s only", got, calc.ChainFromWL, calc.ChainToWL)
+	}
+	for _, key := range []string{"filter/" + calc.ChainFromWL, "filter/" + calc.ChainToWL} {
+		var keep []string
+		for _, line := range strings.Split(want[key], "\n") {
+			if !strings.Contains(line, vethB) {
+				keep = append(keep, line)
+			}
+		}
+		want[key] = strings.Join(keep, "\n")
+	}
+	check("endpoint removed")
+
+	if err := ns.Do(ipt.Cleanup); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns.Do(sets.Cleanup); err != nil {
+		t.Fatal(err)
+	}
+	save := ns.MustRun(t, "iptables-save")
+	if strings.Contains(save, ChainPrefix) {
+		t.Errorf("after Cleanup:\n%s", save)
+	}
+	for _, rule := range []string{"-A FORWARD -s 192.0.2.1/32 -j ACCEPT", "-A POSTROUTING -o uplink0 -j RETURN"} {
+		if !strings.Contains(save, rule) {
+			t.Errorf("Cleanup removed someone else's rule %q:\n%s", rule, save)
+		}
+	}
+	if got := kernelSets(t, ns); len(got) != 0 {
+		t.Errorf("ipsets after Cleanup: %v", got)
+	}
+}
+
+// dropCount is the packet counter of the DROP rule in MGY-FROM-WL.
+func dropCount(t *testing.T, ns *nstest.NS) int {
+	t.Helper()
+	for _, l := range strings.Split(ns.MustRun(t, "iptables", "-L", calc.ChainFromWL, "-v", "-x", "-n"), "\n") {
+		if f := strings.Fields(l); len(f) > 2 && f[2] == "DROP" {
+			n, err := strconv.Atoi(f[0])
+			if err != nil {
+				t.Fatalf("DROP counter in %q: %v", l, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no DROP rule in %s", calc.ChainFromWL)
+	return 0
+}
+
+// The rules work in the kernel: a pod reaches its node from its own address,
+// and packets it sends from an address that is not its own are dropped by the
+// anti-spoofing rule, where without margay's rules they got through.
+func TestAntiSpoofing(t *testing.T) {
+	node := nstest.New(t, "node")
+	if err := node.MakeHost("198.18.1.2/24"); err != nil {
+		t.Fatal(err)
+	}
+	pod := nstest.New(t, "pod")
+	const veth = "mgy5f3a9c0d1e2"
+	node.MustRun(t, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod.Name)
+	for _, c := range [][]string{
+		{"sh", "-c", "echo 1 > /proc/sys/net/ipv4/conf/" + veth + "/proxy_arp; echo 0 > /proc/sys/net/ipv4/neigh/" + veth + "/proxy_delay"},
+		{"ip", "link", "set", veth, "up"},
+		{"ip", "route", "add", "10.244.0.5/32", "dev", veth, "scope", "link"},
+		// So that replies to the spoofed address would find their way back too:
+		// only the rules stand between the spoofer and the node.
+		{"ip", "route", "add", "10.244.0.99/32", "dev", veth, "scope", "link"},
+	} {
+		node.MustRun(t, c...)
+	}
+	for _, c := range [][]string{
+		{"ip", "addr", "add", "10.244.0.5/32", "dev", "eth0"},
+		{"ip", "addr", "add", "10.244.0.99/32", "dev", "eth0"},
+		{"ip", "link", "set", "eth0", "up"},
+		{"ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"},
+		{"ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"},
+	} {
+		pod.MustRun(t, c...)
+	}
+	ping := func(src string) error {
+		out, err := pod.Run("ping", "-n", "-c", "1", "-W", "2", "-I", src, "198.18.1.2")
+		if err != nil {
+			t.Logf("ping from %s: %v: %s", src, err, out)
+		}
+		return err
+	}
+	if ping("10.244.0.5") != nil || ping("10.244.0.99") != nil {
+		t.Fatal("without margay's rules both sources must reach the node")
+	}
+
+	ipt := newIPTables(t, slog.New(slog.DiscardHandler))
+	in := labInput()
+	in.RandomFully = ipt.RandomFully()
+	in.Endpoints = []calc.Endpoint{{Name: "pod", Interface: veth, IPs: in.Endpoints[0].IPs}} // 10.244.0.5/32
+	out := calc.Compute(in)
+	applySets(t, node, NewIPSets(slog.New(slog.DiscardHandler)), out.IPSets)
+	applyRules(t, node, ipt, out)
+
+	if err := ping("10.244.0.5"); err != nil {
+		t.Errorf("the pod cannot reach its node from its own address")
+	}
+	before := dropCount(t, node)
+	if ping("10.244.0.99") == nil {
+		t.Errorf("a spoofed source reached the node")
+	}
+	if after := dropCount(t, node); after <= before {
+		t.Errorf("DROP counter went from %d to %d: the spoofed packet was not dropped by margay's rule", before, after)
+	}
+}
+
+// A rule written otherwise than iptables lists it can never compare equal: Apply
+// warns, naming it, instead of silently rewriting the chain on every pass.
+func TestIPTablesNonCanonicalRule(t *testing.T) {
+	ns := nstest.New(t, "node")
+	var l logs
+	ipt := newIPTables(t, l.logger())
+	out := calc.Output{Chains: []calc.Chain{{Table: "filter", Name: "MGY-TEST", Rules: [][]string{
+		{"-i", "mgyx", "-s", "10.244.0.5", "-j", "RETURN"}, // iptables lists -s first, with /32
+	}}}}
+	applyRules(t, ns, ipt, out)
+	got := strings.Join(l.take(), "\n")
+	if !strings.Contains(got, "level=WARN") || !strings.Contains(got, `listed="-s 10.244.0.5/32 -i mgyx -j RETURN"`) {
+		t.Errorf("no warning naming the rule; logged:\n%s", got)
+	}
+	if !applyRules(t, ns, ipt, out) {
+		t.Error("a non-canonical rule compared equal")
+	}
+	if err := ns.Do(ipt.Cleanup); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Comments come back quoted and escaped by iptables-save; they still compare
+// equal to the rule as written.
+func TestIPTablesQuotedComment(t *testing.T) {
+	ns := nstest.New(t, "node")
+	ipt := newIPTables(t, slog.New(slog.DiscardHandler))
+	comment := `margay: say "hi" \ to 'pods'`
+	out := calc.Output{Chains: []calc.Chain{{Table: "filter", Name: "MGY-TEST", Rules: [][]string{
+		{"-m", "comment", "--comment", comment, "-j", "RETURN"},
+		{"-m", "comment", "--comment", "plain", "-j", "RETURN"},
+	}}}}
+	applyRules(t, ns, ipt, out)
+	if got := ns.MustRun(t, "iptables", "-S", "MGY-TEST"); !strings.Contains(got, `--comment "margay: say \"hi\" \\ to \'pods\'"`) {
+		t.Errorf("iptables lists:\n%s", got)
+	}
+	if applyRules(t, ns, ipt, out) {
+		t.Error("the quoted comment did not compare equal")
+	}
+}

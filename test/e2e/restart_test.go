@@ -1,0 +1,94 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/margay-dev/margay/test/lab"
+)
+
+// An agent restarting (SIGTERM, then SIGKILL) under a steady ping stream across
+// nodes loses no packet: routes stay in the kernel, and graceful restart keeps the
+// peers' routes to the restarting node. A node removed for good has its routes
+// withdrawn on the others.
+func TestAgentRestartLosesNothing(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 3, Pools: neverPool, AgentArgs: []string{"--resync-interval", "1s"}})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	waitReady(t, l)
+	a, err := l.AddPod(ctx, l.Nodes[0], "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := l.AddPod(ctx, l.Nodes[1], "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.AddPod(ctx, l.Nodes[2], "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, b.IP, 1) }); err != nil {
+		t.Fatal(err)
+	}
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		// 1200 pings 10 ms apart: 12 s, bounded by ping's own deadline.
+		type result struct {
+			out string
+			err error
+		}
+		done := make(chan result, 1)
+		go func() {
+			out, err := a.NS.Run("ping", "-q", "-i", "0.01", "-c", "1200", "-w", "30", b.IP.String())
+			done <- result{out, err}
+		}()
+		time.Sleep(2 * time.Second)
+		l.Nodes[1].Stop(sig)
+		time.Sleep(time.Second)
+		if err := l.Nodes[1].Start(); err != nil {
+			t.Fatal(err)
+		}
+		r := <-done
+		loss := regexp.MustCompile(`(\d+) received`).FindStringSubmatch(r.out)
+		if r.err != nil || len(loss) < 2 || loss[1] != "1200" {
+			t.Errorf("pings across the %v restart of node2's agent: %v\n%s", sig, r.err, r.out)
+		} else {
+			t.Logf("%v restart: %s", sig, strings.TrimSpace(r.out[strings.LastIndex(r.out, "---"):]))
+		}
+		waitReady(t, l)
+	}
+	// node3 leaves for good: its agent dies and its Node is deleted; the others
+	// drop its block.
+	blocks, err := nodeBlocks(l, l.Nodes[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Nodes[2].Stop(syscall.SIGKILL)
+	if out, err := l.Ctl(l.Nodes[0], "delete", "node", "node3"); err != nil {
+		t.Fatalf("delete node3: %v: %s", err, out)
+	}
+	start := time.Now()
+	err = lab.WaitFor(90*time.Second, func() error {
+		for _, n := range l.Nodes[:2] {
+			out, _ := n.NS.Run("ip", "-4", "route", "show", "proto", "77")
+			for _, blk := range blocks["node3"] {
+				if strings.Contains(out, blk) {
+					return fmt.Errorf("%s still routes node3's %s:\n%s", n.Name, blk, out)
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("node3's routes withdrawn on the others %s after its Node was deleted", time.Since(start).Round(10*time.Millisecond))
+	if err := lab.Ping(a.NS, c.IP, 1); err == nil {
+		t.Errorf("pod c on the removed node3 still answers")
+	}
+}

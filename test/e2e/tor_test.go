@@ -1,0 +1,238 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/margay-dev/margay/test/lab"
+)
+
+// The router's address on each node's subnet, where the ToR peers.
+const torAS = 65000
+
+// A BGPPeer for every node to the ToR at 198.18.1.1, AS 65000, eBGP.
+const torPeer = neverPool + `---
+apiVersion: margay.dev/v1
+kind: BGPPeer
+metadata: {name: tor}
+spec: {peerIP: 198.18.1.1, asNumber: 65000}
+`
+
+// A BIRD 2 ToR in the router namespace peers with every node over eBGP and
+// learns exactly the pod blocks, each from its own node (next hop self); the
+// nodes export nothing else. gobgp and margayctl show the sessions.
+func TestToRBird(t *testing.T) {
+	if _, err := exec.LookPath("bird"); err != nil {
+		t.Skip("bird (package bird2) is not installed")
+	}
+	l := up(t, lab.Options{Nodes: 3, Pools: torPeer, AgentArgs: []string{"--resync-interval", "2s"}})
+	dir := t.TempDir()
+	conf := "router id 198.18.1.1;\nprotocol device {}\n"
+	for _, n := range l.Nodes {
+		conf += fmt.Sprintf("protocol bgp %s {\n  local 198.18.1.1 as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export none; };\n}\n", n.Name, torAS, n.IP.Addr())
+	}
+	confPath, sock := filepath.Join(dir, "bird.conf"), filepath.Join(dir, "bird.ctl")
+	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startDaemon(t, l.Router.Name, "bird", "-f", "-c", confPath, "-s", sock, "-P", filepath.Join(dir, "bird.pid"))
+	addPods(t, l, 1)
+	want := allBlocks(t, l)
+	err := lab.WaitFor(60*time.Second, func() error {
+		out, err := l.Router.Run("birdc", "-s", sock, "show", "route")
+		if err != nil {
+			return fmt.Errorf("birdc: %v: %s", err, out)
+		}
+		return sameRoutes(birdRoutes(out), want)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkSessionTools(t, l)
+}
+
+// The same with an FRR bgpd as the ToR.
+func TestToRFRR(t *testing.T) {
+	if _, err := os.Stat("/usr/lib/frr/bgpd"); err != nil {
+		t.Skip("FRR's bgpd (package frr) is not installed")
+	}
+	l := up(t, lab.Options{Nodes: 3, Pools: torPeer, AgentArgs: []string{"--resync-interval", "2s"}})
+	// bgpd drops to the frr user, which must reach its files.
+	dir, err := os.MkdirTemp("", "margay-frr-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o777)
+	conf := fmt.Sprintf("router bgp %d\n bgp router-id 198.18.1.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n", torAS)
+	for _, n := range l.Nodes {
+		conf += fmt.Sprintf(" neighbor %s remote-as 64512\n neighbor %s timers connect 2\n", n.IP.Addr(), n.IP.Addr())
+	}
+	confPath := filepath.Join(dir, "frr.conf")
+	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startDaemon(t, l.Router.Name, "/usr/lib/frr/bgpd", "-f", confPath, "-Z",
+		"-i", filepath.Join(dir, "bgpd.pid"), "--vty_socket", dir, "-A", "127.0.0.1", "-P", "0")
+	addPods(t, l, 1)
+	want := allBlocks(t, l)
+	err = lab.WaitFor(60*time.Second, func() error {
+		out, err := l.Router.Run("vtysh", "--vty_socket", dir, "-c", "show bgp ipv4 unicast json")
+		if err != nil {
+			return fmt.Errorf("vtysh: %v: %s", err, out)
+		}
+		got, err := frrRoutes(out)
+		if err != nil {
+			return err
+		}
+		return sameRoutes(got, want)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startDaemon runs a routing daemon in a namespace until the test ends.
+func startDaemon(t *testing.T, ns string, args ...string) {
+	t.Helper()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("%s output:\n%s", args[0], out.String())
+		}
+	})
+}
+
+func addPods(t *testing.T, l *lab.Lab, perNode int) {
+	t.Helper()
+	waitReady(t, l)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, n := range l.Nodes {
+		for i := range perNode {
+			if _, err := l.AddPod(ctx, n, fmt.Sprintf("%s-pod%d", n.Name, i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// allBlocks is every node's blocks as "cidr via node-ip".
+func allBlocks(t *testing.T, l *lab.Lab) []string {
+	t.Helper()
+	blocks, err := nodeBlocks(l, l.Nodes[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, n := range l.Nodes {
+		for _, b := range blocks[n.Name] {
+			want = append(want, b+" via "+n.IP.Addr().String())
+		}
+	}
+	return want
+}
+
+func sameRoutes(got, want []string) error {
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		return fmt.Errorf("the ToR has routes\n%s\nwant exactly\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	return nil
+}
+
+// birdRoutes reads `birdc show route`: every route, best or not, as "cidr via
+// next-hop".
+func birdRoutes(out string) []string {
+	var got []string
+	var prefix string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || strings.HasPrefix(line, "BIRD") || strings.HasPrefix(line, "Table") {
+			continue
+		}
+		if strings.Contains(f[0], "/") {
+			prefix = f[0]
+			continue
+		}
+		if f[0] == "via" && len(f) > 1 && prefix != "" {
+			got = append(got, prefix+" via "+f[1])
+		}
+	}
+	return got
+}
+
+// frrRoutes reads `show bgp ipv4 unicast json`: every path as "cidr via
+// next-hop".
+func frrRoutes(js string) ([]string, error) {
+	var v struct {
+		Routes map[string][]struct {
+			Nexthops []struct {
+				IP string `json:"ip"`
+			} `json:"nexthops"`
+		} `json:"routes"`
+	}
+	if err := json.Unmarshal([]byte(js), &v); err != nil {
+		return nil, fmt.Errorf("FRR JSON: %v: %s", err, js)
+	}
+	var got []string
+	for prefix, paths := range v.Routes {
+		for _, p := range paths {
+			for _, nh := range p.Nexthops {
+				got = append(got, prefix+" via "+nh.IP)
+			}
+		}
+	}
+	return got, nil
+}
+
+// checkSessionTools: the stock gobgp CLI and margayctl node status, run in a
+// node, show its sessions to the other nodes and the ToR.
+func checkSessionTools(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	gobgp, err := exec.Command("go", "tool", "-n", "gobgp").Output()
+	if err != nil {
+		t.Fatalf("build gobgp: %v", err)
+	}
+	n := l.Nodes[0]
+	out, err := n.NS.Run(strings.TrimSpace(string(gobgp)), "neighbor")
+	if err != nil {
+		t.Fatalf("gobgp neighbor: %v: %s", err, out)
+	}
+	for _, peer := range []string{"198.18.1.1", l.Nodes[1].IP.Addr().String(), l.Nodes[2].IP.Addr().String()} {
+		if !strings.Contains(out, peer) {
+			t.Errorf("gobgp neighbor on %s does not show %s:\n%s", n.Name, peer, out)
+		}
+	}
+	if strings.Count(out, "Establ") != 3 {
+		t.Errorf("gobgp neighbor: want 3 established sessions:\n%s", out)
+	}
+	out, err = n.NS.Run(filepath.Join(binDir, "margayctl"), "node", "status")
+	if err != nil {
+		t.Fatalf("margayctl node status: %v: %s", err, out)
+	}
+	for _, want := range []string{"198.18.1.1", "global (tor)", "node-to-node mesh (node2)", "Established"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("margayctl node status does not show %q:\n%s", want, out)
+		}
+	}
+	t.Logf("margayctl node status:\n%s", out)
+}
