@@ -83,3 +83,5 @@ func tail(s string, lines int) string {
 	}
 	return s
 }
+
+func osWriteFile(path string, data []byte) error { return os.WriteFile(path, data, 0o600) }
