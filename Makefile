@@ -40,10 +40,11 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseSelector$$' -fuzztime $(FUZZTIME) ./api
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConf$$' -fuzztime $(FUZZTIME) ./cni
 
-# cnibench needs root: it makes network namespaces.
-bench:
+# cnibench and nodebench need root: they make network namespaces.
+bench: deps
 	$(GO) run ./test/bench/ipambench
 	$(GO) run ./test/bench/cnibench
+	$(GO) run ./test/bench/nodebench
 
 clean:
 	rm -rf $(BIN)

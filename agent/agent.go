@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
@@ -75,6 +76,7 @@ type Agent struct {
 	speakerCfg bgp.Config
 	mtu        int
 	problems   string
+	applied    calc.Output // the last data plane applied without error
 }
 
 // Run starts the agent and runs it until ctx ends. It returns an error when the
@@ -178,19 +180,21 @@ func (a *Agent) loop(ctx context.Context) {
 	defer t.Stop()
 	var bgpChanges <-chan struct{}
 	for {
+		full := false
 		select {
 		case <-ctx.Done():
 			return
 		case <-a.kickC:
 		case <-bgpChanges:
 		case <-t.C:
+			full = true
 		}
 		select { // let a burst of changes settle
 		case <-ctx.Done():
 			return
 		case <-time.After(50 * time.Millisecond):
 		}
-		a.reconcile(ctx)
+		a.reconcile(ctx, full)
 		if a.speaker != nil {
 			bgpChanges = a.speaker.Changes()
 		}
@@ -199,7 +203,7 @@ func (a *Agent) loop(ctx context.Context) {
 
 // reconcile computes the desired state and applies it: BGP peers, the data plane,
 // then the advertisements.
-func (a *Agent) reconcile(ctx context.Context) {
+func (a *Agent) reconcile(ctx context.Context, full bool) {
 	a.health.beat()
 	s := a.view.snapshot()
 	if !s.synced {
@@ -243,14 +247,18 @@ func (a *Agent) reconcile(ctx context.Context) {
 	// Until BGP has converged after a start, routes learned before it are kept:
 	// dropping them while the sessions come up would cut traffic on a restart.
 	a.routes.KeepRemote(!a.health.converged())
-	a.apply(out)
+	a.apply(out, full)
 	a.writeMTU(s.pools)
 	a.metrics.blocks.Set(float64(len(s.blocks)))
 	a.updatePeerMetrics(ctx)
 }
 
 // apply runs the reconcilers: ipsets before the rules that match on them.
-func (a *Agent) apply(out calc.Output) {
+// Routes go through netlink and are cheap to compare every time; ipsets and
+// iptables are checked only when their desired content changed, or on a full
+// (timer) pass that repairs drift: listing iptables runs the iptables binary,
+// and with dozens of agents on a small machine every pass adds up.
+func (a *Agent) apply(out calc.Output, full bool) {
 	ok := true
 	step := func(name string, f func() (bool, error)) {
 		start := time.Now()
@@ -263,8 +271,12 @@ func (a *Agent) apply(out calc.Output) {
 		}
 	}
 	step("routes", func() (bool, error) { return a.routes.Apply(out.Routes) })
-	step("ipsets", func() (bool, error) { return a.ipsets.Apply(out.IPSets) })
-	step("iptables", func() (bool, error) { return a.ipt.Apply(out.Chains, out.Jumps) })
+	if full || !reflect.DeepEqual(out.IPSets, a.applied.IPSets) {
+		step("ipsets", func() (bool, error) { return a.ipsets.Apply(out.IPSets) })
+	}
+	if full || !reflect.DeepEqual(out.Chains, a.applied.Chains) || !reflect.DeepEqual(out.Jumps, a.applied.Jumps) {
+		step("iptables", func() (bool, error) { return a.ipt.Apply(out.Chains, out.Jumps) })
+	}
 	step("sysctls", func() (bool, error) {
 		var errs []error
 		for k, v := range out.Sysctls {
@@ -276,7 +288,10 @@ func (a *Agent) apply(out calc.Output) {
 		a.metrics.routes.Set(float64(n))
 	}
 	if ok {
+		a.applied = out
 		a.health.dataplaneSynced()
+	} else {
+		a.applied = calc.Output{} // retry everything next pass
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -80,6 +81,14 @@ func TestDriftRepair(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("repaired in %s", time.Since(start).Round(10*time.Millisecond))
+	// margay-node cleanup takes it all away once the agent is stopped.
+	n.Stop(syscall.SIGTERM)
+	if out, err := n.NS.Run(filepath.Join(binDir, "margay-node"), "cleanup"); err != nil {
+		t.Fatalf("cleanup: %v: %s", err, out)
+	}
+	if got := state(); strings.Contains(got, "MGY") || strings.Contains(got, "via") || strings.Contains(got, "members") {
+		t.Errorf("after margay-node cleanup:\n%s", got)
+	}
 }
 
 // etcd goes away for 30 s: pods on different nodes keep talking, the agents say

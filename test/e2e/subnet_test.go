@@ -82,6 +82,16 @@ func TestThreeNodesOneSubnet(t *testing.T) {
 		}
 		stop()
 	}
+	// Prometheus metrics on 9091.
+	metrics, err := l.Nodes[0].HTTPGet("127.0.0.1:9091", "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`margay_bgp_peers{state="Established"} 2`, "margay_routes_programmed 5", "margay_ipam_blocks_owned 1", `margay_reconcile_duration_seconds_count{reconciler="routes"}`} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("node1's metrics lack %q", want)
+		}
+	}
 	// NAT to the outside: the internet host sees the node's address.
 	stop := serve(t, l.Internet, 80)
 	defer stop()

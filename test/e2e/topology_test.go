@@ -104,4 +104,19 @@ spec: {cidr: 10.244.0.0/26, blockSize: 26, natOutgoing: true}
 			t.Error(err)
 		}
 	}
+	// The borrowed /32 is withdrawn when its pod goes.
+	if err := l.DelPod(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	err = lab.WaitFor(10*time.Second, func() error {
+		for _, n := range []*lab.Node{l.Nodes[0], l.Nodes[2]} {
+			if out, _ := n.NS.Run("ip", "-4", "route", "show", "proto", "77"); strings.Contains(out, want) {
+				return fmt.Errorf("%s still routes the released %s:\n%s", n.Name, b.IP, out)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Error(err)
+	}
 }

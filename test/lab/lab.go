@@ -311,6 +311,15 @@ func (n *Node) Running() bool {
 	}
 }
 
+// PID is the agent's process ID, 0 when it is not running (ip netns exec
+// executes the agent in place, so this is margay-node itself).
+func (n *Node) PID() int {
+	if !n.Running() {
+		return 0
+	}
+	return n.agent.Process.Pid
+}
+
 // LogPath is the agent's log file.
 func (n *Node) LogPath() string {
 	os.MkdirAll(filepath.Join(n.lab.opts.Dir, n.Name), 0o755)

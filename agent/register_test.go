@@ -1,0 +1,91 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/test/etcdtest"
+)
+
+func newTestAgent(t *testing.T, store *datastore.Store, name, addr string) *Agent {
+	return &Agent{cfg: Config{NodeName: name, DefaultPool: DefaultPoolCIDR}, store: store,
+		addr: netip.MustParsePrefix(addr), log: slog.Default()}
+}
+
+// Registration: the Node is written with the address and keeps what others set
+// on it; the default pool appears only in an empty datastore; another node's
+// address and a live agent's name are refused with the reason.
+func TestRegister(t *testing.T) {
+	srv := etcdtest.StartT(t)
+	store, err := datastore.New(datastore.Config{Endpoints: srv.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	a := newTestAgent(t, store, "node1", "198.18.1.2/24")
+	if err := a.register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pools, err := datastore.List[*api.IPPool](ctx, store)
+	if err != nil || len(pools) != 1 || pools[0].Spec.CIDR != DefaultPoolCIDR || !pools[0].Spec.NATOutgoing || pools[0].Spec.IPIPMode != api.EncapCrossSubnet {
+		t.Fatalf("default pool: %v %+v", err, pools)
+	}
+	// Someone labels the node and makes it a reflector; a restart keeps that.
+	n, _ := datastore.Get[*api.Node](ctx, store, "node1")
+	n.Metadata.Labels = map[string]string{"rack": "r1"}
+	n.Spec.BGP.RouteReflectorClusterID = "224.0.0.1"
+	if _, err := store.Update(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	a.cfg.AS = 65001
+	if err := a.register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n, _ = datastore.Get[*api.Node](ctx, store, "node1")
+	if n.Metadata.Labels["rack"] != "r1" || n.Spec.BGP.RouteReflectorClusterID != "224.0.0.1" || n.Spec.BGP.ASNumber == nil || *n.Spec.BGP.ASNumber != 65001 ||
+		n.Spec.BGP.IPv4Address != "198.18.1.2/24" {
+		t.Errorf("node after re-registering: %+v %+v", n.Metadata, n.Spec.BGP)
+	}
+	if pools, _ := datastore.List[*api.IPPool](ctx, store); len(pools) != 1 {
+		t.Errorf("a second default pool: %d pools", len(pools))
+	}
+	if err := newTestAgent(t, store, "node2", "198.18.1.2/24").register(ctx); err == nil ||
+		!strings.Contains(err.Error(), `node IP 198.18.1.2 is already used by node "node1"`) {
+		t.Errorf("same address, another name: %v", err)
+	}
+	if err := newTestAgent(t, store, "node1", "198.18.1.7/24").register(ctx); err == nil ||
+		!strings.Contains(err.Error(), `node name "node1" is in use by a running margay-node at 198.18.1.2`) {
+		t.Errorf("same name, another host: %v", err)
+	}
+}
+
+func TestPodMTU(t *testing.T) {
+	pool := func(ipip, vxlan api.EncapMode, disabled bool) *api.IPPool {
+		p := api.NewIPPool("p")
+		p.Spec = api.IPPoolSpec{CIDR: "10.0.0.0/16", IPIPMode: ipip, VXLANMode: vxlan, Disabled: disabled}
+		return p
+	}
+	for _, tc := range []struct {
+		pools []*api.IPPool
+		want  int
+	}{
+		{nil, 1500},
+		{[]*api.IPPool{pool(api.EncapNever, api.EncapNever, false)}, 1500},
+		{[]*api.IPPool{pool(api.EncapCrossSubnet, api.EncapNever, false)}, 1480},
+		{[]*api.IPPool{pool(api.EncapAlways, api.EncapNever, false), pool(api.EncapNever, api.EncapCrossSubnet, false)}, 1450},
+		{[]*api.IPPool{pool(api.EncapNever, api.EncapAlways, true)}, 1500},
+	} {
+		if got := PodMTU(1500, tc.pools); got != tc.want {
+			t.Errorf("PodMTU(1500, %d pools) = %d, want %d", len(tc.pools), got, tc.want)
+		}
+	}
+}
