@@ -21,6 +21,8 @@ import (
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/felix"
 	"github.com/margay-dev/margay/felix/calc"
+	"github.com/margay-dev/margay/ipip"
+	"github.com/margay-dev/margay/vxlan"
 )
 
 // Config is margay-node's configuration.
@@ -69,6 +71,8 @@ type Agent struct {
 	routes  *felix.Routes
 	ipsets  *felix.IPSets
 	ipt     *felix.IPTables
+	ipip    *ipip.Device
+	vxlan   *vxlan.Device
 	metrics *metrics
 	health  *health
 
@@ -134,6 +138,7 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.routes, a.ipsets = felix.NewRoutes(log), felix.NewIPSets(log)
+	a.ipip, a.vxlan = ipip.New(log), vxlan.New(log)
 	a.view = newView(cfg.NodeName, a.kick, log)
 	for _, h := range a.view.handlers() {
 		go a.store.NewSyncer(h.prefix, h, log).Run(ctx)
@@ -228,7 +233,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		a.log.Error("BGP paths", "err", err)
 	}
 	in := calc.Input{Node: a.cfg.NodeName, NodeIP: a.addr, Pools: s.pools, Nodes: s.nodes,
-		Blocks: s.blocks, Endpoints: s.eps, RandomFully: a.ipt.RandomFully()}
+		Blocks: s.blocks, Endpoints: s.eps, RandomFully: a.ipt.RandomFully(), UnderlayMTU: a.underlayMTU()}
 	for _, p := range paths {
 		in.Paths = append(in.Paths, calc.Path{Prefix: p.Prefix, NextHop: p.NextHop})
 	}
@@ -247,6 +252,9 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	// Until BGP has converged after a start, routes learned before it are kept:
 	// dropping them while the sessions come up would cut traffic on a restart.
 	a.routes.KeepRemote(!a.health.converged())
+	if err := a.syncTunnelAddrs(ctx, s.self, s.pools, out); err != nil {
+		a.log.Error("tunnel addresses", "err", err)
+	}
 	a.apply(out, full)
 	a.writeMTU(s.pools)
 	a.metrics.blocks.Set(float64(len(s.blocks)))
@@ -270,6 +278,22 @@ func (a *Agent) apply(out calc.Output, full bool) {
 			a.log.Error("data plane", "reconciler", name, "err", err)
 		}
 	}
+	// Tunnels first: routes through them need the devices.
+	tunnels := ""
+	step("ipip", func() (bool, error) {
+		c, err := a.ipip.Apply(out.IPIP)
+		if errors.Is(err, ipip.ErrNoKernelSupport) {
+			tunnels = "a pool uses IPIP, but " + err.Error()
+		}
+		return c, err
+	})
+	step("vxlan", func() (bool, error) {
+		if out.VXLAN != nil && (!out.VXLAN.Addr.IsValid() || out.VXLAN.MAC == "") {
+			return false, nil // the address is being assigned; the next pass makes the device
+		}
+		return a.vxlan.Apply(out.VXLAN, a.addr.Addr(), a.iface, out.VXLANPeers)
+	})
+	a.health.set("tunnels", tunnels)
 	step("routes", func() (bool, error) { return a.routes.Apply(out.Routes) })
 	if full || !reflect.DeepEqual(out.IPSets, a.applied.IPSets) {
 		step("ipsets", func() (bool, error) { return a.ipsets.Apply(out.IPSets) })
@@ -355,6 +379,18 @@ func (a *Agent) updatePeerMetrics(ctx context.Context) {
 	for st, n := range counts {
 		a.metrics.peers.WithLabelValues(st).Set(float64(n))
 	}
+}
+
+// underlayMTU is the MTU of the node's uplink, 0 when unknown.
+func (a *Agent) underlayMTU() int {
+	if a.iface == "" {
+		return 0
+	}
+	m, err := InterfaceMTU(a.iface)
+	if err != nil {
+		return 0
+	}
+	return m
 }
 
 // writeMTU writes the pod MTU for the CNI plugin when it changes.

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/margay-dev/margay/felix"
+	"github.com/margay-dev/margay/ipip"
+	"github.com/margay-dev/margay/vxlan"
 )
 
 // watchRoutes kicks the loop when someone deletes one of margay's routes, so it
@@ -30,12 +33,15 @@ func (a *Agent) watchRoutes(ctx context.Context) {
 }
 
 // Cleanup removes everything margay-node programs on this node: its iptables
-// chains and jumps, its ipsets (after the rules that use them) and its routes.
+// chains and jumps, its ipsets (after the rules that use them), its routes, its
+// VXLAN device and tunl0's address.
 // Pods lose connectivity; it is for taking margay off a node.
 func Cleanup(log *slog.Logger) error {
 	ipt, err := felix.NewIPTables(log)
 	if err != nil {
 		return err
 	}
-	return errors.Join(ipt.Cleanup(), felix.NewIPSets(log).Cleanup(), felix.NewRoutes(log).Cleanup())
+	_, errVXLAN := vxlan.New(log).Apply(nil, netip.Addr{}, "", nil)
+	_, errIPIP := ipip.New(log).Apply(nil)
+	return errors.Join(ipt.Cleanup(), felix.NewIPSets(log).Cleanup(), felix.NewRoutes(log).Cleanup(), errVXLAN, errIPIP)
 }

@@ -281,10 +281,22 @@ func (t *IPTables) rules(table, chain string) ([][]string, error) {
 	for _, l := range lines {
 		w := splitRule(l)
 		if len(w) >= 2 && w[0] == "-A" && w[1] == chain {
-			rules = append(rules, w[2:])
+			rules = append(rules, protocolNumbers(w[2:]))
 		}
 	}
 	return rules, nil
+}
+
+// protocolNumbers writes "-p <name>" back as the number calc writes:
+// iptables prints a protocol by its /etc/protocols name when the file has one
+// (4 is "ipencap" on Debian), and by number on hosts without it.
+func protocolNumbers(rule []string) []string {
+	for i := 0; i+1 < len(rule); i++ {
+		if rule[i] == "-p" && rule[i+1] == "ipencap" {
+			rule[i+1] = "4"
+		}
+	}
+	return rule
 }
 
 // target is where a rule jumps or goes to, "" if nowhere.

@@ -81,7 +81,11 @@ func TestIPTablesApply(t *testing.T) {
 -A MGY-FORWARD -o mgy+ -j MGY-TO-WL
 -A MGY-FORWARD -o mgy+ -j ACCEPT`,
 		"filter/MGY-INPUT": `-N MGY-INPUT
--A MGY-INPUT -i mgy+ -j MGY-FROM-WL`,
+-A MGY-INPUT -i mgy+ -j MGY-FROM-WL
+-A MGY-INPUT -p ipencap -m set --match-set mgy-all-hosts src -j ACCEPT
+-A MGY-INPUT -p ipencap -m comment --comment "margay: IPIP from an unknown host" -j DROP
+-A MGY-INPUT -p udp -m udp --dport 4789 -m set --match-set mgy-all-hosts src -j ACCEPT
+-A MGY-INPUT -p udp -m udp --dport 4789 -m comment --comment "margay: VXLAN from an unknown host" -j DROP`,
 		"nat/MGY-POSTROUTING": "-N MGY-POSTROUTING\n" + masq,
 		"filter/FORWARD": `-P FORWARD ACCEPT
 -A FORWARD -j MGY-FORWARD

@@ -114,6 +114,16 @@ func kernelRoute(d calc.Route) (*netlink.Route, error) {
 		nr.LinkIndex, nr.Scope = l.Attrs().Index, netlink.SCOPE_LINK
 	case calc.Via:
 		nr.Gw = d.Gw.AsSlice()
+	case calc.Tunnel:
+		l, err := netlink.LinkByName(d.Dev)
+		if err != nil {
+			return nil, fmt.Errorf("tunnel %s: %w", d.Dev, err)
+		}
+		// onlink: the remote end is not in any subnet of the tunnel's.
+		nr.LinkIndex, nr.Gw, nr.Flags = l.Attrs().Index, d.Gw.AsSlice(), int(netlink.FLAG_ONLINK)
+		if d.Src.IsValid() {
+			nr.Src = d.Src.AsSlice()
+		}
 	}
 	return nr, nil
 }
@@ -126,6 +136,8 @@ func same(cur netlink.Route, want *netlink.Route) bool {
 	switch {
 	case want.Type == unix.RTN_BLACKHOLE:
 		return true
+	case want.Gw != nil && want.LinkIndex != 0: // through a tunnel
+		return cur.Gw.Equal(want.Gw) && cur.LinkIndex == want.LinkIndex && cur.Src.Equal(want.Src) && cur.Flags&int(netlink.FLAG_ONLINK) != 0
 	case want.Gw != nil:
 		return cur.Gw.Equal(want.Gw)
 	}

@@ -7,6 +7,7 @@ package calc
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -27,6 +28,8 @@ type Input struct {
 	Paths     []Path // best paths learned from BGP peers
 	// RandomFully: iptables and the kernel support MASQUERADE --random-fully.
 	RandomFully bool
+	// UnderlayMTU is the MTU of the node's uplink; 0 means 1500.
+	UnderlayMTU int
 }
 
 // Endpoint is one local pod interface.
@@ -50,18 +53,20 @@ const (
 	Blackhole RouteKind = iota // a local block: addresses not in use go nowhere
 	Local                      // a local pod: out of its veth (Dev)
 	Via                        // a remote prefix: through next hop Gw
+	Tunnel                     // a remote prefix: through tunnel Dev to Gw, onlink
 )
 
 func (k RouteKind) String() string {
-	return [...]string{"blackhole", "local", "via"}[k]
+	return [...]string{"blackhole", "local", "via", "tunnel"}[k]
 }
 
 // Route is one kernel route margay owns.
 type Route struct {
 	Dst  netip.Prefix
 	Kind RouteKind
-	Dev  string     // Local: the pod's host veth
-	Gw   netip.Addr // Via: the next hop
+	Dev  string     // Local: the pod's host veth; Tunnel: the tunnel device
+	Gw   netip.Addr // Via: the next hop; Tunnel: the remote end (IPIP: the node, VXLAN: its tunnel address)
+	Src  netip.Addr // Tunnel: this node's tunnel address, so replies come back through the tunnel
 }
 
 func (r Route) String() string {
@@ -70,8 +75,40 @@ func (r Route) String() string {
 		return fmt.Sprintf("%s dev %s", r.Dst, r.Dev)
 	case Via:
 		return fmt.Sprintf("%s via %s", r.Dst, r.Gw)
+	case Tunnel:
+		s := fmt.Sprintf("%s via %s dev %s onlink", r.Dst, r.Gw, r.Dev)
+		if r.Src.IsValid() {
+			s += " src " + r.Src.String()
+		}
+		return s
 	}
 	return "blackhole " + r.Dst.String()
+}
+
+// Tunnel devices and their overheads.
+const (
+	IPIPDevice    = "tunl0"
+	VXLANDevice   = "vxlan.margay"
+	VXLANVNI      = 4096
+	VXLANPort     = 4789
+	IPIPOverhead  = 20
+	VXLANOverhead = 50
+)
+
+// TunnelDevice is a tunnel device the node needs.
+type TunnelDevice struct {
+	Addr netip.Addr // this node's tunnel address; invalid until IPAM gave one
+	MAC  string     // VXLAN: the device's MAC
+	MTU  int
+}
+
+// VXLANPeer is a remote node reached through VXLAN: a permanent neighbour entry
+// (TunnelAddr -> MAC) and a forwarding entry (MAC -> NodeIP).
+type VXLANPeer struct {
+	Node       string
+	TunnelAddr netip.Addr
+	MAC        string
+	NodeIP     netip.Addr
 }
 
 // IPSet is the desired content of one ipset.
@@ -98,7 +135,10 @@ type Output struct {
 	Chains    []Chain // margay's own iptables chains, in dependency order
 	Jumps     []Jump  // from the base chains into margay's
 	Sysctls   map[string]string
-	// Problems are remote prefixes margay cannot route right and so leaves out.
+	// IPIP and VXLAN are the tunnel devices a pool's mode needs, nil for none.
+	IPIP, VXLAN *TunnelDevice
+	VXLANPeers  []VXLANPeer
+	// Problems are what margay cannot do right and so leaves out or warns about.
 	Problems []string
 }
 
@@ -124,12 +164,21 @@ func Compute(in Input) Output {
 			}
 		}
 	}
-	nodeIPs := map[netip.Addr]string{}
+	nodes := map[netip.Addr]*api.Node{}
+	var self *api.Node
 	for _, n := range in.Nodes {
 		if a, ok := nodeAddr(n); ok {
-			nodeIPs[a.Addr()] = n.Metadata.Name
+			nodes[a.Addr()] = n
+		}
+		if n.Metadata.Name == in.Node {
+			self = n
 		}
 	}
+	out.IPIP, out.VXLAN = tunnels(in, self)
+	if in.NodeIP.Bits() == 32 && usesCrossSubnet(in.Pools) {
+		out.Problems = append(out.Problems, fmt.Sprintf("this node's address %s has no subnet: with CrossSubnet every peer looks cross-subnet and all traffic is encapsulated; give the node's address with its subnet's prefix length (--ip)", in.NodeIP))
+	}
+	peers := map[string]VXLANPeer{}
 	for _, p := range in.Paths {
 		dst := p.Prefix.Masked()
 		if local[dst] {
@@ -139,28 +188,95 @@ func Compute(in Input) Output {
 		if pool == nil {
 			continue // only pod addresses are margay's business
 		}
-		switch {
-		case !p.NextHop.Is4():
+		if !p.NextHop.Is4() {
 			out.Problems = append(out.Problems, fmt.Sprintf("%s: next hop %s is not an IPv4 address", dst, p.NextHop))
-		case in.NodeIP.Contains(p.NextHop):
-			out.Routes = append(out.Routes, Route{Dst: dst, Kind: Via, Gw: p.NextHop})
-		case pool.Spec.IPIPMode.Enabled() || pool.Spec.VXLANMode.Enabled():
-			who := "next hop " + p.NextHop.String()
-			if n, ok := nodeIPs[p.NextHop]; ok {
-				who = "node " + n + " (" + p.NextHop.String() + ")"
+			continue
+		}
+		cross := !in.NodeIP.Contains(p.NextHop)
+		switch {
+		case encapsulates(pool.Spec.IPIPMode, cross):
+			r := Route{Dst: dst, Kind: Tunnel, Dev: IPIPDevice, Gw: p.NextHop}
+			if out.IPIP != nil {
+				r.Src = out.IPIP.Addr
 			}
-			out.Problems = append(out.Problems, fmt.Sprintf("%s: %s is outside this node's subnet %s and pool %s encapsulates; encapsulated routes are not supported yet, so it is not routed",
-				dst, who, in.NodeIP.Masked(), pool.Metadata.Name))
+			out.Routes = append(out.Routes, r)
+		case encapsulates(pool.Spec.VXLANMode, cross):
+			n := nodes[p.NextHop]
+			peer, problem := vxlanPeer(n, p.NextHop)
+			if problem != "" {
+				out.Problems = append(out.Problems, fmt.Sprintf("%s: %s; not routed", dst, problem))
+				continue
+			}
+			peers[peer.Node] = peer
+			r := Route{Dst: dst, Kind: Tunnel, Dev: VXLANDevice, Gw: peer.TunnelAddr}
+			if out.VXLAN != nil {
+				r.Src = out.VXLAN.Addr
+			}
+			out.Routes = append(out.Routes, r)
 		default:
-			// Encapsulation Never: the underlay is expected to know the way.
+			// Same subnet, or encapsulation Never: the underlay knows the way.
 			out.Routes = append(out.Routes, Route{Dst: dst, Kind: Via, Gw: p.NextHop})
 		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(peers)) {
+		out.VXLANPeers = append(out.VXLANPeers, peers[name])
 	}
 	slices.SortFunc(out.Routes, func(a, b Route) int { return comparePrefix(a.Dst, b.Dst) })
 	slices.SortFunc(out.Advertise, comparePrefix)
 	out.IPSets = ipsets(in)
 	out.Chains, out.Jumps = rules(in)
 	return out
+}
+
+// encapsulates applies a pool's mode to one destination.
+func encapsulates(m api.EncapMode, crossSubnet bool) bool {
+	return m == api.EncapAlways || m == api.EncapCrossSubnet && crossSubnet
+}
+
+func usesCrossSubnet(pools []*api.IPPool) bool {
+	for _, p := range pools {
+		if p.Spec.IPIPMode == api.EncapCrossSubnet || p.Spec.VXLANMode == api.EncapCrossSubnet {
+			return true
+		}
+	}
+	return false
+}
+
+// tunnels are the devices the pools' modes need, with this node's addresses.
+func tunnels(in Input, self *api.Node) (ipip, vxlan *TunnelDevice) {
+	underlay := in.UnderlayMTU
+	if underlay == 0 {
+		underlay = 1500
+	}
+	for _, p := range in.Pools {
+		if p.Spec.IPIPMode.Enabled() && ipip == nil {
+			ipip = &TunnelDevice{MTU: underlay - IPIPOverhead}
+			if self != nil && self.Spec.BGP != nil {
+				ipip.Addr, _ = netip.ParseAddr(self.Spec.BGP.IPv4IPIPTunnelAddr)
+			}
+		}
+		if p.Spec.VXLANMode.Enabled() && vxlan == nil {
+			vxlan = &TunnelDevice{MTU: underlay - VXLANOverhead}
+			if self != nil {
+				vxlan.Addr, _ = netip.ParseAddr(self.Spec.IPv4VXLANTunnelAddr)
+				vxlan.MAC = self.Spec.VXLANTunnelMACAddr
+			}
+		}
+	}
+	return ipip, vxlan
+}
+
+// vxlanPeer is the remote end for a path through next hop nh, or why there is
+// none yet.
+func vxlanPeer(n *api.Node, nh netip.Addr) (VXLANPeer, string) {
+	if n == nil {
+		return VXLANPeer{}, fmt.Sprintf("next hop %s is no known node, so it has no VXLAN tunnel", nh)
+	}
+	addr, err := netip.ParseAddr(n.Spec.IPv4VXLANTunnelAddr)
+	if err != nil || n.Spec.VXLANTunnelMACAddr == "" {
+		return VXLANPeer{}, fmt.Sprintf("node %s has no VXLAN tunnel address and MAC yet", n.Metadata.Name)
+	}
+	return VXLANPeer{Node: n.Metadata.Name, TunnelAddr: addr, MAC: n.Spec.VXLANTunnelMACAddr, NodeIP: nh}, ""
 }
 
 func nodeAddr(n *api.Node) (netip.Prefix, bool) {

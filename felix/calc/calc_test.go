@@ -43,11 +43,16 @@ func TestComputeRoutes(t *testing.T) {
 	never := pool("never", "10.244.0.0/16", nil)
 	cross := pool("cross", "10.245.0.0/16", func(s *api.IPPoolSpec) { s.IPIPMode = api.EncapCrossSubnet })
 	vx := pool("vx", "10.246.0.0/16", func(s *api.IPPoolSpec) { s.VXLANMode = api.EncapAlways })
+	self := node("n1", "198.18.1.2/24")
+	self.Spec.BGP.IPv4IPIPTunnelAddr = "10.245.1.1"
+	self.Spec.IPv4VXLANTunnelAddr, self.Spec.VXLANTunnelMACAddr = "10.246.1.1", "66:00:00:00:00:01"
+	n3 := node("n3", "198.18.2.2/24")
+	n3.Spec.IPv4VXLANTunnelAddr, n3.Spec.VXLANTunnelMACAddr = "10.246.3.1", "66:00:00:00:00:03"
 	base := Input{
 		Node:   "n1",
 		NodeIP: pfx("198.18.1.2/24"),
 		Pools:  []*api.IPPool{never, cross, vx},
-		Nodes:  []*api.Node{node("n1", "198.18.1.2/24"), node("n2", "198.18.1.3/24"), node("n3", "198.18.2.2/24")},
+		Nodes:  []*api.Node{self, node("n2", "198.18.1.3/24"), n3},
 	}
 	tests := []struct {
 		name     string
@@ -79,22 +84,36 @@ func TestComputeRoutes(t *testing.T) {
 			adv:  []string{"10.244.1.0/26", "10.244.9.7/32"},
 		},
 		{
-			name: "same-subnet next hop is direct, whatever the pool's mode",
+			name: "same subnet: direct under Never and CrossSubnet, through the tunnel under Always",
 			mut: func(in *Input) {
 				in.Paths = []Path{path("10.244.2.0/26", "198.18.1.3"), path("10.245.2.0/26", "198.18.1.3"), path("10.246.2.0/26", "198.18.1.3")}
 			},
-			want: []string{"10.244.2.0/26 via 198.18.1.3", "10.245.2.0/26 via 198.18.1.3", "10.246.2.0/26 via 198.18.1.3"},
+			want:     []string{"10.244.2.0/26 via 198.18.1.3", "10.245.2.0/26 via 198.18.1.3"},
+			problems: []string{"10.246.2.0/26: node n2 has no VXLAN tunnel address and MAC yet; not routed"},
 		},
 		{
-			name: "cross-subnet: Never routes directly, encapsulating pools are reported, not routed",
+			name: "cross subnet: Never direct, IPIP CrossSubnet through tunl0, VXLAN Always through vxlan.margay",
 			mut: func(in *Input) {
-				in.Paths = []Path{path("10.244.3.0/26", "198.18.2.2"), path("10.245.3.0/26", "198.18.2.2"), path("10.246.3.0/26", "198.18.9.9")}
+				in.Paths = []Path{path("10.244.3.0/26", "198.18.2.2"), path("10.245.3.0/26", "198.18.2.2"), path("10.246.3.0/26", "198.18.2.2")}
 			},
-			want: []string{"10.244.3.0/26 via 198.18.2.2"},
-			problems: []string{
-				"10.245.3.0/26: node n3 (198.18.2.2) is outside this node's subnet 198.18.1.0/24 and pool cross encapsulates",
-				"10.246.3.0/26: next hop 198.18.9.9 is outside",
+			want: []string{"10.244.3.0/26 via 198.18.2.2", "10.245.3.0/26 via 198.18.2.2 dev tunl0 onlink src 10.245.1.1",
+				"10.246.3.0/26 via 10.246.3.1 dev vxlan.margay onlink src 10.246.1.1"},
+		},
+		{
+			name: "a VXLAN next hop that is no node is reported, not routed",
+			mut: func(in *Input) {
+				in.Paths = []Path{path("10.246.9.0/26", "198.18.9.9")}
 			},
+			problems: []string{"10.246.9.0/26: next hop 198.18.9.9 is no known node"},
+		},
+		{
+			name: "a /32 node address under CrossSubnet is warned about",
+			mut: func(in *Input) {
+				in.NodeIP = pfx("198.18.1.2/32")
+				in.Paths = []Path{path("10.245.2.0/26", "198.18.1.3")}
+			},
+			want:     []string{"10.245.2.0/26 via 198.18.1.3 dev tunl0 onlink src 10.245.1.1"},
+			problems: []string{"198.18.1.2/32 has no subnet"},
 		},
 		{
 			name: "a remote /32 borrowed from our block wins by length; our own prefixes reflected back are ignored",
@@ -139,6 +158,29 @@ func TestComputeRoutes(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestComputeTunnels(t *testing.T) {
+	self := node("n1", "198.18.1.2/24")
+	self.Spec.IPv4VXLANTunnelAddr, self.Spec.VXLANTunnelMACAddr = "10.246.1.1", "66:00:00:00:00:01"
+	n2 := node("n2", "198.18.2.2/24")
+	n2.Spec.IPv4VXLANTunnelAddr, n2.Spec.VXLANTunnelMACAddr = "10.246.2.1", "66:00:00:00:00:02"
+	in := Input{Node: "n1", NodeIP: pfx("198.18.1.2/24"), UnderlayMTU: 9000, Nodes: []*api.Node{self, n2},
+		Pools: []*api.IPPool{pool("vx", "10.246.0.0/16", func(s *api.IPPoolSpec) { s.VXLANMode = api.EncapCrossSubnet })},
+		Paths: []Path{path("10.246.2.0/26", "198.18.2.2"), path("10.246.2.64/26", "198.18.2.2")}}
+	out := Compute(in)
+	if out.IPIP != nil || out.VXLAN == nil || out.VXLAN.MTU != 8950 || out.VXLAN.Addr.String() != "10.246.1.1" || out.VXLAN.MAC != "66:00:00:00:00:01" {
+		t.Errorf("tunnels: ipip %+v, vxlan %+v", out.IPIP, out.VXLAN)
+	}
+	want := []VXLANPeer{{Node: "n2", TunnelAddr: netip.MustParseAddr("10.246.2.1"), MAC: "66:00:00:00:00:02", NodeIP: netip.MustParseAddr("198.18.2.2")}}
+	if !slices.Equal(out.VXLANPeers, want) {
+		t.Errorf("VXLAN peers %+v, want %+v", out.VXLANPeers, want)
+	}
+	in.Pools = []*api.IPPool{pool("ipip", "10.246.0.0/16", func(s *api.IPPoolSpec) { s.IPIPMode = api.EncapAlways })}
+	in.UnderlayMTU = 0
+	if out := Compute(in); out.IPIP == nil || out.IPIP.MTU != 1480 || out.IPIP.Addr.IsValid() || out.VXLAN != nil || len(out.VXLANPeers) != 0 {
+		t.Errorf("IPIP pool: ipip %+v, vxlan %+v, peers %v", out.IPIP, out.VXLAN, out.VXLANPeers)
 	}
 }
 

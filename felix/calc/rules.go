@@ -47,8 +47,14 @@ func rules(in Input) ([]Chain, []Jump) {
 		{"-o", "mgy+", "-j", ChainToWL},
 		{"-o", "mgy+", "-j", "ACCEPT"},
 	}}
+	// Tunnel packets are accepted only from known nodes: anyone else, pods
+	// included, could otherwise inject packets into the pod network.
 	input := Chain{Table: "filter", Name: ChainInput, Rules: [][]string{
 		{"-i", "mgy+", "-j", ChainFromWL},
+		{"-p", "4", "-m", "set", "--match-set", SetAllHosts, "src", "-j", "ACCEPT"},
+		{"-p", "4", "-m", "comment", "--comment", "margay: IPIP from an unknown host", "-j", "DROP"},
+		{"-p", "udp", "-m", "udp", "--dport", "4789", "-m", "set", "--match-set", SetAllHosts, "src", "-j", "ACCEPT"},
+		{"-p", "udp", "-m", "udp", "--dport", "4789", "-m", "comment", "--comment", "margay: VXLAN from an unknown host", "-j", "DROP"},
 	}}
 	masq := []string{"-m", "set", "--match-set", SetMasqPools, "src", "-m", "set", "!", "--match-set", SetAllPools, "dst", "-j", "MASQUERADE"}
 	if in.RandomFully {

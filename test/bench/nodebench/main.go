@@ -113,8 +113,10 @@ func throughput(bin string, runs, seconds int) error {
 		return err
 	}
 	type path struct {
-		name         string
-		client, srv  interface{ Run(...string) (string, error) }
+		name        string
+		client, srv interface {
+			Run(...string) (string, error)
+		}
 		srvName, dst string
 	}
 	paths := []path{

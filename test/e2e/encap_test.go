@@ -1,0 +1,126 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/margay-dev/margay/test/lab"
+)
+
+func encapPool(mode string) string {
+	return fmt.Sprintf(`apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods}
+spec: {cidr: 10.244.0.0/16, natOutgoing: true, %s}
+`, mode)
+}
+
+// Four nodes in two subnets behind a router that knows nothing of pods, VXLAN
+// CrossSubnet: same-subnet pairs route directly, cross-subnet pairs through
+// vxlan.margay, every pod reaches every pod with full-size packets that may not
+// be fragmented, and switching the pool to Always moves every route into the
+// tunnel without touching the pods.
+func TestCrossSubnetVXLAN(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 4, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "2s"}})
+	addPods(t, l, 1)
+	checkEncap(t, l, func(a, b *lab.Node) string {
+		if a.IP.Masked() == b.IP.Masked() {
+			return "via " + b.IP.Addr().String() + " dev eth0"
+		}
+		return "dev vxlan.margay"
+	})
+	allPairs(t, l, 1450-28)
+	f := filepath.Join(l.Dir(), "always.yaml")
+	if err := os.WriteFile(f, []byte(encapPool("vxlanMode: Always")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := l.Ctl(l.Nodes[0], "apply", "-f", f); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	checkEncap(t, l, func(a, b *lab.Node) string { return "dev vxlan.margay" })
+	allPairs(t, l, 1450-28)
+}
+
+// checkEncap waits until every node routes every other node's blocks the way
+// want says.
+func checkEncap(t *testing.T, l *lab.Lab, want func(from, to *lab.Node) string) {
+	t.Helper()
+	blocks, err := nodeBlocks(l, l.Nodes[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = lab.WaitFor(30*time.Second, func() error {
+		for _, a := range l.Nodes {
+			out, _ := a.NS.Run("ip", "-4", "route", "show", "proto", "77")
+			for _, b := range l.Nodes {
+				if a == b {
+					continue
+				}
+				for _, blk := range blocks[b.Name] {
+					line := ""
+					for _, r := range strings.Split(out, "\n") {
+						if strings.HasPrefix(r, blk+" ") {
+							line = r
+						}
+					}
+					if !strings.Contains(line, want(a, b)) {
+						return fmt.Errorf("%s routes %s's %s as %q, want %q:\n%s", a.Name, b.Name, blk, line, want(a, b), out)
+					}
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// allPairs pings every pod from every other pod with size-byte payloads and the
+// don't-fragment bit set.
+func allPairs(t *testing.T, l *lab.Lab, size int) {
+	t.Helper()
+	pods := l.Pods()
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for _, a := range pods {
+		wg.Go(func() {
+			for _, b := range pods {
+				if a == b {
+					continue
+				}
+				out, err := a.NS.Run("ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", fmt.Sprint(size), "-q", b.IP.String())
+				if err != nil {
+					mu.Lock()
+					t.Errorf("%s -> %s with %d bytes, DF: %v\n%s", a.Name, b.Name, size, err, out)
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// A pool that needs IPIP on a kernel without it: the agent stays not ready and
+// says exactly why. (On a kernel with IPIP, tunl0 is made instead.)
+func TestIPIPWithoutKernelSupport(t *testing.T) {
+	if _, err := os.Stat("/sys/module/ipip"); err == nil {
+		t.Skip("this kernel has IPIP")
+	}
+	l := up(t, lab.Options{Nodes: 2, Pools: encapPool("ipipMode: Always"), AgentArgs: []string{"--resync-interval", "2s"}})
+	err := lab.WaitFor(30*time.Second, func() error {
+		err := l.Nodes[0].Ready()
+		if err == nil || !strings.Contains(err.Error(), "modprobe ipip") || !strings.Contains(err.Error(), "vxlanMode") {
+			return fmt.Errorf("readiness: %v", err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,170 @@
+// Package vxlan keeps the node's VXLAN device, vxlan.margay, and its entries for
+// remote nodes: the alternative to IPIP where IP protocol 4 is blocked.
+package vxlan
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/margay-dev/margay/felix/calc"
+	"github.com/margay-dev/margay/ipip"
+)
+
+// Device keeps vxlan.margay in the calling thread's network namespace.
+type Device struct {
+	log *slog.Logger
+}
+
+// New returns a Device reconciler.
+func New(log *slog.Logger) *Device { return &Device{log: log} }
+
+// Apply makes vxlan.margay match want (nil: remove it), sending from local out
+// of the interface parent, and its neighbour and forwarding entries match
+// peers. It reports whether it changed anything.
+func (d *Device) Apply(want *calc.TunnelDevice, local netip.Addr, parent string, peers []calc.VXLANPeer) (changed bool, err error) {
+	cur, err := netlink.LinkByName(calc.VXLANDevice)
+	if err != nil && !isNotFound(err) {
+		return false, err
+	}
+	if want == nil {
+		if cur == nil {
+			return false, nil
+		}
+		d.log.Info("removing the VXLAN device: no pool needs it")
+		return true, netlink.LinkDel(cur)
+	}
+	mac, err := net.ParseMAC(want.MAC)
+	if err != nil || !want.Addr.IsValid() {
+		return false, fmt.Errorf("%s: no tunnel address and MAC yet (address %s, MAC %q)", calc.VXLANDevice, want.Addr, want.MAC)
+	}
+	p, err := netlink.LinkByName(parent)
+	if err != nil {
+		return false, fmt.Errorf("%s: uplink %s: %w", calc.VXLANDevice, parent, err)
+	}
+	spec := &netlink.Vxlan{
+		LinkAttrs:    netlink.LinkAttrs{Name: calc.VXLANDevice, MTU: want.MTU, HardwareAddr: mac},
+		VxlanId:      calc.VXLANVNI,
+		Port:         calc.VXLANPort,
+		SrcAddr:      local.AsSlice(),
+		VtepDevIndex: p.Attrs().Index,
+		Learning:     false,
+	}
+	if cur != nil && !sameDevice(cur, spec) {
+		d.log.Info("recreating the VXLAN device: its settings differ")
+		if err := netlink.LinkDel(cur); err != nil {
+			return false, err
+		}
+		cur = nil
+	}
+	if cur == nil {
+		if err := netlink.LinkAdd(spec); err != nil {
+			return false, fmt.Errorf("create %s: %w", calc.VXLANDevice, err)
+		}
+		if cur, err = netlink.LinkByName(calc.VXLANDevice); err != nil {
+			return false, err
+		}
+		changed = true
+		d.log.Info("VXLAN device created", "mtu", want.MTU, "mac", want.MAC, "local", local.String())
+	}
+	if cur.Attrs().MTU != want.MTU {
+		if err := netlink.LinkSetMTU(cur, want.MTU); err != nil {
+			return changed, err
+		}
+		changed = true
+	}
+	if cur.Attrs().Flags&net.FlagUp == 0 {
+		if err := netlink.LinkSetUp(cur); err != nil {
+			return changed, err
+		}
+		changed = true
+	}
+	c, err := ipip.SetOnlyAddr(cur, want.Addr)
+	if err != nil {
+		return changed, err
+	}
+	c2, err := d.syncPeers(cur, peers)
+	return changed || c || c2, err
+}
+
+func sameDevice(cur netlink.Link, want *netlink.Vxlan) bool {
+	v, ok := cur.(*netlink.Vxlan)
+	return ok && v.VxlanId == want.VxlanId && v.Port == want.Port && v.SrcAddr.Equal(want.SrcAddr) &&
+		v.VtepDevIndex == want.VtepDevIndex && v.HardwareAddr.String() == want.HardwareAddr.String() && !v.Learning
+}
+
+// syncPeers keeps one permanent neighbour entry (tunnel address -> MAC) and one
+// forwarding entry (MAC -> node address) per remote node, and nothing else.
+func (d *Device) syncPeers(link netlink.Link, peers []calc.VXLANPeer) (changed bool, err error) {
+	idx := link.Attrs().Index
+	wantNeigh := map[netip.Addr]string{}
+	wantFDB := map[string]netip.Addr{}
+	for _, p := range peers {
+		wantNeigh[p.TunnelAddr] = p.MAC
+		wantFDB[p.MAC] = p.NodeIP
+	}
+	var errs []error
+	neighs, err := netlink.NeighList(idx, netlink.FAMILY_V4)
+	if err != nil {
+		return false, err
+	}
+	for _, n := range neighs {
+		ip, _ := netip.AddrFromSlice(n.IP)
+		if mac, ok := wantNeigh[ip.Unmap()]; ok && n.HardwareAddr.String() == mac && n.State == netlink.NUD_PERMANENT {
+			delete(wantNeigh, ip.Unmap())
+			continue
+		}
+		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, err)
+		}
+		changed = true
+	}
+	for ip, m := range wantNeigh {
+		mac, _ := net.ParseMAC(m)
+		if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+			IP: ip.AsSlice(), HardwareAddr: mac}); err != nil {
+			errs = append(errs, fmt.Errorf("neighbour %s: %w", ip, err))
+		}
+		changed = true
+	}
+	fdb, err := netlink.NeighList(idx, unix.AF_BRIDGE)
+	if err != nil {
+		return changed, err
+	}
+	for _, n := range fdb {
+		dst, _ := netip.AddrFromSlice(n.IP)
+		if want, ok := wantFDB[n.HardwareAddr.String()]; ok && dst.Unmap() == want {
+			delete(wantFDB, n.HardwareAddr.String())
+			continue
+		}
+		if n.HardwareAddr.String() == "00:00:00:00:00:00" && !dst.IsValid() {
+			continue
+		}
+		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, err)
+		}
+		changed = true
+	}
+	for m, dst := range wantFDB {
+		mac, _ := net.ParseMAC(m)
+		if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, State: netlink.NUD_PERMANENT,
+			Flags: netlink.NTF_SELF, IP: dst.AsSlice(), HardwareAddr: mac}); err != nil {
+			errs = append(errs, fmt.Errorf("forwarding entry %s -> %s: %w", m, dst, err))
+		}
+		changed = true
+	}
+	if changed {
+		d.log.Info("VXLAN peers updated", "peers", len(peers))
+	}
+	return changed, errors.Join(errs...)
+}
+
+func isNotFound(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf)
+}
