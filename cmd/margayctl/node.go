@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -27,7 +28,7 @@ func (a *app) nodeCmd() *cobra.Command {
 // nodeStatusCmd prints the local agent's BGP sessions, read from its GoBGP API
 // (loopback only), the way `calicoctl node status` reads BIRD's.
 func (a *app) nodeStatusCmd() *cobra.Command {
-	var addr string
+	var addr, mtuFile string
 	var timeout time.Duration
 	cmd := &cobra.Command{
 		Use:   "status",
@@ -41,6 +42,9 @@ func (a *app) nodeStatusCmd() *cobra.Command {
 				return fmt.Errorf("margay-node's BGP API at %s: %w; is margay-node running on this node (margay-node --bgp-api-listen)?", addr, err)
 			}
 			fmt.Fprintln(a.out, "margay-node is running.")
+			if b, err := os.ReadFile(mtuFile); err == nil {
+				fmt.Fprintf(a.out, "Pod MTU: %s (from %s)\n", strings.TrimSpace(string(b)), mtuFile)
+			}
 			fmt.Fprintln(a.out)
 			printPeers(a.out, peers, time.Now())
 			return nil
@@ -48,6 +52,7 @@ func (a *app) nodeStatusCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&addr, "bgp-api", env("MARGAY_BGP_API", "127.0.0.1:50051"), "margay-node's GoBGP API address (env MARGAY_BGP_API)")
 	cmd.Flags().DurationVar(&timeout, "api-timeout", 5*time.Second, "how long to wait for margay-node")
+	cmd.Flags().StringVar(&mtuFile, "mtu-file", env("MARGAY_MTU_FILE", "/var/lib/margay/mtu"), "the pod MTU file margay-node writes (env MARGAY_MTU_FILE)")
 	return cmd
 }
 

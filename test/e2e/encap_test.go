@@ -35,6 +35,10 @@ func TestCrossSubnetVXLAN(t *testing.T) {
 		return "dev vxlan.margay"
 	})
 	allPairs(t, l, 1450-28)
+	mtu := filepath.Join(l.Dir(), "node1", "mtu")
+	if out, err := l.Nodes[0].NS.Run(filepath.Join(binDir, "margayctl"), "node", "status", "--mtu-file", mtu); err != nil || !strings.Contains(out, "Pod MTU: 1450") {
+		t.Errorf("margayctl node status: %v\n%s\nwant the pod MTU 1450", err, out)
+	}
 	f := filepath.Join(l.Dir(), "always.yaml")
 	if err := os.WriteFile(f, []byte(encapPool("vxlanMode: Always")), 0o600); err != nil {
 		t.Fatal(err)
