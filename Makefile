@@ -7,14 +7,14 @@ LDFLAGS := -X github.com/margay-dev/margay/api.Version=$(VERSION)
 # with a spurious "context deadline exceeded" (golang/go#75804, fixed in 1.27).
 FUZZTIME ?= 40000x
 
-.PHONY: all build test deps vet unit integration fuzz bench clean
+.PHONY: all build test deps vet unit integration test-vm fuzz bench clean
 
 all: build
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
 
-test: deps vet unit integration fuzz
+test: deps vet unit integration test-vm fuzz
 
 deps:
 	test/deps.sh
@@ -34,6 +34,12 @@ unit:
 integration:
 	$(GO) test -count=1 -run 'TestConcurrentAllocation|TestBinary' ./ipam ./cmd/margayctl
 	$(GO) test -count=1 ./test/e2e
+
+# The kernel VM runner (test/vm) and its tests: a pinned Debian kernel under
+# qemu TCG, for IPIP, which the hosts' kernel lacks. MARGAY_VM_REQUIRE turns
+# the tests' skip on a host without qemu or the apt mirror into a failure.
+test-vm:
+	MARGAY_VM_REQUIRE=1 $(GO) test -count=1 ./test/vm
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./api
