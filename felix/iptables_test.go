@@ -68,6 +68,8 @@ func TestIPTablesApply(t *testing.T) {
 	}
 	want := map[string]string{ // table/chain: `iptables -S` of it
 		"filter/MGY-FROM-WL": `-N MGY-FROM-WL
+-A MGY-FROM-WL -p ipencap -m comment --comment "margay: IPIP from a pod" -j DROP
+-A MGY-FROM-WL -p udp -m udp --dport 4789 -m comment --comment "margay: VXLAN from a pod" -j DROP
 -A MGY-FROM-WL -s 10.244.0.5/32 -i mgyaaaaaaaaaaa -j RETURN
 -A MGY-FROM-WL -s 10.250.0.7/32 -i mgybbbbbbbbbbb -j RETURN
 -A MGY-FROM-WL -m comment --comment "margay: spoofed or unknown pod" -j DROP`,
@@ -212,11 +214,11 @@ func TestIPTablesApply(t *testing.T) {
 	}
 }
 
-// dropCount is the packet counter of the DROP rule in MGY-FROM-WL.
+// dropCount is the packet counter of the anti-spoofing DROP rule in MGY-FROM-WL.
 func dropCount(t *testing.T, ns *nstest.NS) int {
 	t.Helper()
 	for _, l := range strings.Split(ns.MustRun(t, "iptables", "-L", calc.ChainFromWL, "-v", "-x", "-n"), "\n") {
-		if f := strings.Fields(l); len(f) > 2 && f[2] == "DROP" {
+		if f := strings.Fields(l); len(f) > 2 && f[2] == "DROP" && strings.Contains(l, "spoofed") {
 			n, err := strconv.Atoi(f[0])
 			if err != nil {
 				t.Fatalf("DROP counter in %q: %v", l, err)

@@ -219,8 +219,9 @@ func TestComputeIPSetsAndRules(t *testing.T) {
 			chains[c.Name] = append(chains[c.Name], strings.Join(r, " "))
 		}
 	}
-	if got := chains[ChainFromWL]; len(got) != 2 || !strings.Contains(got[0], "-s 10.244.1.1/32 -i mgya -j RETURN") || !strings.HasSuffix(got[1], "-j DROP") {
-		t.Errorf("%s = %q: want the pod's own source returned, then DROP", ChainFromWL, got)
+	if got := chains[ChainFromWL]; len(got) != 4 || !strings.HasPrefix(got[0], "-p 4 ") || !strings.Contains(got[1], "--dport 4789") ||
+		!strings.Contains(got[2], "-s 10.244.1.1/32 -i mgya -j RETURN") || !strings.HasSuffix(got[3], "-j DROP") {
+		t.Errorf("%s = %q: want tunnel packets dropped, the pod's own source returned, then DROP", ChainFromWL, got)
 	}
 	if got := chains[ChainToWL]; len(got) != 2 || got[0] != "-o mgya -j RETURN" || !strings.HasSuffix(got[1], "-j DROP") {
 		t.Errorf("%s = %q: want the known interface returned, then DROP", ChainToWL, got)

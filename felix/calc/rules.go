@@ -31,7 +31,12 @@ const (
 //   - NAT outgoing: traffic from a natOutgoing pool to anything outside every
 //     pool leaves with the node's address.
 func rules(in Input) ([]Chain, []Jump) {
-	from := Chain{Table: "filter", Name: ChainFromWL}
+	// Pods may not send tunnel packets at all: NAT outgoing would otherwise give
+	// them a node's source address, which every node accepts tunnels from.
+	from := Chain{Table: "filter", Name: ChainFromWL, Rules: [][]string{
+		{"-p", "4", "-m", "comment", "--comment", "margay: IPIP from a pod", "-j", "DROP"},
+		{"-p", "udp", "-m", "udp", "--dport", "4789", "-m", "comment", "--comment", "margay: VXLAN from a pod", "-j", "DROP"},
+	}}
 	to := Chain{Table: "filter", Name: ChainToWL}
 	for _, ep := range in.Endpoints {
 		for _, ip := range ep.IPs {

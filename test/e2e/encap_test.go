@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,13 +21,14 @@ spec: {cidr: 10.244.0.0/16, natOutgoing: true, %s}
 `, mode)
 }
 
-// Four nodes in two subnets behind a router that knows nothing of pods, VXLAN
-// CrossSubnet: same-subnet pairs route directly, cross-subnet pairs through
-// vxlan.margay, every pod reaches every pod with full-size packets that may not
-// be fragmented, and switching the pool to Always moves every route into the
-// tunnel without touching the pods.
+// Five nodes, three in subnet A and two in B, behind a router that knows
+// nothing of pods, VXLAN CrossSubnet: same-subnet pairs route directly (the
+// VXLAN device carries none of their traffic), cross-subnet pairs through
+// vxlan.margay; every pod reaches every pod (ping and TCP) with full-size
+// packets that may not be fragmented, and one byte more fails; switching the
+// pool to Always moves every route into the tunnel without touching the pods.
 func TestCrossSubnetVXLAN(t *testing.T) {
-	l := up(t, lab.Options{Nodes: 4, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "2s"}})
+	l := up(t, lab.Options{Nodes: 5, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "2s"}})
 	addPods(t, l, 1)
 	checkEncap(t, l, func(a, b *lab.Node) string {
 		if a.IP.Masked() == b.IP.Masked() {
@@ -35,6 +37,27 @@ func TestCrossSubnetVXLAN(t *testing.T) {
 		return "dev vxlan.margay"
 	})
 	allPairs(t, l, 1450-28)
+	allPairsTCP(t, l)
+	// Same subnet (node1 and node3, both in A): nothing crosses vxlan.margay.
+	a, b := l.Nodes[0].Pods[0], l.Nodes[2].Pods[0]
+	before := txPackets(t, l.Nodes[0], "vxlan.margay")
+	if err := lab.Ping(a.NS, b.IP, 5); err != nil {
+		t.Fatal(err)
+	}
+	if after := txPackets(t, l.Nodes[0], "vxlan.margay"); after != before {
+		t.Errorf("same-subnet pings went through vxlan.margay: tx %d -> %d", before, after)
+	}
+	// Cross subnet (node1 in A, node2 in B): through it.
+	c := l.Nodes[1].Pods[0]
+	if err := lab.Ping(a.NS, c.IP, 5); err != nil {
+		t.Fatal(err)
+	}
+	if after := txPackets(t, l.Nodes[0], "vxlan.margay"); after < before+5 {
+		t.Errorf("cross-subnet pings did not go through vxlan.margay: tx %d -> %d", before, after)
+	}
+	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(1450-28+1), c.IP.String()); err == nil {
+		t.Errorf("a DF packet one byte over the pod MTU got through:\n%s", out)
+	}
 	mtu := filepath.Join(l.Dir(), "node1", "mtu")
 	if out, err := l.Nodes[0].NS.Run(filepath.Join(binDir, "margayctl"), "node", "status", "--mtu-file", mtu); err != nil || !strings.Contains(out, "Pod MTU: 1450") {
 		t.Errorf("margayctl node status: %v\n%s\nwant the pod MTU 1450", err, out)
@@ -144,7 +167,7 @@ func TestCrossSubnetIPIP(t *testing.T) {
 	if _, err := os.Stat("/sys/module/ipip"); err != nil {
 		t.Skip("this kernel has no IPIP; make test-vm runs this test in a VM")
 	}
-	l := up(t, lab.Options{Nodes: 3, Subnets: 2, Pools: encapPool("ipipMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "2s"}})
+	l := up(t, lab.Options{Nodes: 5, Subnets: 2, Pools: encapPool("ipipMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "2s"}})
 	addPods(t, l, 1)
 	checkEncap(t, l, func(a, b *lab.Node) string {
 		if a.IP.Masked() == b.IP.Masked() {
@@ -153,4 +176,50 @@ func TestCrossSubnetIPIP(t *testing.T) {
 		return "via " + b.IP.Addr().String() + " dev tunl0"
 	})
 	allPairs(t, l, 1480-28)
+	allPairsTCP(t, l)
+	a, b, c := l.Nodes[0].Pods[0], l.Nodes[2].Pods[0], l.Nodes[1].Pods[0]
+	before := txPackets(t, l.Nodes[0], "tunl0")
+	if err := lab.Ping(a.NS, b.IP, 5); err != nil {
+		t.Fatal(err)
+	}
+	if after := txPackets(t, l.Nodes[0], "tunl0"); after != before {
+		t.Errorf("same-subnet pings went through tunl0: tx %d -> %d", before, after)
+	}
+	if err := lab.Ping(a.NS, c.IP, 5); err != nil {
+		t.Fatal(err)
+	}
+	if after := txPackets(t, l.Nodes[0], "tunl0"); after < before+5 {
+		t.Errorf("cross-subnet pings did not go through tunl0: tx %d -> %d", before, after)
+	}
+	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(1480-28+1), c.IP.String()); err == nil {
+		t.Errorf("a DF packet one byte over the pod MTU got through:\n%s", out)
+	}
+}
+
+// allPairsTCP connects every pod to every other pod's TCP server; the server
+// must see the client's own address.
+func allPairsTCP(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	pods := l.Pods()
+	for _, b := range pods {
+		stop := serve(t, b.NS, 8080)
+		for _, a := range pods {
+			if a == b {
+				continue
+			}
+			if got, err := dial(a.NS, netip.AddrPortFrom(b.IP, 8080)); err != nil || got != a.IP.String() {
+				t.Errorf("TCP %s -> %s: server saw %q, %v; want %s", a.Name, b.Name, got, err, a.IP)
+			}
+		}
+		stop()
+	}
+}
+
+// txPackets reads a device's transmitted-packet counter in node n.
+func txPackets(t *testing.T, n *lab.Node, dev string) int {
+	t.Helper()
+	out := n.NS.MustRun(t, "cat", "/sys/class/net/"+dev+"/statistics/tx_packets")
+	var v int
+	fmt.Sscan(out, &v)
+	return v
 }
