@@ -1,3 +1,9 @@
+// Go 1.24 and later listen with MPTCP by default, and the kernel refuses TCP MD5
+// keys (BGP passwords) on MPTCP sockets with ENOPROTOOPT: GoBGP's listener must
+// be plain TCP.
+//
+//go:debug multipathtcp=0
+
 // Command margay-node is margay's per-node agent: it registers the node, speaks
 // BGP through an embedded GoBGP, and programs routes, ipsets and iptables rules.
 package main

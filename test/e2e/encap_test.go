@@ -194,6 +194,16 @@ func TestCrossSubnetIPIP(t *testing.T) {
 	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(1480-28+1), c.IP.String()); err == nil {
 		t.Errorf("a DF packet one byte over the pod MTU got through:\n%s", out)
 	}
+	// Always: every route moves into tunl0, and the pods keep talking.
+	f := filepath.Join(l.Dir(), "always.yaml")
+	if err := os.WriteFile(f, []byte(encapPool("ipipMode: Always")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := l.Ctl(l.Nodes[0], "apply", "-f", f); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	checkEncap(t, l, func(a, b *lab.Node) string { return "via " + b.IP.Addr().String() + " dev tunl0" })
+	allPairs(t, l, 1480-28)
 }
 
 // allPairsTCP connects every pod to every other pod's TCP server; the server

@@ -166,7 +166,8 @@ func TestMisconfiguration(t *testing.T) {
 		t.Errorf("a BGPPeer with AS 4294967296: %v: %s", err, out)
 	}
 	silent := filepath.Join(l.Dir(), "silent-peer.yaml")
-	writeFile(t, silent, "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: silent}\nspec: {peerIP: 198.18.1.99, asNumber: 65099}\n")
+	writeFile(t, silent, "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: silent}\nspec: {peerIP: 198.18.1.99, asNumber: 65099}\n---\n"+
+		"apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: secret}\nspec: {peerIP: 198.18.1.98, asNumber: 65098, password: not-the-right-one}\n")
 	if out, err := l.Ctl(l.Nodes[0], "apply", "-f", silent); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
@@ -183,6 +184,9 @@ func TestMisconfiguration(t *testing.T) {
 	}
 	out, _ := n.NS.Run(filepath.Join(binDir, "margayctl"), "node", "status")
 	t.Logf("with a silent peer:\n%s", out)
+	if !strings.Contains(out, "TCP MD5 password set: check it matches the peer's") {
+		t.Errorf("node status does not point at the password of the passworded peer:\n%s", out)
+	}
 	// Readiness names the silent peer while the agent gives peers their grace
 	// period, then stops waiting for it.
 	if err := n.Ready(); err != nil && !strings.Contains(err.Error(), "198.18.1.99") {
