@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/margay-dev/margay/test/lab"
+	"github.com/margay-dev/margay/test/nstest"
 )
 
 func encapPool(mode string) string {
@@ -57,6 +59,20 @@ func TestCrossSubnetVXLAN(t *testing.T) {
 	}
 	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(1450-28+1), c.IP.String()); err == nil {
 		t.Errorf("a DF packet one byte over the pod MTU got through:\n%s", out)
+	}
+	// On the wire: same-subnet pod traffic crosses subnet A's segment as plain
+	// ICMP between the pods' addresses; cross-subnet traffic leaves the router
+	// into subnet B as VXLAN (UDP 4789) between the nodes.
+	plain := capture(t, l.Router, "br0", fmt.Sprintf("icmp and host %s and host %s", a.IP, b.IP), func() { lab.Ping(a.NS, b.IP, 3) })
+	if plain < 3 {
+		t.Errorf("tcpdump on subnet A saw %d plain ICMP packets between the same-subnet pods, want at least 3", plain)
+	}
+	encap := capture(t, l.Router, "br1", fmt.Sprintf("udp port 4789 and host %s and host %s", l.Nodes[0].IP.Addr(), l.Nodes[1].IP.Addr()), func() { lab.Ping(a.NS, c.IP, 3) })
+	if encap < 3 {
+		t.Errorf("tcpdump on subnet B saw %d VXLAN packets between node1 and node2, want at least 3", encap)
+	}
+	if n := capture(t, l.Router, "br1", fmt.Sprintf("icmp and host %s", a.IP), func() { lab.Ping(a.NS, c.IP, 3) }); n != 0 {
+		t.Errorf("tcpdump on subnet B saw %d unencapsulated packets from pod %s", n, a.IP)
 	}
 	mtu := filepath.Join(l.Dir(), "node1", "mtu")
 	if out, err := l.Nodes[0].NS.Run(filepath.Join(binDir, "margayctl"), "node", "status", "--mtu-file", mtu); err != nil || !strings.Contains(out, "Pod MTU: 1450") {
@@ -232,4 +248,26 @@ func txPackets(t *testing.T, n *lab.Node, dev string) int {
 	var v int
 	fmt.Sscan(out, &v)
 	return v
+}
+
+// capture counts the packets tcpdump sees on iface in ns matching filter while
+// action runs (bounded: tcpdump stops after 5 s).
+func capture(t *testing.T, ns *nstest.NS, iface, filter string, action func()) int {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, "timeout", "5", "tcpdump", "-i", iface, "-n", "-l", "-q", filter)
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // let tcpdump attach
+	action()
+	cmd.Wait()
+	n := 0
+	for _, line := range strings.Split(out.String(), "\n") {
+		if strings.TrimSpace(line) != "" {
+			n++
+		}
+	}
+	return n
 }
