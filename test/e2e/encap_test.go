@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -220,25 +219,6 @@ func TestCrossSubnetIPIP(t *testing.T) {
 	}
 	checkEncap(t, l, func(a, b *lab.Node) string { return "via " + b.IP.Addr().String() + " dev tunl0" })
 	allPairs(t, l, 1480-28)
-}
-
-// allPairsTCP connects every pod to every other pod's TCP server; the server
-// must see the client's own address.
-func allPairsTCP(t *testing.T, l *lab.Lab) {
-	t.Helper()
-	pods := l.Pods()
-	for _, b := range pods {
-		stop := serve(t, b.NS, 8080)
-		for _, a := range pods {
-			if a == b {
-				continue
-			}
-			if got, err := dial(a.NS, netip.AddrPortFrom(b.IP, 8080)); err != nil || got != a.IP.String() {
-				t.Errorf("TCP %s -> %s: server saw %q, %v; want %s", a.Name, b.Name, got, err, a.IP)
-			}
-		}
-		stop()
-	}
 }
 
 // txPackets reads a device's transmitted-packet counter in node n.

@@ -70,18 +70,7 @@ func TestThreeNodesOneSubnet(t *testing.T) {
 		t.Error(err)
 	}
 	// TCP, and no NAT between pods: each server sees the client pod's address.
-	for _, b := range pods {
-		stop := serve(t, b.NS, 8080)
-		for _, a := range pods {
-			if a == b {
-				continue
-			}
-			if got, err := dial(a.NS, netip.AddrPortFrom(b.IP, 8080)); err != nil || got != a.IP.String() {
-				t.Errorf("TCP %s -> %s: server saw %q, %v; want the client's own address %s", a.Name, b.Name, got, err, a.IP)
-			}
-		}
-		stop()
-	}
+	allPairsTCP(t, l)
 	// Prometheus metrics on 9091.
 	metrics, err := l.Nodes[0].HTTPGet("127.0.0.1:9091", "/metrics")
 	if err != nil {
@@ -177,6 +166,25 @@ func nodeBlocks(l *lab.Lab, n *lab.Node) (map[string][]string, error) {
 		return nil, fmt.Errorf("ipam show: %v: %s", err, out)
 	}
 	return parseBlocks(out)
+}
+
+// allPairsTCP connects every pod to every other pod's TCP server; the server
+// must see the client's own address.
+func allPairsTCP(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	pods := l.Pods()
+	for _, b := range pods {
+		stop := serve(t, b.NS, 8080)
+		for _, a := range pods {
+			if a == b {
+				continue
+			}
+			if got, err := dial(a.NS, netip.AddrPortFrom(b.IP, 8080)); err != nil || got != a.IP.String() {
+				t.Errorf("TCP %s -> %s: server saw %q, %v; want the client's own address %s", a.Name, b.Name, got, err, a.IP)
+			}
+		}
+		stop()
+	}
 }
 
 // serve answers every TCP connection on port with the client's address, from
