@@ -21,6 +21,7 @@ import (
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/felix"
 	"github.com/margay-dev/margay/felix/calc"
+	"github.com/margay-dev/margay/ipam"
 	"github.com/margay-dev/margay/ipip"
 	"github.com/margay-dev/margay/vxlan"
 )
@@ -81,6 +82,7 @@ type Agent struct {
 	mtu        int
 	problems   string
 	applied    calc.Output // the last data plane applied without error
+	alloc      *ipam.Allocator
 }
 
 // Run starts the agent and runs it until ctx ends. It returns an error when the
@@ -252,11 +254,11 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	// Until BGP has converged after a start, routes learned before it are kept:
 	// dropping them while the sessions come up would cut traffic on a restart.
 	a.routes.KeepRemote(!a.health.converged())
-	if err := a.syncTunnelAddrs(ctx, s.self, s.pools, out); err != nil {
+	if err := a.syncTunnelAddrs(ctx, s.self, s.pools, out, full); err != nil {
 		a.log.Error("tunnel addresses", "err", err)
 	}
 	a.apply(out, full)
-	a.writeMTU(s.pools)
+	a.writeMTU(out.PodMTU)
 	a.metrics.blocks.Set(float64(len(s.blocks)))
 	a.updatePeerMetrics(ctx)
 }
@@ -388,23 +390,16 @@ func (a *Agent) underlayMTU() int {
 	}
 	m, err := InterfaceMTU(a.iface)
 	if err != nil {
+		a.log.Error("underlay MTU", "interface", a.iface, "err", err)
 		return 0
 	}
 	return m
 }
 
-// writeMTU writes the pod MTU for the CNI plugin when it changes.
-func (a *Agent) writeMTU(pools []*api.IPPool) {
-	if a.cfg.MTUFile == "" || a.iface == "" {
-		return
-	}
-	underlay, err := InterfaceMTU(a.iface)
-	if err != nil {
-		a.log.Error("underlay MTU", "interface", a.iface, "err", err)
-		return
-	}
-	m := PodMTU(underlay, pools)
-	if m == a.mtu {
+// writeMTU writes the pod MTU for the CNI plugin when it changes. Without a
+// known uplink (an --ip that is not local) there is no MTU to derive it from.
+func (a *Agent) writeMTU(m int) {
+	if a.cfg.MTUFile == "" || a.iface == "" || m == a.mtu {
 		return
 	}
 	if err := writeAtomic(a.cfg.MTUFile, []byte(strconv.Itoa(m)+"\n")); err != nil {
@@ -412,25 +407,7 @@ func (a *Agent) writeMTU(pools []*api.IPPool) {
 		return
 	}
 	a.mtu = m
-	a.log.Info("pod MTU", "mtu", m, "underlay", underlay, "file", a.cfg.MTUFile)
-}
-
-// PodMTU is the MTU pods get: the underlay's, less the largest encapsulation
-// overhead any enabled pool may need (IPIP 20 bytes, VXLAN 50).
-func PodMTU(underlay int, pools []*api.IPPool) int {
-	overhead := 0
-	for _, p := range pools {
-		if p.Spec.Disabled {
-			continue
-		}
-		if p.Spec.IPIPMode.Enabled() {
-			overhead = max(overhead, 20)
-		}
-		if p.Spec.VXLANMode.Enabled() {
-			overhead = max(overhead, 50)
-		}
-	}
-	return underlay - overhead
+	a.log.Info("pod MTU", "mtu", m, "file", a.cfg.MTUFile)
 }
 
 func writeAtomic(path string, data []byte) error {

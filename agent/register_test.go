@@ -67,25 +67,3 @@ func TestRegister(t *testing.T) {
 		t.Errorf("same name, another host: %v", err)
 	}
 }
-
-func TestPodMTU(t *testing.T) {
-	pool := func(ipip, vxlan api.EncapMode, disabled bool) *api.IPPool {
-		p := api.NewIPPool("p")
-		p.Spec = api.IPPoolSpec{CIDR: "10.0.0.0/16", IPIPMode: ipip, VXLANMode: vxlan, Disabled: disabled}
-		return p
-	}
-	for _, tc := range []struct {
-		pools []*api.IPPool
-		want  int
-	}{
-		{nil, 1500},
-		{[]*api.IPPool{pool(api.EncapNever, api.EncapNever, false)}, 1500},
-		{[]*api.IPPool{pool(api.EncapCrossSubnet, api.EncapNever, false)}, 1480},
-		{[]*api.IPPool{pool(api.EncapAlways, api.EncapNever, false), pool(api.EncapNever, api.EncapCrossSubnet, false)}, 1450},
-		{[]*api.IPPool{pool(api.EncapNever, api.EncapAlways, true)}, 1500},
-	} {
-		if got := PodMTU(1500, tc.pools); got != tc.want {
-			t.Errorf("PodMTU(1500, %d pools) = %d, want %d", len(tc.pools), got, tc.want)
-		}
-	}
-}

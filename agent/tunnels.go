@@ -18,8 +18,10 @@ import (
 // each tunnel its pools need, and releases the ones no pool needs any more. The
 // address comes from IPAM under the node's tunnel handle, so it lies in one of
 // the node's blocks and is routed with them. It reports whether the Node changed;
-// the watch then brings the change back for the next pass.
-func (a *Agent) syncTunnelAddrs(ctx context.Context, self *api.Node, pools []*api.IPPool, out calc.Output) error {
+// the watch then brings the change back for the next pass. A recorded address
+// is checked against IPAM only on full (timer) passes: the others run on every
+// change and need no etcd round trip for it.
+func (a *Agent) syncTunnelAddrs(ctx context.Context, self *api.Node, pools []*api.IPPool, out calc.Output, full bool) error {
 	bgpSpec := self.Spec.BGP
 	if bgpSpec == nil {
 		bgpSpec = &api.NodeBGPSpec{}
@@ -27,14 +29,14 @@ func (a *Agent) syncTunnelAddrs(ctx context.Context, self *api.Node, pools []*ap
 	var ipipAddr, vxlanAddr, vxlanMAC string
 	var err error
 	if out.IPIP != nil {
-		if ipipAddr, err = a.tunnelAddr(ctx, ipam.TunnelIPIP, bgpSpec.IPv4IPIPTunnelAddr, pools, func(p *api.IPPool) bool { return p.Spec.IPIPMode.Enabled() }); err != nil {
+		if ipipAddr, err = a.tunnelAddr(ctx, ipam.TunnelIPIP, bgpSpec.IPv4IPIPTunnelAddr, full, pools, func(p *api.IPPool) bool { return p.Spec.IPIPMode.Enabled() }); err != nil {
 			return err
 		}
 	} else if err := a.releaseTunnel(ctx, ipam.TunnelIPIP, bgpSpec.IPv4IPIPTunnelAddr); err != nil {
 		return err
 	}
 	if out.VXLAN != nil {
-		if vxlanAddr, err = a.tunnelAddr(ctx, ipam.TunnelVXLAN, self.Spec.IPv4VXLANTunnelAddr, pools, func(p *api.IPPool) bool { return p.Spec.VXLANMode.Enabled() }); err != nil {
+		if vxlanAddr, err = a.tunnelAddr(ctx, ipam.TunnelVXLAN, self.Spec.IPv4VXLANTunnelAddr, full, pools, func(p *api.IPPool) bool { return p.Spec.VXLANMode.Enabled() }); err != nil {
 			return err
 		}
 		vxlanMAC = TunnelMAC(a.cfg.NodeName)
@@ -56,7 +58,10 @@ func (a *Agent) syncTunnelAddrs(ctx context.Context, self *api.Node, pools []*ap
 
 // tunnelAddr is the node's address for a tunnel kind: the recorded one, or one
 // assigned from the pools that use the tunnel.
-func (a *Agent) tunnelAddr(ctx context.Context, kind ipam.TunnelKind, recorded string, pools []*api.IPPool, uses func(*api.IPPool) bool) (string, error) {
+func (a *Agent) tunnelAddr(ctx context.Context, kind ipam.TunnelKind, recorded string, verify bool, pools []*api.IPPool, uses func(*api.IPPool) bool) (string, error) {
+	if recorded != "" && !verify {
+		return recorded, nil
+	}
 	var names []string
 	for _, p := range pools {
 		if uses(p) && !p.Spec.Disabled {
@@ -66,7 +71,7 @@ func (a *Agent) tunnelAddr(ctx context.Context, kind ipam.TunnelKind, recorded s
 	if len(names) == 0 {
 		return recorded, nil // only disabled pools use it: keep what there is
 	}
-	ip, err := ipam.New(a.store, ipam.Options{Logger: a.log}).EnsureTunnelAddr(ctx, a.cfg.NodeName, kind, names)
+	ip, err := a.ipam().EnsureTunnelAddr(ctx, a.cfg.NodeName, kind, names)
 	if err != nil {
 		return "", fmt.Errorf("%s tunnel address: %w", kind, err)
 	}
@@ -77,11 +82,19 @@ func (a *Agent) releaseTunnel(ctx context.Context, kind ipam.TunnelKind, recorde
 	if recorded == "" {
 		return nil
 	}
-	if _, err := ipam.New(a.store, ipam.Options{Logger: a.log}).ReleaseByHandle(ctx, ipam.TunnelHandle(kind, a.cfg.NodeName)); err != nil {
+	if _, err := a.ipam().ReleaseByHandle(ctx, ipam.TunnelHandle(kind, a.cfg.NodeName)); err != nil {
 		return fmt.Errorf("release the %s tunnel address: %w", kind, err)
 	}
 	a.log.Info("released the tunnel address: no pool needs it", "kind", kind, "addr", recorded)
 	return nil
+}
+
+// ipam is the agent's allocator, made on first use.
+func (a *Agent) ipam() *ipam.Allocator {
+	if a.alloc == nil {
+		a.alloc = ipam.New(a.store, ipam.Options{Logger: a.log})
+	}
+	return a.alloc
 }
 
 // updateNode applies mutate to the stored Node, retrying on conflicts.

@@ -135,6 +135,8 @@ type Output struct {
 	Chains    []Chain // margay's own iptables chains, in dependency order
 	Jumps     []Jump  // from the base chains into margay's
 	Sysctls   map[string]string
+	// PodMTU is the MTU new pods get (written to the file the CNI plugin reads).
+	PodMTU int
 	// IPIP and VXLAN are the tunnel devices a pool's mode needs, nil for none.
 	IPIP, VXLAN *TunnelDevice
 	VXLANPeers  []VXLANPeer
@@ -175,6 +177,7 @@ func Compute(in Input) Output {
 		}
 	}
 	out.IPIP, out.VXLAN = tunnels(in, self)
+	out.PodMTU = PodMTU(underlayMTU(in), in.Pools)
 	if in.NodeIP.Bits() == 32 && usesCrossSubnet(in.Pools) {
 		out.Problems = append(out.Problems, fmt.Sprintf("this node's address %s has no subnet: with CrossSubnet every peer looks cross-subnet and all traffic is encapsulated; give the node's address with its subnet's prefix length (--ip)", in.NodeIP))
 	}
@@ -242,12 +245,34 @@ func usesCrossSubnet(pools []*api.IPPool) bool {
 	return false
 }
 
+func underlayMTU(in Input) int {
+	if in.UnderlayMTU == 0 {
+		return 1500
+	}
+	return in.UnderlayMTU
+}
+
+// PodMTU is the underlay's MTU less the largest encapsulation overhead an
+// enabled pool may need (disabled pools give no new pods).
+func PodMTU(underlay int, pools []*api.IPPool) int {
+	overhead := 0
+	for _, p := range pools {
+		if p.Spec.Disabled {
+			continue
+		}
+		if p.Spec.IPIPMode.Enabled() {
+			overhead = max(overhead, IPIPOverhead)
+		}
+		if p.Spec.VXLANMode.Enabled() {
+			overhead = max(overhead, VXLANOverhead)
+		}
+	}
+	return underlay - overhead
+}
+
 // tunnels are the devices the pools' modes need, with this node's addresses.
 func tunnels(in Input, self *api.Node) (ipip, vxlan *TunnelDevice) {
-	underlay := in.UnderlayMTU
-	if underlay == 0 {
-		underlay = 1500
-	}
+	underlay := underlayMTU(in)
 	for _, p := range in.Pools {
 		if p.Spec.IPIPMode.Enabled() && ipip == nil {
 			ipip = &TunnelDevice{MTU: underlay - IPIPOverhead}

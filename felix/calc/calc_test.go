@@ -243,3 +243,25 @@ func TestComputeIPSetsAndRules(t *testing.T) {
 		t.Errorf("sysctls %v", out.Sysctls)
 	}
 }
+
+func TestPodMTU(t *testing.T) {
+	mk := func(ipip, vxlan api.EncapMode, disabled bool) *api.IPPool {
+		p := api.NewIPPool("p")
+		p.Spec = api.IPPoolSpec{CIDR: "10.0.0.0/16", IPIPMode: ipip, VXLANMode: vxlan, Disabled: disabled}
+		return p
+	}
+	for _, tc := range []struct {
+		pools []*api.IPPool
+		want  int
+	}{
+		{nil, 1500},
+		{[]*api.IPPool{mk(api.EncapNever, api.EncapNever, false)}, 1500},
+		{[]*api.IPPool{mk(api.EncapCrossSubnet, api.EncapNever, false)}, 1480},
+		{[]*api.IPPool{mk(api.EncapAlways, api.EncapNever, false), mk(api.EncapNever, api.EncapCrossSubnet, false)}, 1450},
+		{[]*api.IPPool{mk(api.EncapNever, api.EncapAlways, true)}, 1500},
+	} {
+		if got := PodMTU(1500, tc.pools); got != tc.want {
+			t.Errorf("PodMTU(1500, %d pools) = %d, want %d", len(tc.pools), got, tc.want)
+		}
+	}
+}
