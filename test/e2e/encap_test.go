@@ -77,11 +77,7 @@ func TestCrossSubnetVXLAN(t *testing.T) {
 	if out, err := l.Nodes[0].NS.Run(filepath.Join(binDir, "margayctl"), "node", "status", "--mtu-file", mtu); err != nil || !strings.Contains(out, "Pod MTU: 1450") {
 		t.Errorf("margayctl node status: %v\n%s\nwant the pod MTU 1450", err, out)
 	}
-	f := filepath.Join(l.Dir(), "always.yaml")
-	if err := os.WriteFile(f, []byte(encapPool("vxlanMode: Always")), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := l.Ctl(l.Nodes[0], "apply", "-f", f); err != nil {
+	if out, err := apply(l, encapPool("vxlanMode: Always")); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	checkEncap(t, l, func(a, b *lab.Node) string { return "dev vxlan.margay" })
@@ -210,11 +206,7 @@ func TestCrossSubnetIPIP(t *testing.T) {
 		t.Errorf("a DF packet one byte over the pod MTU got through:\n%s", out)
 	}
 	// Always: every route moves into tunl0, and the pods keep talking.
-	f := filepath.Join(l.Dir(), "always.yaml")
-	if err := os.WriteFile(f, []byte(encapPool("ipipMode: Always")), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := l.Ctl(l.Nodes[0], "apply", "-f", f); err != nil {
+	if out, err := apply(l, encapPool("ipipMode: Always")); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	checkEncap(t, l, func(a, b *lab.Node) string { return "via " + b.IP.Addr().String() + " dev tunl0" })

@@ -94,4 +94,19 @@ func tail(s string, lines int) string {
 	return s
 }
 
-func osWriteFile(path string, data []byte) error { return os.WriteFile(path, data, 0o600) }
+// apply runs `margayctl apply` on node1 with the given YAML.
+func apply(l *lab.Lab, yaml string) (string, error) {
+	f, err := os.CreateTemp(l.Dir(), "apply-*.yaml")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.WriteString(yaml); err != nil {
+		f.Close()
+		return "", err
+	}
+	if err := f.Close(); err != nil {
+		return "", err
+	}
+	return l.Ctl(l.Nodes[0], "apply", "-f", f.Name())
+}

@@ -160,19 +160,16 @@ func TestMisconfiguration(t *testing.T) {
 	if out, err := agent(l.Nodes[1], "node1"); err == nil || !strings.Contains(out, `node name "node1" is in use by a running margay-node at 198.18.1.2`) {
 		t.Errorf("a second agent named node1: %v\n%s", err, out)
 	}
-	bad := filepath.Join(l.Dir(), "bad-peer.yaml")
-	writeFile(t, bad, "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: bad}\nspec: {peerIP: 198.18.1.1, asNumber: 4294967296}\n")
-	if out, err := l.Ctl(l.Nodes[0], "apply", "-f", bad); err == nil || !strings.Contains(out, "asNumber 4294967296 is out of range") {
+	if out, err := apply(l, "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: bad}\nspec: {peerIP: 198.18.1.1, asNumber: 4294967296}\n"); err == nil || !strings.Contains(out, "asNumber 4294967296 is out of range") {
 		t.Errorf("a BGPPeer with AS 4294967296: %v: %s", err, out)
 	}
-	silent := filepath.Join(l.Dir(), "silent-peer.yaml")
-	writeFile(t, silent, "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: silent}\nspec: {peerIP: 198.18.1.99, asNumber: 65099}\n---\n"+
+	out, err := apply(l, "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: silent}\nspec: {peerIP: 198.18.1.99, asNumber: 65099}\n---\n"+
 		"apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: secret}\nspec: {peerIP: 198.18.1.98, asNumber: 65098, password: not-the-right-one}\n")
-	if out, err := l.Ctl(l.Nodes[0], "apply", "-f", silent); err != nil {
+	if err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	n := l.Nodes[0]
-	err := lab.WaitFor(10*time.Second, func() error {
+	err = lab.WaitFor(10*time.Second, func() error {
 		out, _ := n.NS.Run(filepath.Join(binDir, "margayctl"), "node", "status")
 		if !strings.Contains(out, "198.18.1.99") || !strings.Contains(out, "global (silent)") || strings.Contains(strings.Split(out[strings.Index(out, "198.18.1.99"):], "\n")[0], "Established") {
 			return fmt.Errorf("node status:\n%s", out)
@@ -182,7 +179,7 @@ func TestMisconfiguration(t *testing.T) {
 	if err != nil {
 		t.Error(err)
 	}
-	out, _ := n.NS.Run(filepath.Join(binDir, "margayctl"), "node", "status")
+	out, _ = n.NS.Run(filepath.Join(binDir, "margayctl"), "node", "status")
 	t.Logf("with a silent peer:\n%s", out)
 	if !strings.Contains(out, "TCP MD5 password set: check it matches the peer's") {
 		t.Errorf("node status does not point at the password of the passworded peer:\n%s", out)
@@ -197,12 +194,5 @@ func TestMisconfiguration(t *testing.T) {
 	}
 	if !n.Running() {
 		t.Error("node1's agent exited")
-	}
-}
-
-func writeFile(t *testing.T, path, data string) {
-	t.Helper()
-	if err := osWriteFile(path, []byte(data)); err != nil {
-		t.Fatal(err)
 	}
 }
