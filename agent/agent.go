@@ -239,6 +239,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	for _, p := range paths {
 		in.Paths = append(in.Paths, calc.Path{Prefix: p.Prefix, NextHop: p.NextHop})
 	}
+	in.Gateways = a.gateways(in.Paths)
 	out := calc.Compute(in)
 	// Advertise before adding peers: a session that comes up then sends our
 	// routes before its End-of-RIB, so a restarting node's peers never drop them.
@@ -254,11 +255,14 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	// Until BGP has converged after a start, routes learned before it are kept:
 	// dropping them while the sessions come up would cut traffic on a restart.
 	a.routes.KeepRemote(!a.health.converged())
+	a.apply(out, full)
+	a.writeMTU(out.PodMTU)
+	// Tunnel addresses after the data plane: they take etcd round trips, and
+	// an address assigned now reaches the devices through the Node update it
+	// makes, so routes need not wait for them when a pool's mode changes.
 	if err := a.syncTunnelAddrs(ctx, s.self, s.pools, out, full); err != nil {
 		a.log.Error("tunnel addresses", "err", err)
 	}
-	a.apply(out, full)
-	a.writeMTU(out.PodMTU)
 	a.metrics.blocks.Set(float64(len(s.blocks)))
 	a.updatePeerMetrics(ctx)
 }
@@ -384,6 +388,26 @@ func (a *Agent) updatePeerMetrics(ctx context.Context) {
 }
 
 // underlayMTU is the MTU of the node's uplink, 0 when unknown.
+// gateways resolves the next hops outside this node's subnet through the
+// kernel's routes (calc.Input.Gateways). One without a route is left out, and
+// calc reports it.
+func (a *Agent) gateways(paths []calc.Path) map[netip.Addr]netip.Addr {
+	gws := map[netip.Addr]netip.Addr{}
+	for _, p := range paths {
+		nh := p.NextHop
+		if _, done := gws[nh]; done || !nh.Is4() || a.addr.Contains(nh) {
+			continue
+		}
+		gw, err := RouteGateway(nh)
+		if err != nil {
+			a.log.Debug("no route to a BGP next hop", "nextHop", nh, "err", err)
+			continue
+		}
+		gws[nh] = gw
+	}
+	return gws
+}
+
 func (a *Agent) underlayMTU() int {
 	if a.iface == "" {
 		return 0

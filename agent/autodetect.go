@@ -111,6 +111,21 @@ func RouteSource(dst netip.Addr) (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("the route to %s has no source address", dst)
 }
 
+// RouteGateway is the address through which the kernel reaches dst: its
+// route's gateway, or dst itself when it is on a link.
+func RouteGateway(dst netip.Addr) (netip.Addr, error) {
+	rs, err := netlink.RouteGet(dst.AsSlice())
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, r := range rs {
+		if a, ok := netip.AddrFromSlice(r.Gw); ok {
+			return a.Unmap(), nil
+		}
+	}
+	return dst, nil
+}
+
 // InterfaceMTU is the MTU of the named interface.
 func InterfaceMTU(name string) (int, error) {
 	l, err := netlink.LinkByName(name)

@@ -30,6 +30,11 @@ type Input struct {
 	RandomFully bool
 	// UnderlayMTU is the MTU of the node's uplink; 0 means 1500.
 	UnderlayMTU int
+	// Gateways maps next hops outside NodeIP's subnet to the address through
+	// which the kernel reaches them (itself if on a link): a direct route
+	// cannot name an off-link next hop, so it is resolved recursively, as
+	// BIRD's "gateway recursive" does for Calico.
+	Gateways map[netip.Addr]netip.Addr
 }
 
 // Endpoint is one local pod interface.
@@ -216,9 +221,18 @@ func Compute(in Input) Output {
 				r.Src = out.VXLAN.Addr
 			}
 			out.Routes = append(out.Routes, r)
-		default:
-			// Same subnet, or encapsulation Never: the underlay knows the way.
+		case !cross:
 			out.Routes = append(out.Routes, Route{Dst: dst, Kind: Via, Gw: p.NextHop})
+		default:
+			// Encapsulation Never across subnets: the underlay's routers must
+			// know the pods (a ToR peering with the nodes), so the route goes
+			// through the gateway towards the next hop.
+			gw, ok := in.Gateways[p.NextHop]
+			if !ok {
+				out.Problems = append(out.Problems, fmt.Sprintf("%s: next hop %s is outside this node's subnet %s and the kernel has no route to it; not routed", dst, p.NextHop, in.NodeIP.Masked()))
+				continue
+			}
+			out.Routes = append(out.Routes, Route{Dst: dst, Kind: Via, Gw: gw})
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(peers)) {

@@ -92,12 +92,30 @@ func TestComputeRoutes(t *testing.T) {
 			problems: []string{"10.246.2.0/26: node n2 has no VXLAN tunnel address and MAC yet; not routed"},
 		},
 		{
-			name: "cross subnet: Never direct, IPIP CrossSubnet through tunl0, VXLAN Always through vxlan.margay",
+			name: "cross subnet: Never via the gateway, IPIP CrossSubnet through tunl0, VXLAN Always through vxlan.margay",
 			mut: func(in *Input) {
 				in.Paths = []Path{path("10.244.3.0/26", "198.18.2.2"), path("10.245.3.0/26", "198.18.2.2"), path("10.246.3.0/26", "198.18.2.2")}
+				in.Gateways = map[netip.Addr]netip.Addr{netip.MustParseAddr("198.18.2.2"): netip.MustParseAddr("198.18.1.1")}
 			},
-			want: []string{"10.244.3.0/26 via 198.18.2.2", "10.245.3.0/26 via 198.18.2.2 dev tunl0 onlink src 10.245.1.1",
+			want: []string{"10.244.3.0/26 via 198.18.1.1", "10.245.3.0/26 via 198.18.2.2 dev tunl0 onlink src 10.245.1.1",
 				"10.246.3.0/26 via 10.246.3.1 dev vxlan.margay onlink src 10.246.1.1"},
+		},
+		{
+			name: "cross subnet under Never with no route to the next hop is reported, not routed",
+			mut: func(in *Input) {
+				in.Paths = []Path{path("10.244.3.0/26", "198.18.2.2")}
+			},
+			problems: []string{"10.244.3.0/26: next hop 198.18.2.2 is outside this node's subnet 198.18.1.0/24 and the kernel has no route to it"},
+		},
+		{
+			name: "a /32 node address under Never reaches an on-link next hop directly",
+			mut: func(in *Input) {
+				in.NodeIP = pfx("198.18.1.2/32")
+				in.Paths = []Path{path("10.244.2.0/26", "198.18.1.3")}
+				in.Gateways = map[netip.Addr]netip.Addr{netip.MustParseAddr("198.18.1.3"): netip.MustParseAddr("198.18.1.3")}
+			},
+			want:     []string{"10.244.2.0/26 via 198.18.1.3"},
+			problems: []string{"198.18.1.2/32 has no subnet"},
 		},
 		{
 			name: "a VXLAN next hop that is no node is reported, not routed",

@@ -14,74 +14,197 @@ import (
 	"github.com/margay-dev/margay/test/nstest"
 )
 
+// encapPool is the lab's pool with an encapsulation mode such as "vxlanMode:
+// Always"; with none it routes directly (Never).
 func encapPool(mode string) string {
+	if mode != "" {
+		mode = ", " + mode
+	}
 	return fmt.Sprintf(`apiVersion: margay.dev/v1
 kind: IPPool
 metadata: {name: pods}
-spec: {cidr: 10.244.0.0/16, natOutgoing: true, %s}
+spec: {cidr: 10.244.0.0/16, natOutgoing: true%s}
 `, mode)
 }
 
-// Five nodes, three in subnet A and two in B, behind a router that knows
-// nothing of pods, VXLAN CrossSubnet: same-subnet pairs route directly (the
-// VXLAN device carries none of their traffic), cross-subnet pairs through
-// vxlan.margay; every pod reaches every pod (ping and TCP) with full-size
-// packets that may not be fragmented, and one byte more fails; switching the
-// pool to Always moves every route into the tunnel without touching the pods.
-func TestCrossSubnetVXLAN(t *testing.T) {
-	l := up(t, lab.Options{Nodes: 5, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "2s"}})
+// encap is one encapsulation, for the cross-subnet suite both share.
+type encap struct {
+	mode     string // its IPPool field
+	dev      string
+	overhead int
+	wire     string // tcpdump's filter for its packets
+	// via is how a node routes another node's blocks through it.
+	via func(to *lab.Node) string
+}
+
+var (
+	vxlanEncap = encap{"vxlanMode", "vxlan.margay", 50, "udp port 4789", func(*lab.Node) string { return "dev vxlan.margay" }}
+	ipipEncap  = encap{"ipipMode", "tunl0", 20, "ip proto 4", func(to *lab.Node) string { return "via " + to.IP.Addr().String() + " dev tunl0" }}
+)
+
+// VXLAN CrossSubnet, Always and Never with a ToR, natively: see crossSubnet.
+func TestCrossSubnetVXLAN(t *testing.T) { crossSubnet(t, vxlanEncap) }
+
+// The same with IPIP, on a kernel with IPIP: make test-vm runs it in the kernel VM.
+func TestCrossSubnetIPIP(t *testing.T) {
+	if _, err := os.Stat("/sys/module/ipip"); err != nil {
+		t.Skip("this kernel has no IPIP; make test-vm runs this test in a VM")
+	}
+	crossSubnet(t, ipipEncap)
+}
+
+// crossSubnet runs five nodes, three in subnet A and two in B, behind a router
+// that knows nothing of pods but runs a BIRD ToR peering with every node.
+//   - Pool mode CrossSubnet: same-subnet pairs route directly (the tunnel
+//     device carries none of their traffic, and the wire shows plain IP),
+//     cross-subnet pairs through the tunnel (the wire shows only
+//     encapsulated packets); every pod reaches every pod (ping and TCP) with
+//     full-size packets that may not be fragmented, and one byte more fails.
+//   - Always: every route moves into the tunnel, same-subnet traffic included.
+//   - Never: the ToR has learnt the blocks, so cross-subnet routes go to the
+//     gateway, unencapsulated.
+//
+// The pods stay up throughout, and each switch completes within the resync
+// interval.
+func crossSubnet(t *testing.T, e encap) {
+	if _, err := exec.LookPath("bird"); err != nil {
+		t.Fatal("bird (package bird2) is not installed: make deps installs it")
+	}
+	const resync = 5 * time.Second
+	l := up(t, lab.Options{Nodes: 5, Subnets: 2, Pools: encapPool(e.mode + ": CrossSubnet"), AgentArgs: []string{"--resync-interval", resync.String()}})
+	sock := birdToR(t, l)
+	if out, err := apply(l, torPeers(l)); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
 	addPods(t, l, 1)
-	checkEncap(t, l, func(a, b *lab.Node) string {
-		if a.IP.Masked() == b.IP.Masked() {
-			return "via " + b.IP.Addr().String() + " dev eth0"
+	podMTU := 1500 - e.overhead
+	n1, n2, n3 := l.Nodes[0], l.Nodes[1], l.Nodes[2] // n1 and n3 in subnet A, n2 in B
+	a, b, c := n1.Pods[0], n3.Pods[0], n2.Pods[0]
+	sameSubnet := func(x, y *lab.Node) bool { return x.IP.Masked() == y.IP.Masked() }
+	direct := func(_, to *lab.Node) string { return "via " + to.IP.Addr().String() + " dev eth0" }
+	checkEncap(t, l, func(from, to *lab.Node) string {
+		if sameSubnet(from, to) {
+			return direct(from, to)
 		}
-		return "dev vxlan.margay"
+		return e.via(to)
 	})
-	allPairs(t, l, 1450-28)
+	allPairs(t, l, podMTU-28)
 	allPairsTCP(t, l)
-	// Same subnet (node1 and node3, both in A): nothing crosses vxlan.margay.
-	a, b := l.Nodes[0].Pods[0], l.Nodes[2].Pods[0]
-	before := txPackets(t, l.Nodes[0], "vxlan.margay")
+	before := txPackets(t, n1, e.dev)
 	if err := lab.Ping(a.NS, b.IP, 5); err != nil {
 		t.Fatal(err)
 	}
-	if after := txPackets(t, l.Nodes[0], "vxlan.margay"); after != before {
-		t.Errorf("same-subnet pings went through vxlan.margay: tx %d -> %d", before, after)
+	if after := txPackets(t, n1, e.dev); after != before {
+		t.Errorf("same-subnet pings went through %s: tx %d -> %d", e.dev, before, after)
 	}
-	// Cross subnet (node1 in A, node2 in B): through it.
-	c := l.Nodes[1].Pods[0]
 	if err := lab.Ping(a.NS, c.IP, 5); err != nil {
 		t.Fatal(err)
 	}
-	if after := txPackets(t, l.Nodes[0], "vxlan.margay"); after < before+5 {
-		t.Errorf("cross-subnet pings did not go through vxlan.margay: tx %d -> %d", before, after)
+	if after := txPackets(t, n1, e.dev); after < before+5 {
+		t.Errorf("cross-subnet pings did not go through %s: tx %d -> %d", e.dev, before, after)
 	}
-	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(1450-28+1), c.IP.String()); err == nil {
+	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(podMTU-28+1), c.IP.String()); err == nil {
 		t.Errorf("a DF packet one byte over the pod MTU got through:\n%s", out)
 	}
 	// On the wire: same-subnet pod traffic crosses subnet A's segment as plain
 	// ICMP between the pods' addresses; cross-subnet traffic leaves the router
-	// into subnet B as VXLAN (UDP 4789) between the nodes.
-	plain := capture(t, l.Router, "br0", fmt.Sprintf("icmp and host %s and host %s", a.IP, b.IP), func() { lab.Ping(a.NS, b.IP, 3) })
-	if plain < 3 {
-		t.Errorf("tcpdump on subnet A saw %d plain ICMP packets between the same-subnet pods, want at least 3", plain)
+	// into subnet B encapsulated between the nodes, and never plain.
+	pods := func(x, y *lab.Pod) string { return fmt.Sprintf("icmp and host %s and host %s", x.IP, y.IP) }
+	nodes := func(x, y *lab.Node) string {
+		return fmt.Sprintf("%s and host %s and host %s", e.wire, x.IP.Addr(), y.IP.Addr())
 	}
-	encap := capture(t, l.Router, "br1", fmt.Sprintf("udp port 4789 and host %s and host %s", l.Nodes[0].IP.Addr(), l.Nodes[1].IP.Addr()), func() { lab.Ping(a.NS, c.IP, 3) })
-	if encap < 3 {
-		t.Errorf("tcpdump on subnet B saw %d VXLAN packets between node1 and node2, want at least 3", encap)
+	if n := capture(t, l.Router, "br0", pods(a, b), func() { lab.Ping(a.NS, b.IP, 3) }); n < 3 {
+		t.Errorf("tcpdump on subnet A saw %d plain ICMP packets between the same-subnet pods, want at least 3", n)
 	}
-	if n := capture(t, l.Router, "br1", fmt.Sprintf("icmp and host %s", a.IP), func() { lab.Ping(a.NS, c.IP, 3) }); n != 0 {
-		t.Errorf("tcpdump on subnet B saw %d unencapsulated packets from pod %s", n, a.IP)
+	if n := capture(t, l.Router, "br1", nodes(n1, n2), func() { lab.Ping(a.NS, c.IP, 3) }); n < 3 {
+		t.Errorf("tcpdump on subnet B saw %d encapsulated packets (%s) between node1 and node2, want at least 3", n, e.wire)
 	}
-	mtu := filepath.Join(l.Dir(), "node1", "mtu")
-	if out, err := l.Nodes[0].NS.Run(filepath.Join(binDir, "margayctl"), "node", "status", "--mtu-file", mtu); err != nil || !strings.Contains(out, "Pod MTU: 1450") {
-		t.Errorf("margayctl node status: %v\n%s\nwant the pod MTU 1450", err, out)
+	if n := capture(t, l.Router, "br1", pods(a, c), func() { lab.Ping(a.NS, c.IP, 3) }); n != 0 {
+		t.Errorf("tcpdump on subnet B saw %d unencapsulated packets between the cross-subnet pods", n)
 	}
-	if out, err := apply(l, encapPool("vxlanMode: Always")); err != nil {
+	checkPodMTU(t, l, n1, podMTU)
+
+	// Always: every route moves into the tunnel, and the pods keep talking.
+	switchMode(t, l, e.mode+": Always", resync, func(_, to *lab.Node) string { return e.via(to) })
+	allPairs(t, l, podMTU-28)
+	if n := capture(t, l.Router, "br0", nodes(n1, n3), func() { lab.Ping(a.NS, b.IP, 3) }); n < 3 {
+		t.Errorf("tcpdump on subnet A saw %d encapsulated packets between node1 and node3 under Always, want at least 3", n)
+	}
+
+	// Never: the ToR learnt every block from its node, so a cross-subnet
+	// block is routed to the gateway, which knows the way.
+	err := lab.WaitFor(30*time.Second, func() error {
+		out, err := l.Router.Run("birdc", "-s", sock, "show", "route")
+		if err != nil {
+			return fmt.Errorf("birdc: %v: %s", err, out)
+		}
+		return sameRoutes(birdRoutes(out), allBlocks(t, l))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	switchMode(t, l, "", resync, func(from, to *lab.Node) string {
+		if sameSubnet(from, to) {
+			return direct(from, to)
+		}
+		return "via " + gateway(from).String() + " dev eth0"
+	})
+	allPairs(t, l, podMTU-28) // the pods keep the MTU they were made with
+	allPairsTCP(t, l)
+	if n := capture(t, l.Router, "br1", pods(a, c), func() { lab.Ping(a.NS, c.IP, 3) }); n < 3 {
+		t.Errorf("tcpdump on subnet B saw %d plain ICMP packets between the cross-subnet pods under Never, want at least 3", n)
+	}
+	checkPodMTU(t, l, n1, 1500) // new pods need no room for a tunnel
+}
+
+// switchMode applies the pool with the given mode (none: Never) and checks
+// that within the resync interval every node routes as want says and a pod
+// reaches a pod on the other subnet.
+func switchMode(t *testing.T, l *lab.Lab, mode string, resync time.Duration, want func(from, to *lab.Node) string) {
+	t.Helper()
+	blocks, err := nodeBlocks(l, l.Nodes[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := mode
+	if name == "" {
+		name = "Never"
+	}
+	start := time.Now()
+	if out, err := apply(l, encapPool(mode)); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	checkEncap(t, l, func(a, b *lab.Node) string { return "dev vxlan.margay" })
-	allPairs(t, l, 1450-28)
+	a, c := l.Nodes[0].Pods[0], l.Nodes[1].Pods[0]
+	err = lab.WaitFor(2*resync, func() error {
+		if err := routedAs(l, blocks, want); err != nil {
+			return err
+		}
+		return lab.Ping(a.NS, c.IP, 1)
+	})
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("switching to %s: %v", name, err)
+	}
+	if took > resync {
+		t.Errorf("switching to %s took %v, more than the resync interval %v", name, took.Round(time.Millisecond), resync)
+	}
+	t.Logf("switched to %s: routes moved and cross-subnet pods talk again after %v", name, took.Round(time.Millisecond))
+}
+
+// checkPodMTU checks that margayctl node status on n shows the pod MTU.
+func checkPodMTU(t *testing.T, l *lab.Lab, n *lab.Node, want int) {
+	t.Helper()
+	mtu := filepath.Join(l.Dir(), n.Name, "mtu")
+	err := lab.WaitFor(10*time.Second, func() error {
+		out, err := n.NS.Run(filepath.Join(binDir, "margayctl"), "node", "status", "--mtu-file", mtu)
+		if err != nil || !strings.Contains(out, fmt.Sprintf("Pod MTU: %d", want)) {
+			return fmt.Errorf("margayctl node status: %v\n%s\nwant the pod MTU %d", err, out, want)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Error(err)
+	}
 }
 
 // checkEncap waits until every node routes every other node's blocks the way
@@ -92,31 +215,33 @@ func checkEncap(t *testing.T, l *lab.Lab, want func(from, to *lab.Node) string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = lab.WaitFor(30*time.Second, func() error {
-		for _, a := range l.Nodes {
-			out, _ := a.NS.Run("ip", "-4", "route", "show", "proto", "77")
-			for _, b := range l.Nodes {
-				if a == b {
-					continue
+	if err := lab.WaitFor(30*time.Second, func() error { return routedAs(l, blocks, want) }); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// routedAs checks every node's route to every other node's blocks.
+func routedAs(l *lab.Lab, blocks map[string][]string, want func(from, to *lab.Node) string) error {
+	for _, a := range l.Nodes {
+		out, _ := a.NS.Run("ip", "-4", "route", "show", "proto", "77")
+		for _, b := range l.Nodes {
+			if a == b {
+				continue
+			}
+			for _, blk := range blocks[b.Name] {
+				line := ""
+				for _, r := range strings.Split(out, "\n") {
+					if strings.HasPrefix(r, blk+" ") {
+						line = r
+					}
 				}
-				for _, blk := range blocks[b.Name] {
-					line := ""
-					for _, r := range strings.Split(out, "\n") {
-						if strings.HasPrefix(r, blk+" ") {
-							line = r
-						}
-					}
-					if !strings.Contains(line, want(a, b)) {
-						return fmt.Errorf("%s routes %s's %s as %q, want %q:\n%s", a.Name, b.Name, blk, line, want(a, b), out)
-					}
+				if !strings.Contains(line, want(a, b)) {
+					return fmt.Errorf("%s routes %s's %s as %q, want %q:\n%s", a.Name, b.Name, blk, line, want(a, b), out)
 				}
 			}
 		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
 	}
+	return nil
 }
 
 // allPairs pings every pod from every other pod with size-byte payloads and the
@@ -171,48 +296,6 @@ func TestIPIPWithoutKernelSupport(t *testing.T) {
 	}
 }
 
-// The same across subnets with IPIP CrossSubnet, on a kernel with IPIP (the
-// kernel VM runner, test/vm, runs it): same-subnet pairs direct, cross-subnet
-// pairs through tunl0, full-size DF packets on every path.
-func TestCrossSubnetIPIP(t *testing.T) {
-	if _, err := os.Stat("/sys/module/ipip"); err != nil {
-		t.Skip("this kernel has no IPIP; make test-vm runs this test in a VM")
-	}
-	l := up(t, lab.Options{Nodes: 5, Subnets: 2, Pools: encapPool("ipipMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "2s"}})
-	addPods(t, l, 1)
-	checkEncap(t, l, func(a, b *lab.Node) string {
-		if a.IP.Masked() == b.IP.Masked() {
-			return "via " + b.IP.Addr().String() + " dev eth0"
-		}
-		return "via " + b.IP.Addr().String() + " dev tunl0"
-	})
-	allPairs(t, l, 1480-28)
-	allPairsTCP(t, l)
-	a, b, c := l.Nodes[0].Pods[0], l.Nodes[2].Pods[0], l.Nodes[1].Pods[0]
-	before := txPackets(t, l.Nodes[0], "tunl0")
-	if err := lab.Ping(a.NS, b.IP, 5); err != nil {
-		t.Fatal(err)
-	}
-	if after := txPackets(t, l.Nodes[0], "tunl0"); after != before {
-		t.Errorf("same-subnet pings went through tunl0: tx %d -> %d", before, after)
-	}
-	if err := lab.Ping(a.NS, c.IP, 5); err != nil {
-		t.Fatal(err)
-	}
-	if after := txPackets(t, l.Nodes[0], "tunl0"); after < before+5 {
-		t.Errorf("cross-subnet pings did not go through tunl0: tx %d -> %d", before, after)
-	}
-	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(1480-28+1), c.IP.String()); err == nil {
-		t.Errorf("a DF packet one byte over the pod MTU got through:\n%s", out)
-	}
-	// Always: every route moves into tunl0, and the pods keep talking.
-	if out, err := apply(l, encapPool("ipipMode: Always")); err != nil {
-		t.Fatalf("%v: %s", err, out)
-	}
-	checkEncap(t, l, func(a, b *lab.Node) string { return "via " + b.IP.Addr().String() + " dev tunl0" })
-	allPairs(t, l, 1480-28)
-}
-
 // txPackets reads a device's transmitted-packet counter in node n.
 func txPackets(t *testing.T, n *lab.Node, dev string) int {
 	t.Helper()
@@ -226,7 +309,8 @@ func txPackets(t *testing.T, n *lab.Node, dev string) int {
 // action runs (bounded: tcpdump stops after 5 s).
 func capture(t *testing.T, ns *nstest.NS, iface, filter string, action func()) int {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, "timeout", "5", "tcpdump", "-i", iface, "-n", "-l", "-q", filter)
+	// -Z root: tcpdump would drop to its own user, which the kernel VM lacks.
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, "timeout", "5", "tcpdump", "-Z", "root", "-i", iface, "-n", "-l", "-q", filter)
 	var out strings.Builder
 	cmd.Stdout = &out
 	if err := cmd.Start(); err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,16 +36,7 @@ func TestToRBird(t *testing.T) {
 		t.Skip("bird (package bird2) is not installed")
 	}
 	l := up(t, lab.Options{Nodes: 3, Pools: torPeer, AgentArgs: []string{"--resync-interval", "2s"}})
-	dir := t.TempDir()
-	conf := "router id 198.18.1.1;\nprotocol device {}\n"
-	for _, n := range l.Nodes {
-		conf += fmt.Sprintf("protocol bgp %s {\n  local 198.18.1.1 as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export none; };\n}\n", n.Name, torAS, n.IP.Addr())
-	}
-	confPath, sock := filepath.Join(dir, "bird.conf"), filepath.Join(dir, "bird.ctl")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	startDaemon(t, l.Router.Name, "bird", "-f", "-c", confPath, "-s", sock, "-P", filepath.Join(dir, "bird.pid"))
+	sock := birdToR(t, l)
 	addPods(t, l, 1)
 	want := allBlocks(t, l)
 	err := lab.WaitFor(60*time.Second, func() error {
@@ -100,6 +92,39 @@ func TestToRFRR(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// birdToR starts BIRD as the ToR in the router namespace and returns birdc's
+// socket. It has an eBGP session with every node, from the router's address on
+// the node's subnet, imports the nodes' routes into the router's kernel (so it
+// forwards pod traffic when no pool encapsulates) and exports nothing to them.
+func birdToR(t *testing.T, l *lab.Lab) string {
+	t.Helper()
+	dir := t.TempDir()
+	conf := "router id 198.18.1.1;\nprotocol device {}\nprotocol kernel { ipv4 { export all; }; }\n"
+	for _, n := range l.Nodes {
+		conf += fmt.Sprintf("protocol bgp %s {\n  local %s as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export none; };\n}\n",
+			n.Name, gateway(n), torAS, n.IP.Addr())
+	}
+	confPath, sock := filepath.Join(dir, "bird.conf"), filepath.Join(dir, "bird.ctl")
+	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startDaemon(t, l.Router.Name, "bird", "-f", "-c", confPath, "-s", sock, "-P", filepath.Join(dir, "bird.pid"))
+	return sock
+}
+
+// torPeers is a BGPPeer for each node to the router on its subnet.
+func torPeers(l *lab.Lab) string {
+	var b strings.Builder
+	for _, n := range l.Nodes {
+		fmt.Fprintf(&b, "---\napiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: tor-%s}\nspec: {node: %s, peerIP: %s, asNumber: %d}\n",
+			n.Name, n.Name, gateway(n), torAS)
+	}
+	return b.String()
+}
+
+// gateway is the router's address on n's subnet.
+func gateway(n *lab.Node) netip.Addr { return n.IP.Masked().Addr().Next() }
 
 // startDaemon runs a routing daemon in a namespace until the test ends.
 func startDaemon(t *testing.T, ns string, args ...string) {

@@ -161,6 +161,12 @@ func SubnetOf(s int) netip.Prefix {
 // topology makes the router with one bridge per subnet, the internet and etcd
 // hosts, and the nodes, round robin over the subnets (node i gets host number
 // 2 + i/subnets).
+//
+// The router's address on a subnet is on a veth (r<N>) whose peer is a port of
+// the subnet's bridge, not on the bridge itself: a bridge device cannot send
+// tunnelled GSO packets whole (it has no encapsulation features), so routing
+// out of it would cut every VXLAN or IPIP super-packet into wire-sized ones,
+// a cost plain TCP would not pay and a real router does not add.
 func (l *Lab) topology() error {
 	var err error
 	if l.Router, err = l.ns("router"); err != nil {
@@ -169,12 +175,16 @@ func (l *Lab) topology() error {
 	r := l.Router
 	steps := [][]string{{"sysctl", "-qw", "net.ipv4.ip_forward=1"}}
 	for s := range l.opts.Subnets {
-		br := fmt.Sprintf("br%d", s)
+		br, rt := fmt.Sprintf("br%d", s), fmt.Sprintf("r%d", s)
 		gw := SubnetOf(s).Addr().Next()
 		steps = append(steps,
 			[]string{"ip", "link", "add", br, "type", "bridge"},
-			[]string{"ip", "addr", "add", netip.PrefixFrom(gw, 24).String(), "dev", br},
-			[]string{"ip", "link", "set", br, "up"})
+			[]string{"ip", "link", "set", br, "up"},
+			[]string{"ip", "link", "add", rt, "type", "veth", "peer", "name", rt + "-port"},
+			[]string{"ip", "link", "set", rt + "-port", "master", br},
+			[]string{"ip", "link", "set", rt + "-port", "up"},
+			[]string{"ip", "addr", "add", netip.PrefixFrom(gw, 24).String(), "dev", rt},
+			[]string{"ip", "link", "set", rt, "up"})
 	}
 	if err := runAll(r, steps); err != nil {
 		return err

@@ -30,6 +30,15 @@ func TestE2EInVM(t *testing.T) {
 		}
 	}
 	files := map[string]string{"/etc/protocols": "/etc/protocols"}
+	// The suite's ToR and its wire captures.
+	var tools []string
+	for _, name := range []string{"bird", "birdc", "tcpdump"} {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			t.Fatalf("the e2e suite in the VM needs the host's %s: make deps installs it", name)
+		}
+		tools = append(tools, p)
+	}
 	entries, err := os.ReadDir(bin)
 	if err != nil {
 		t.Fatal(err)
@@ -50,6 +59,7 @@ cd /margay/bin
 	start := time.Now()
 	out, err := runVM(t, Options{
 		Files:   files,
+		Tools:   tools,
 		Command: []string{"/margay/e2e.sh"},
 		Env:     []string{"MARGAY_E2E_BIN=/margay/bin", "MARGAY_ETCD_SERVER=/margay/bin/etcdserver"},
 		Timeout: 10 * time.Minute,

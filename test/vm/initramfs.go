@@ -14,6 +14,7 @@ import (
 	"path"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -69,6 +70,11 @@ func checkPayload(o *Options) error {
 			}
 		}
 	}
+	for _, t := range o.Tools {
+		if !path.IsAbs(t) || path.Clean(t) != t {
+			return fmt.Errorf("vm: tool %q is not a clean absolute path", t)
+		}
+	}
 	for _, e := range o.Env {
 		if k, _, ok := strings.Cut(e, "="); !ok || !envName.MatchString(k) {
 			return fmt.Errorf("vm: environment entry %q is not NAME=value", e)
@@ -108,13 +114,20 @@ func buildInitramfs(ctx context.Context, a *assets, o *Options, out string) (int
 	// The host tools and their libraries.
 	provided := map[string]bool{}
 	var elfs []string
-	for _, t := range hostTools {
+	tools := slices.Clone(hostTools)
+	for _, p := range o.Tools {
+		tools = append(tools, hostTool{candidates: []string{p}, guest: p})
+	}
+	for _, t := range tools {
 		src := ""
 		for _, c := range t.candidates {
 			if _, err := os.Stat(c); err == nil {
 				src = c
 				break
 			}
+		}
+		if src == "" && t.pkg == "" {
+			return 0, fmt.Errorf("vm: tool %s: no such file on the host", t.guest)
 		}
 		if src == "" {
 			return 0, fmt.Errorf("vm: the guest needs the host's %s (package %s), found at none of %s",

@@ -28,6 +28,9 @@ type Options struct {
 	// kept. Binaries must be static (CGO_ENABLED=0) or need only the libraries
 	// the host tools bring.
 	Files map[string]string
+	// Tools are more dynamically linked host binaries, such as tcpdump or
+	// bird, put at the same path in the guest with the libraries they need.
+	Tools []string
 	// Command is run in the guest, as root, with Env added to its environment
 	// and Dir (default /) as its working directory.
 	Command []string

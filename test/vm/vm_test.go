@@ -300,6 +300,7 @@ func TestCheckPayload(t *testing.T) {
 		{Options{Command: []string{"true"}, Env: []string{"1A=x"}}, "not NAME=value"},
 		{Options{Command: []string{"true"}, Env: []string{"A"}}, "not NAME=value"},
 		{Options{Command: []string{"true"}, Dir: "vm"}, "not absolute"},
+		{Options{Command: []string{"true"}, Tools: []string{"usr/bin/tcpdump"}}, "tool \"usr/bin/tcpdump\" is not a clean absolute path"},
 	} {
 		err := checkPayload(&tc.o)
 		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {

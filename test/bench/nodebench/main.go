@@ -1,11 +1,13 @@
 // Command nodebench measures margay-node in the namespace lab. It needs root and
 // iperf3.
 //
-//	go run ./test/bench/nodebench [-runs 3] [-seconds 5] [-big 21]
+//	go run ./test/bench/nodebench [-runs 3] [-seconds 5] [-big 21] [-cases direct,vxlan,ipip,convergence]
 //
 // It prints:
 //   - cross-node pod-to-pod TCP throughput (iperf3, 1 and 4 streams) as a ratio to
-//     node-to-node throughput measured in the same run over the same underlay;
+//     node-to-node throughput measured in the same run over the same underlay:
+//     direct routing in one subnet, VXLAN and IPIP across two (IPIP in the
+//     kernel VM of test/vm when this kernel lacks it);
 //   - convergence: from the start of the CNI ADD that claims a new block on one
 //     node until the block's route is in the kernel of every other node (netlink
 //     events), in a 3-node lab and a big one;
@@ -32,7 +34,9 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/margay-dev/margay/test/etcdtest"
 	"github.com/margay-dev/margay/test/lab"
+	"github.com/margay-dev/margay/test/vm"
 )
 
 const pools = `apiVersion: margay.dev/v1
@@ -45,6 +49,8 @@ func main() {
 	runs := flag.Int("runs", 3, "iperf3 runs per path and stream count; the median is reported")
 	seconds := flag.Int("seconds", 5, "seconds per iperf3 run")
 	big := flag.Int("big", 21, "nodes in the big lab (convergence and memory)")
+	cases := flag.String("cases", "direct,vxlan,ipip,convergence", "what to measure, comma-separated")
+	binFlag := flag.String("bin", "", "directory of prebuilt margay binaries (default: build them)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		log.Fatal("nodebench needs root: it makes network namespaces")
@@ -52,41 +58,103 @@ func main() {
 	if _, err := exec.LookPath("iperf3"); err != nil {
 		log.Fatal("nodebench needs iperf3 (apt-get install iperf3)")
 	}
-	bin, err := os.MkdirTemp("", "margay-nodebench-")
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer os.RemoveAll(bin)
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/margay-node", "./cmd/margay", "./cmd/margay-ipam", "./cmd/margayctl").CombinedOutput(); err != nil {
-		log.Fatalf("build: %v\n%s", err, out)
-	}
-	fmt.Printf("margay-node benchmarks, %s\n\n", time.Now().UTC().Format("2006-01-02"))
-	for _, c := range []struct {
-		name    string
-		subnets int
-		pool    string
-		target  float64
-	}{
-		{"direct routing, one subnet", 1, pools, 0.9},
-		{"VXLAN, across two subnets", 2, vxlanPool, 0.7},
-	} {
-		if err := throughput(bin, c.name, c.subnets, c.pool, c.target, *runs, *seconds); err != nil {
+	bin := *binFlag
+	if bin == "" {
+		var err error
+		if bin, err = os.MkdirTemp("", "margay-nodebench-"); err != nil {
+			log.Fatal(err)
+		}
+		defer os.RemoveAll(bin)
+		if err := build(bin, "./cmd/margay-node", "./cmd/margay", "./cmd/margay-ipam", "./cmd/margayctl"); err != nil {
 			log.Fatal(err)
 		}
 	}
-	for _, n := range []int{3, *big} {
-		if err := convergence(bin, n); err != nil {
+	fmt.Printf("margay-node benchmarks, %s\n\n", time.Now().UTC().Format("2006-01-02"))
+	for _, c := range strings.Split(*cases, ",") {
+		var err error
+		switch c {
+		case "direct":
+			err = throughput(bin, "direct routing, one subnet", 1, pools, 0.9, *runs, *seconds)
+		case "vxlan":
+			err = throughput(bin, "VXLAN, across two subnets", 2, vxlanPool, 0.7, *runs, *seconds)
+		case "ipip":
+			if _, statErr := os.Stat("/sys/module/ipip"); statErr != nil {
+				err = inVM(*runs, *seconds) // this kernel has no IPIP
+				break
+			}
+			err = throughput(bin, "IPIP, across two subnets", 2, ipipPool, 0.7, *runs, *seconds)
+		case "convergence":
+			for _, n := range []int{3, *big} {
+				if err = convergence(bin, n); err != nil {
+					break
+				}
+			}
+		default:
+			err = fmt.Errorf("unknown case %q in -cases", c)
+		}
+		if err != nil {
 			log.Fatal(err)
 		}
 	}
 }
 
-// vxlanPool encapsulates between subnets.
-const vxlanPool = `apiVersion: margay.dev/v1
+// build builds static binaries of the packages into dir: static, so that they
+// run in the kernel VM too.
+func build(dir string, pkgs ...string) error {
+	cmd := exec.Command("go", append([]string{"build", "-o", dir + "/"}, pkgs...)...)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	return nil
+}
+
+// inVM runs the IPIP case in the kernel VM (test/vm), whose kernel has IPIP:
+// this program, the binaries and etcd go in, iperf3 from the host, and both
+// sides of the ratio are measured inside the same VM.
+func inVM(runs, seconds int) error {
+	dir, err := os.MkdirTemp("", "margay-nodebench-vm-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	if err := build(dir, "./cmd/margay-node", "./cmd/margay", "./cmd/margay-ipam", "./cmd/margayctl",
+		"./test/etcdtest/etcdserver", "./test/bench/nodebench"); err != nil {
+		return err
+	}
+	files := map[string]string{"/etc/protocols": "/etc/protocols"}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		files["/margay/bin/"+e.Name()] = filepath.Join(dir, e.Name())
+	}
+	iperf, _ := exec.LookPath("iperf3")
+	fmt.Println("IPIP: this kernel has none, so the case runs in the kernel VM (qemu TCG: absolute figures are the emulator's, the ratio is the finding)")
+	return vm.Run(context.Background(), vm.Options{
+		Files: files,
+		Tools: []string{iperf},
+		Command: []string{"/margay/bin/nodebench", "-bin", "/margay/bin", "-cases", "ipip",
+			"-runs", strconv.Itoa(runs), "-seconds", strconv.Itoa(seconds)},
+		Env:     []string{etcdtest.ServerEnv + "=/margay/bin/etcdserver"},
+		Timeout: 10 * time.Minute,
+	})
+}
+
+// vxlanPool and ipipPool encapsulate between subnets.
+const (
+	vxlanPool = `apiVersion: margay.dev/v1
 kind: IPPool
 metadata: {name: pods}
 spec: {cidr: 10.244.0.0/16, natOutgoing: true, vxlanMode: CrossSubnet}
 `
+	ipipPool = `apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods}
+spec: {cidr: 10.244.0.0/16, natOutgoing: true, ipipMode: CrossSubnet}
+`
+)
 
 func up(bin string, nodes, subnets int, pool string) (*lab.Lab, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
