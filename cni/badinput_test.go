@@ -3,7 +3,9 @@ package cni
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,7 +22,7 @@ import (
 func TestPluginBadInput(t *testing.T) {
 	r := newRuntime(t, "1.0.0")
 	p := nstest.New(t, "pod")
-	good := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"margay","etcd_endpoints":%q,"nodename":"node-a","ipam":{"type":"margay-ipam"}}`, r.etcd)
+	good := fmt.Sprintf(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"margay","etcd_endpoints":%q,"nodename":"node-a","mtu":1500,"ipam":{"type":"margay-ipam"}}`, r.etcd)
 	cases := []struct {
 		name, conf, netns, ifname string
 		code                      uint
@@ -32,6 +34,14 @@ func TestPluginBadInput(t *testing.T) {
 		{"bad etcd_endpoints", strings.Replace(good, r.etcd, "etcd.example:2379", 1), p.Path, "eth0", types.ErrInvalidNetworkConfig, "etcd_endpoints"},
 		{"missing CNI_NETNS", good, "", "eth0", types.ErrInvalidEnvironmentVariables, "CNI_NETNS"},
 		{"interface name too long", good, p.Path, "eth0-far-too-long", types.ErrInvalidEnvironmentVariables, "too long"},
+	}
+	// Before margay-node has written the pod MTU, ADD asks to be retried.
+	if _, err := os.Stat(MTUFile); errors.Is(err, os.ErrNotExist) {
+		cases = append(cases, struct {
+			name, conf, netns, ifname string
+			code                      uint
+			frag                      string
+		}{"no pod MTU yet", strings.Replace(good, `"mtu":1500,`, "", 1), p.Path, "eth0", types.ErrTryAgainLater, "the pod MTU is not known yet"})
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -2,6 +2,7 @@ package cni
 
 import (
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -82,4 +83,35 @@ func FuzzParseConf(f *testing.F) {
 			t.Fatalf("accepted an unusable configuration: %+v", c)
 		}
 	})
+}
+
+func TestPodMTU(t *testing.T) {
+	file := func(content string, err error) func(string) ([]byte, error) {
+		return func(p string) ([]byte, error) {
+			if p != MTUFile {
+				t.Errorf("read %s, want %s", p, MTUFile)
+			}
+			return []byte(content), err
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		mtu  int
+		read func(string) ([]byte, error)
+		want int
+		err  string
+	}{
+		{"the configuration wins", 1400, file("1450\n", nil), 1400, ""},
+		{"the agent's file", 0, file("1450\n", nil), 1450, ""},
+		{"no file yet: try again later", 0, file("", os.ErrNotExist), 0, "the pod MTU is not known yet"},
+		{"garbage", 0, file("big", nil), 0, `holds "big"`},
+		{"too small", 0, file("100", nil), 0, "not an MTU from 576"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := podMTU(&NetConf{MTU: tc.mtu}, tc.read)
+			if got != tc.want || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("podMTU = %d, %v; want %d, %q", got, err, tc.want, tc.err)
+			}
+		})
+	}
 }

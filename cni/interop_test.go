@@ -31,7 +31,7 @@ func TestPluginWithHostLocal(t *testing.T) {
 	r := newRuntime(t, "1.1.0")
 	dataDir := t.TempDir()
 	r.list = confList(t, fmt.Sprintf(`{"cniVersion": "1.1.0", "name": "k8s-pod-network", "plugins": [
-		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a",
+		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "mtu": 1500,
 		 "ipam": {"type": "host-local", "dataDir": %q, "ranges": [[{"subnet": "10.99.0.0/24"}]]}}]}`, r.etcd, dataDir))
 	podA, podB := nstest.New(t, "pod"), nstest.New(t, "pod")
 	rtA, rtB := podRT(podA, "pod-a"), podRT(podB, "pod-b")
@@ -114,7 +114,7 @@ func TestIPAMUnderBridge(t *testing.T) {
 func TestPluginPortmapChain(t *testing.T) {
 	r := newRuntime(t, "1.0.0")
 	r.list = confList(t, fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
-		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "ipam": {"type": "margay-ipam"}},
+		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "mtu": 1500, "ipam": {"type": "margay-ipam"}},
 		{"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}]}`, r.etcd))
 	podA, podB := nstest.New(t, "pod"), nstest.New(t, "pod")
 	rtA := podRT(podA, "pod-a")

@@ -84,17 +84,23 @@ func (ss *session) ipamCollect(args *skel.CmdArgs) error {
 	return invoke.DelegateGC(ss.delegate, ss.conf.ipamType(), args.StdinData, nil)
 }
 
-// podMTU is the mtu field, else the agent's MTU file, else 1500.
-func podMTU(c *NetConf, readFile func(string) ([]byte, error)) int {
+// podMTU is the mtu field, else the MTU margay-node detected. Without either,
+// ADD fails (kubelet retries it) rather than guess: a node is Ready as soon as
+// the conflist exists, which can be before its agent has written the file, and
+// a pod made then with 1500 would lose large packets to the tunnels for good.
+func podMTU(c *NetConf, readFile func(string) ([]byte, error)) (int, error) {
 	if c.MTU != 0 {
-		return c.MTU
+		return c.MTU, nil
 	}
-	if b, err := readFile(MTUFile); err == nil {
-		if m, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && m >= 576 && m <= 65535 {
-			return m
-		}
+	b, err := readFile(MTUFile)
+	if err != nil {
+		return 0, fmt.Errorf("the pod MTU is not known yet: margay-node writes it to %s once it runs (%v); or set mtu in the network configuration", MTUFile, err)
 	}
-	return 1500
+	m, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || m < 576 || m > 65535 {
+		return 0, fmt.Errorf("%s holds %q, not an MTU from 576 to 65535", MTUFile, strings.TrimSpace(string(b)))
+	}
+	return m, nil
 }
 
 // pod is a container's identity: its Kubernetes pod if kubelet gave one.
@@ -119,7 +125,10 @@ func endpointName(node string, p pod, containerID, ifName string) string {
 
 func cmdAdd(ss *session, args *skel.CmdArgs) error {
 	conf, ctx, store := ss.conf, ss.ctx, ss.store
-
+	mtu, err := podMTU(conf, os.ReadFile)
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater, "no pod MTU", err.Error())
+	}
 	ipamResult, err := ss.ipamAssign(args)
 	if err != nil {
 		return err
@@ -156,7 +165,7 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 
 	p := podOf(args.Args)
 	hostName := HostVethName(p.namespace, p.name, args.ContainerID)
-	w, err := wire(args.Netns, hostName, args.IfName, podMTU(conf, os.ReadFile), ips)
+	w, err := wire(args.Netns, hostName, args.IfName, mtu, ips)
 	if err != nil {
 		return types.NewError(ErrWiring, "wiring the pod", err.Error())
 	}

@@ -217,7 +217,7 @@ func TestPluginStatus(t *testing.T) {
 		t.Errorf("STATUS with the only pool disabled: %v, want code 50", err)
 	}
 	down, err := libcni.ConfListFromBytes([]byte(`{"cniVersion": "1.1.0", "name": "k8s-pod-network", "plugins": [
-		{"type": "margay", "etcd_endpoints": "http://127.0.0.1:1", "nodename": "node-a", "timeout_seconds": 2, "ipam": {"type": "margay-ipam"}}]}`))
+		{"type": "margay", "etcd_endpoints": "http://127.0.0.1:1", "nodename": "node-a", "timeout_seconds": 2, "mtu": 1500, "ipam": {"type": "margay-ipam"}}]}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -232,7 +232,7 @@ func TestPluginLogFile(t *testing.T) {
 	r := newRuntime(t, "1.0.0")
 	logFile := filepath.Join(t.TempDir(), "cni.log")
 	r.list = confList(t, fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
-		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "log_file_path": %q, "ipam": {"type": "margay-ipam"}}]}`, r.etcd, logFile))
+		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "log_file_path": %q, "mtu": 1500, "ipam": {"type": "margay-ipam"}}]}`, r.etcd, logFile))
 	p := nstest.New(t, "pod")
 	rt := podRT(p, "pod-log")
 	if _, err := r.add(rt); err != nil {

@@ -85,7 +85,7 @@ func run(n, burst, runs int) error {
 	}
 	stacks := []stack{
 		{"ptp+host-local (reference)", fmt.Sprintf(`{"cniVersion":"1.0.0","name":"bench","plugins":[{"type":"ptp","ipam":{"type":"host-local","dataDir":%q,"ranges":[[{"subnet":"10.99.0.0/16"}]]}}]}`, filepath.Join(bin, "host-local"+"-data"))},
-		{"margay+margay-ipam", fmt.Sprintf(`{"cniVersion":"1.0.0","name":"bench","plugins":[{"type":"margay","etcd_endpoints":%q,"nodename":"node-a","ipam":{"type":"margay-ipam"}}]}`, etcd)},
+		{"margay+margay-ipam", fmt.Sprintf(`{"cniVersion":"1.0.0","name":"bench","plugins":[{"type":"margay","etcd_endpoints":%q,"nodename":"node-a","mtu":1500,"ipam":{"type":"margay-ipam"}}]}`, etcd)},
 	}
 	type figures struct {
 		add, del, burstAdd []time.Duration
