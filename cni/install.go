@@ -3,9 +3,15 @@ package cni
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
 )
 
 // InstallOptions say what to install where.
@@ -15,14 +21,72 @@ type InstallOptions struct {
 	ConfDir  string   // the CNI conf dir, /etc/cni/net.d
 	ConfName string   // default 10-margay.conflist
 	Plugins  []string // binaries to copy; default margay and margay-ipam
+	// TLSDir, if set, receives copies of the etcd TLS files that Conf names (as
+	// etcd-ca, etcd-cert and etcd-key), and the configuration names the copies: the
+	// plugin runs on the host, which cannot see a Secret mounted into an installer's
+	// container.
+	TLSDir string
+	// Template, if set, is the configuration list to write, with the placeholders
+	// of RenderTemplate filled in from Conf; otherwise ConfList(Conf) is written.
+	Template []byte
 	// Conf is the margay plugin's configuration; Type and CNIVersion are filled in.
 	Conf NetConf
 }
 
-// Install copies the plugins into the CNI bin dir and writes the network
-// configuration list into the CNI conf dir. Each file is written to a temporary
-// name and renamed, so kubelet never sees half a file, and a file whose content is
-// already right is left alone. It returns the paths it changed.
+// fileCopy is one file Install copies: a plugin, or an etcd TLS file.
+type fileCopy struct {
+	src, dst string
+	mode     os.FileMode
+}
+
+// plan returns the configuration as the plugin will see it on the host, and the
+// TLS files to copy for that.
+func (o InstallOptions) plan() (NetConf, []fileCopy) {
+	c := o.Conf
+	if o.TLSDir == "" {
+		return c, nil
+	}
+	var copies []fileCopy
+	for _, f := range []struct {
+		path *string
+		name string
+		mode os.FileMode
+	}{{&c.EtcdCACertFile, "etcd-ca", 0o644}, {&c.EtcdCertFile, "etcd-cert", 0o644}, {&c.EtcdKeyFile, "etcd-key", 0o600}} {
+		if *f.path != "" {
+			dst := filepath.Join(o.TLSDir, f.name)
+			copies = append(copies, fileCopy{*f.path, dst, f.mode})
+			*f.path = dst
+		}
+	}
+	return c, copies
+}
+
+// Render returns the configuration list Install would write, checked as the
+// plugin will check it. It touches nothing, so an installer can refuse a bad
+// configuration before it changes the node.
+func (o InstallOptions) Render() ([]byte, error) {
+	c, _ := o.plan()
+	var list []byte
+	var err error
+	if o.Template != nil {
+		list, err = RenderTemplate(o.Template, c)
+	} else {
+		list, err = ConfList(c)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := CheckConfList(list); err != nil {
+		return nil, err
+	}
+	return list, nil
+}
+
+// Install copies the plugins (and, with TLSDir, the etcd TLS files) into place and
+// then writes the network configuration list into the CNI conf dir. Each file is
+// written to a temporary name and renamed, so kubelet never sees half a file, and
+// a file whose content is already right is left alone. It returns the paths it
+// changed. Nothing is written if the configuration is one the plugin would refuse.
 func Install(o InstallOptions) ([]string, error) {
 	if o.ConfName == "" {
 		o.ConfName = "10-margay.conflist"
@@ -30,25 +94,37 @@ func Install(o InstallOptions) ([]string, error) {
 	if len(o.Plugins) == 0 {
 		o.Plugins = []string{"margay", "margay-ipam"}
 	}
-	var changed []string
+	conflist, err := o.Render()
+	if err != nil {
+		return nil, err
+	}
+	copies := make([]fileCopy, 0, len(o.Plugins))
 	for _, p := range o.Plugins {
-		data, err := os.ReadFile(filepath.Join(o.SrcDir, p))
+		copies = append(copies, fileCopy{filepath.Join(o.SrcDir, p), filepath.Join(o.BinDir, p), 0o755})
+	}
+	_, tls := o.plan()
+	var changed []string
+	for _, c := range append(copies, tls...) {
+		data, err := os.ReadFile(c.src)
 		if err != nil {
-			return changed, fmt.Errorf("read plugin %s: %w", p, err)
+			return changed, fmt.Errorf("install %s: %w", c.dst, err)
 		}
-		dst := filepath.Join(o.BinDir, p)
-		did, err := writeAtomic(dst, data, 0o755)
+		// An unfilled Secret mounts as empty files: stop here, while the node
+		// is still not ready, rather than let every pod's ADD fail.
+		if len(data) == 0 {
+			return changed, fmt.Errorf("install %s: %s is empty", c.dst, c.src)
+		}
+		did, err := writeAtomic(c.dst, data, c.mode)
 		if err != nil {
 			return changed, err
 		}
 		if did {
-			changed = append(changed, dst)
+			changed = append(changed, c.dst)
 		}
 	}
-	conflist, err := ConfList(o.Conf)
-	if err != nil {
-		return changed, err
-	}
+	// The configuration goes last: the container runtime reports the node's
+	// network ready as soon as a configuration exists, and kubelet then starts
+	// pods, so the plugin and its files must already be there.
 	dst := filepath.Join(o.ConfDir, o.ConfName)
 	did, err := writeAtomic(dst, conflist, 0o644)
 	if did {
@@ -116,16 +192,96 @@ func writeAtomic(path string, data []byte, mode os.FileMode) (bool, error) {
 	return true, nil
 }
 
-// CheckConfList checks the margay plugin's configuration in a rendered list the way
-// the plugin will.
+// CheckConfList checks a configuration list the way libcni and the margay plugin
+// will: a name, a cniVersion margay speaks, and margay first with a configuration
+// it accepts.
 func CheckConfList(list []byte) error {
 	var l struct {
-		Plugins []json.RawMessage `json:"plugins"`
+		Name       string            `json:"name"`
+		CNIVersion string            `json:"cniVersion"`
+		Plugins    []json.RawMessage `json:"plugins"`
 	}
-	if err := json.Unmarshal(list, &l); err != nil || len(l.Plugins) == 0 {
-		return fmt.Errorf("the configuration list has no plugin: %v", err)
+	if err := json.Unmarshal(list, &l); err != nil {
+		return fmt.Errorf("not a configuration list: %w", atLine(list, err))
+	}
+	switch {
+	case l.Name == "":
+		return errors.New("the configuration list has no name")
+	case !slices.Contains(SupportedVersions.SupportedVersions(), l.CNIVersion):
+		return fmt.Errorf("cniVersion %q: margay speaks %s", l.CNIVersion, strings.Join(SupportedVersions.SupportedVersions(), ", "))
+	case len(l.Plugins) == 0:
+		return errors.New("the configuration list has no plugins")
+	}
+	// margay must come first: it makes the pod's interface, and chained plugins
+	// such as portmap work on its result.
+	var first struct {
+		Type string `json:"type"`
+	}
+	if err := json.Unmarshal(l.Plugins[0], &first); err != nil || first.Type != "margay" {
+		return fmt.Errorf("the first plugin's type is %q, not margay", first.Type)
 	}
 	// The node name may be left to the plugin's host.
 	_, err := ParseConf(l.Plugins[0], func() (string, error) { return "node", nil })
 	return err
+}
+
+// atLine adds the line of a JSON decoding error, which encoding/json gives only as
+// a byte offset.
+func atLine(data []byte, err error) error {
+	var syntax *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	off := int64(-1)
+	switch {
+	case errors.As(err, &syntax):
+		off = syntax.Offset
+	case errors.As(err, &typ):
+		off = typ.Offset
+	}
+	if off < 0 || off > int64(len(data)) {
+		return err
+	}
+	return fmt.Errorf("line %d: %w", 1+bytes.Count(data[:off], []byte("\n")), err)
+}
+
+// placeholder matches what RenderTemplate substitutes, and anything else that
+// looks like a placeholder, so that a misspelt or foreign one (such as Calico's
+// __KUBERNETES_NODE_NAME__) is reported instead of reaching the plugin.
+var placeholder = regexp.MustCompile(`__[A-Z0-9]+(?:_[A-Z0-9]+)*__`)
+
+// RenderTemplate fills the placeholders of a configuration list template, as
+// Calico's install-cni does with CNI_NETWORK_CONFIG, from c: __ETCD_ENDPOINTS__,
+// __ETCD_CA_CERT_FILE__, __ETCD_CERT_FILE__, __ETCD_KEY_FILE__, __NODENAME__,
+// __LOG_LEVEL__ and __LOG_FILE_PATH__ go inside JSON strings and are escaped for
+// them; __MTU__ is a bare number ("mtu": __MTU__). Any other __WORD__ is an error.
+// The result is not checked: see CheckConfList.
+func RenderTemplate(tmpl []byte, c NetConf) ([]byte, error) {
+	str := func(s string) []byte {
+		b, _ := json.Marshal(s) // a string always marshals
+		return b[1 : len(b)-1]
+	}
+	values := map[string][]byte{
+		"__ETCD_ENDPOINTS__":    str(c.EtcdEndpoints),
+		"__ETCD_CA_CERT_FILE__": str(c.EtcdCACertFile),
+		"__ETCD_CERT_FILE__":    str(c.EtcdCertFile),
+		"__ETCD_KEY_FILE__":     str(c.EtcdKeyFile),
+		"__NODENAME__":          str(c.Nodename),
+		"__MTU__":               []byte(strconv.Itoa(c.MTU)),
+		"__LOG_LEVEL__":         str(c.LogLevel),
+		"__LOG_FILE_PATH__":     str(c.LogFilePath),
+	}
+	var unknown []string
+	out := placeholder.ReplaceAllFunc(tmpl, func(m []byte) []byte {
+		v, ok := values[string(m)]
+		if !ok {
+			unknown = append(unknown, string(m))
+			return m
+		}
+		return v
+	})
+	if unknown != nil {
+		slices.Sort(unknown)
+		return nil, fmt.Errorf("unknown placeholder %s; known: %s", strings.Join(slices.Compact(unknown), ", "),
+			strings.Join(slices.Sorted(maps.Keys(values)), ", "))
+	}
+	return out, nil
 }

@@ -10,6 +10,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -29,8 +30,19 @@ import (
 func main() {
 	if err := rootCmd().Execute(); err != nil {
 		fmt.Fprintf(os.Stderr, "margay-node: %v\n", err)
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
+}
+
+// usageError marks a mistake in how margay-node was called, or a configuration it
+// refuses to install: exit code 2.
+type usageError struct{ error }
+
+func exitCode(err error) int {
+	if errors.As(err, new(usageError)) {
+		return 2
+	}
+	return 1
 }
 
 func env(name, def string) string {
@@ -91,7 +103,7 @@ func rootCmd() *cobra.Command {
 	f.StringVar(&cfg.GRPCAddr, "bgp-api-listen", env("MARGAY_BGP_API_LISTEN", agent.DefaultGRPCAddr), "GoBGP gRPC API address, for the gobgp CLI; keep it on loopback (env MARGAY_BGP_API_LISTEN)")
 	f.StringVar(&resync, "resync-interval", env("MARGAY_RESYNC_INTERVAL", agent.DefaultResyncInterval.String()), "how often to re-assert routes and rules (env MARGAY_RESYNC_INTERVAL)")
 	f.StringVar(&logLevel, "log-level", env("MARGAY_LOG_LEVEL", "info"), "debug, info, warn or error (env MARGAY_LOG_LEVEL)")
-	root.AddCommand(&cobra.Command{
+	root.AddCommand(installCNICmd(), &cobra.Command{
 		Use:   "cleanup",
 		Short: "remove margay's routes, iptables chains and ipsets from this node",
 		Args:  cobra.NoArgs,
