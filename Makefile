@@ -7,12 +7,21 @@ LDFLAGS := -X github.com/margay-dev/margay/api.Version=$(VERSION)
 # with a spurious "context deadline exceeded" (golang/go#75804, fixed in 1.27).
 FUZZTIME ?= 40000x
 
-.PHONY: all build test deps vet unit integration test-vm fuzz bench clean
+.PHONY: all build lab lab-down test deps vet unit integration test-vm fuzz bench clean
 
 all: build
 
+# The binaries, and beside them for margay-lab the embedded etcd server and the
+# gobgp CLI (both pinned in go.mod).
 build:
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/... ./test/etcdtest/etcdserver github.com/osrg/gobgp/v3/cmd/gobgp
+
+# A 4-node lab in two subnets on this machine, left running: see README.md.
+lab: build
+	$(BIN)/margay-lab up
+
+lab-down:
+	$(BIN)/margay-lab down
 
 test: deps vet unit integration test-vm fuzz
 
@@ -32,7 +41,7 @@ unit:
 # slows the etcd client twentyfold, so it runs without; -short runs it at a tenth
 # of the size under -race) and the tests that build and run real binaries.
 integration:
-	$(GO) test -count=1 -run 'TestConcurrentAllocation|TestBinary' ./ipam ./cmd/margayctl
+	$(GO) test -count=1 -run 'TestConcurrentAllocation|TestBinary|TestLab' ./ipam ./cmd/margayctl ./cmd/margay-lab
 	$(GO) test -count=1 ./test/e2e
 
 # The kernel VM runner (test/vm) and its tests: a pinned Debian kernel under

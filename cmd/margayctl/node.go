@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -12,8 +11,6 @@ import (
 
 	gobgpapi "github.com/osrg/gobgp/v3/api"
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/margay-dev/margay/bgp"
 )
@@ -37,7 +34,7 @@ func (a *app) nodeStatusCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
-			peers, err := listPeers(ctx, addr)
+			peers, err := bgp.ListPeers(ctx, addr)
 			if err != nil {
 				return fmt.Errorf("margay-node's BGP API at %s: %w; is margay-node running on this node (margay-node --bgp-api-listen)?", addr, err)
 			}
@@ -56,89 +53,13 @@ func (a *app) nodeStatusCmd() *cobra.Command {
 	return cmd
 }
 
-func listPeers(ctx context.Context, addr string) ([]*gobgpapi.Peer, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	stream, err := gobgpapi.NewGobgpApiClient(conn).ListPeer(ctx, &gobgpapi.ListPeerRequest{EnableAdvertised: false})
-	if err != nil {
-		return nil, err
-	}
-	var out []*gobgpapi.Peer
-	for {
-		r, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			return out, nil
-		}
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, r.Peer)
-	}
-}
-
 // printPeers writes the peer table: address, type, state, since, info.
 func printPeers(w io.Writer, peers []*gobgpapi.Peer, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PEER ADDRESS\tPEER TYPE\tSTATE\tSINCE\tINFO")
 	for _, p := range peers {
-		typ, name := "unknown", ""
-		if t, n, ok := bgp.ParseDescription(p.GetConf().GetDescription()); ok {
-			typ, name = t.String(), n
-		}
-		if name != "" {
-			typ += " (" + name + ")"
-		}
-		st := p.GetState().GetSessionState()
-		state := strings.ToLower(strings.TrimPrefix(st.String(), "PEER_STATE_"))
-		state = strings.ToUpper(state[:1]) + state[1:] // Established, Active, Idle ...
-		var since time.Time
-		if t := p.GetTimers().GetState(); t != nil {
-			if st == gobgpapi.PeerState_ESTABLISHED && t.GetUptime() != nil {
-				since = t.GetUptime().AsTime()
-			} else if t.GetDowntime() != nil {
-				since = t.GetDowntime().AsTime()
-			}
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", p.GetConf().GetNeighborAddress(), typ, state, ago(since, now), peerInfo(p))
+		st := bgp.DescribePeer(p, now)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", st.Address, st.Type, st.State, st.Since, st.Info)
 	}
 	tw.Flush()
-}
-
-func ago(t, now time.Time) string {
-	if t.IsZero() || t.Unix() <= 0 {
-		return "-"
-	}
-	return now.Sub(t).Round(time.Second).String() + " ago"
-}
-
-// peerInfo says what a person needs next: routes received when the session is
-// up, and the likeliest reason when it is not.
-func peerInfo(p *gobgpapi.Peer) string {
-	if p.GetState().GetSessionState() == gobgpapi.PeerState_ESTABLISHED {
-		var rcv uint64
-		for _, af := range p.GetAfiSafis() {
-			rcv += af.GetState().GetReceived()
-		}
-		return fmt.Sprintf("%d routes received", rcv)
-	}
-	var why []string
-	if p.GetState().GetAdminState() != gobgpapi.PeerState_UP {
-		why = append(why, "administratively down")
-	}
-	if p.GetConf().GetAuthPassword() != "" {
-		// A wrong TCP MD5 password is silent: the kernel drops the segments.
-		why = append(why, "TCP MD5 password set: check it matches the peer's")
-	}
-	why = append(why, fmt.Sprintf("no session with AS %d at %s:%d", p.GetConf().GetPeerAsn(), p.GetConf().GetNeighborAddress(), remotePort(p)))
-	return strings.Join(why, "; ")
-}
-
-func remotePort(p *gobgpapi.Peer) uint32 {
-	if port := p.GetTransport().GetRemotePort(); port != 0 {
-		return port
-	}
-	return 179
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,10 +16,7 @@ import (
 	"github.com/margay-dev/margay/test/lab"
 )
 
-// The router's address on each node's subnet, where the ToR peers.
-const torAS = 65000
-
-// A BGPPeer for every node to the ToR at 198.18.1.1, AS 65000, eBGP.
+// A global BGPPeer: every node peers with the ToR at 198.18.1.1, AS 65000, eBGP.
 const torPeer = neverPool + `---
 apiVersion: margay.dev/v1
 kind: BGPPeer
@@ -35,8 +31,8 @@ func TestToRBird(t *testing.T) {
 	if _, err := exec.LookPath("bird"); err != nil {
 		t.Skip("bird (package bird2) is not installed")
 	}
-	l := up(t, lab.Options{Nodes: 3, Pools: torPeer, AgentArgs: []string{"--resync-interval", "2s"}})
-	sock := birdToR(t, l)
+	l := up(t, lab.Options{Nodes: 3, Pools: neverPool, ToR: "bird", AgentArgs: []string{"--resync-interval", "2s"}})
+	sock := l.BirdSocket()
 	addPods(t, l, 1)
 	want := allBlocks(t, l)
 	err := lab.WaitFor(60*time.Second, func() error {
@@ -65,7 +61,7 @@ func TestToRFRR(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	os.Chmod(dir, 0o777)
-	conf := fmt.Sprintf("router bgp %d\n bgp router-id 198.18.1.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n", torAS)
+	conf := fmt.Sprintf("router bgp %d\n bgp router-id 198.18.1.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n", lab.ToRAS)
 	for _, n := range l.Nodes {
 		conf += fmt.Sprintf(" neighbor %s remote-as 64512\n neighbor %s timers connect 2\n", n.IP.Addr(), n.IP.Addr())
 	}
@@ -92,39 +88,6 @@ func TestToRFRR(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
-// birdToR starts BIRD as the ToR in the router namespace and returns birdc's
-// socket. It has an eBGP session with every node, from the router's address on
-// the node's subnet, imports the nodes' routes into the router's kernel (so it
-// forwards pod traffic when no pool encapsulates) and exports nothing to them.
-func birdToR(t *testing.T, l *lab.Lab) string {
-	t.Helper()
-	dir := t.TempDir()
-	conf := "router id 198.18.1.1;\nprotocol device {}\nprotocol kernel { ipv4 { export all; }; }\n"
-	for _, n := range l.Nodes {
-		conf += fmt.Sprintf("protocol bgp %s {\n  local %s as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export none; };\n}\n",
-			n.Name, gateway(n), torAS, n.IP.Addr())
-	}
-	confPath, sock := filepath.Join(dir, "bird.conf"), filepath.Join(dir, "bird.ctl")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	startDaemon(t, l.Router.Name, "bird", "-f", "-c", confPath, "-s", sock, "-P", filepath.Join(dir, "bird.pid"))
-	return sock
-}
-
-// torPeers is a BGPPeer for each node to the router on its subnet.
-func torPeers(l *lab.Lab) string {
-	var b strings.Builder
-	for _, n := range l.Nodes {
-		fmt.Fprintf(&b, "---\napiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: tor-%s}\nspec: {node: %s, peerIP: %s, asNumber: %d}\n",
-			n.Name, n.Name, gateway(n), torAS)
-	}
-	return b.String()
-}
-
-// gateway is the router's address on n's subnet.
-func gateway(n *lab.Node) netip.Addr { return n.IP.Masked().Addr().Next() }
 
 // startDaemon runs a routing daemon in a namespace until the test ends.
 func startDaemon(t *testing.T, ns string, args ...string) {
@@ -254,7 +217,7 @@ func checkSessionTools(t *testing.T, l *lab.Lab) {
 	if err != nil {
 		t.Fatalf("margayctl node status: %v: %s", err, out)
 	}
-	for _, want := range []string{"198.18.1.1", "global (tor)", "node-to-node mesh (node2)", "Established"} {
+	for _, want := range []string{"198.18.1.1", "node specific (tor-node1)", "node-to-node mesh (node2)", "Established"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("margayctl node status does not show %q:\n%s", want, out)
 		}

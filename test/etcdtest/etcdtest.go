@@ -38,6 +38,10 @@ type Options struct {
 	// Host is the address clients reach etcd at, on port 2379; empty means a
 	// free loopback port. Set it with NetNS, to serve a lab's other namespaces.
 	Host string
+	// Detach lets etcd outlive this process (margay-lab): it gets its own
+	// session and writes its output to Dir/etcd.log instead of to pipes that
+	// would break when this process exits.
+	Detach bool
 }
 
 // Server is a running (or stopped) etcd.
@@ -161,6 +165,9 @@ func (s *Server) Restart() error {
 		// ip execs etcd in place, so the process (and its death signal) is etcd's.
 		cmd = exec.Command("ip", append([]string{"netns", "exec", s.opts.NetNS, bin}, args...)...)
 	}
+	if s.opts.Detach {
+		return s.startDetached(cmd)
+	}
 	// If the test process dies, etcd dies with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var stderr strings.Builder
@@ -193,6 +200,53 @@ func (s *Server) Restart() error {
 	cmd.Process.Kill()
 	<-exited
 	return fmt.Errorf("etcd did not become ready: %s", strings.TrimSpace(stderr.String()))
+}
+
+// startDetached starts etcd in its own session with its output in a log file,
+// and waits for the "ready" line there.
+func (s *Server) startDetached(cmd *exec.Cmd) error {
+	logPath := filepath.Join(s.opts.Dir, "etcd.log")
+	if err := os.MkdirAll(s.opts.Dir, 0o755); err != nil {
+		return err
+	}
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	logf.Close() // etcd has its own descriptor
+	if err != nil {
+		return fmt.Errorf("start etcd: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	deadline := time.After(60 * time.Second)
+	for {
+		b, _ := os.ReadFile(logPath)
+		if strings.Contains("\n"+string(b), "\nready\n") {
+			s.cmd, s.exited = cmd, exited
+			return nil
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("etcd exited before it was ready: %s", strings.TrimSpace(string(b)))
+		case <-deadline:
+			cmd.Process.Kill()
+			<-exited
+			return fmt.Errorf("etcd did not become ready: %s", strings.TrimSpace(string(b)))
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// PID is the running server's process ID, 0 when it is stopped.
+func (s *Server) PID() int {
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
 }
 
 // Stop kills the server, as a crash would; its data stays for Restart.

@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -49,8 +48,14 @@ type Options struct {
 	Pools string
 	// AgentArgs are extra margay-node flags for every node.
 	AgentArgs []string
+	// ToR "bird" runs BIRD in the router as every node's eBGP peer (AS ToRAS),
+	// with a BGPPeer per node to the router's address on its subnet.
+	ToR string
+	// Detach lets the lab's processes outlive this one (margay-lab); otherwise
+	// they die with it.
+	Detach bool
 	// Log receives a line per step; nil for none.
-	Log io.Writer
+	Log io.Writer `json:"-"`
 }
 
 // Lab is a running lab.
@@ -60,8 +65,11 @@ type Lab struct {
 	Router   *nstest.NS
 	Internet *nstest.NS
 	EtcdHost *nstest.NS
-	Etcd     *etcdtest.Server
+	Etcd     *etcdtest.Server // nil in a lab Load adopted
 	Nodes    []*Node
+	endpoint string
+	etcd     *proc // etcd in a lab Load adopted
+	bird     *proc
 	mu       sync.Mutex
 	nss      []*nstest.NS
 }
@@ -72,8 +80,7 @@ type Node struct {
 	Name  string
 	NS    *nstest.NS
 	IP    netip.Prefix
-	agent *exec.Cmd
-	done  chan struct{}
+	agent *proc
 	Pods  []*Pod
 }
 
@@ -111,17 +118,31 @@ func Up(ctx context.Context, opts Options) (l *Lab, err error) {
 		}
 		l.ownDir = true
 	}
+	if opts.ToR != "" && opts.ToR != "bird" {
+		return nil, fmt.Errorf("ToR %q: the lab knows bird only", opts.ToR)
+	}
 	l.logf("building %d nodes in %d subnets", opts.Nodes, opts.Subnets)
 	if err := l.topology(); err != nil {
 		return nil, err
 	}
-	l.logf("starting etcd at %s", EtcdAddr)
-	if l.Etcd, err = etcdtest.Start(etcdtest.Options{Dir: filepath.Join(l.opts.Dir, "etcd"), NetNS: l.EtcdHost.Name, Host: EtcdAddr.String()}); err != nil {
+	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if opts.Pools != "" {
-		f := filepath.Join(l.opts.Dir, "pools.yaml")
-		if err := os.WriteFile(f, []byte(opts.Pools), 0o600); err != nil {
+	l.logf("starting etcd at %s", EtcdAddr)
+	if l.Etcd, err = etcdtest.Start(etcdtest.Options{Dir: filepath.Join(l.opts.Dir, "etcd"), NetNS: l.EtcdHost.Name, Host: EtcdAddr.String(), Detach: opts.Detach}); err != nil {
+		return nil, err
+	}
+	l.endpoint = l.Etcd.Endpoints()[0]
+	resources := opts.Pools
+	if opts.ToR != "" {
+		resources += "\n" + l.torPeers()
+		if err := l.startBird(); err != nil {
+			return nil, err
+		}
+	}
+	if strings.TrimSpace(resources) != "" {
+		f := filepath.Join(l.opts.Dir, "resources.yaml")
+		if err := os.WriteFile(f, []byte(resources), 0o600); err != nil {
 			return nil, err
 		}
 		if out, err := l.Ctl(l.Nodes[0], "apply", "-f", f); err != nil {
@@ -129,6 +150,9 @@ func Up(ctx context.Context, opts Options) (l *Lab, err error) {
 		}
 	}
 	for _, n := range l.Nodes {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
 		if err := n.Start(); err != nil {
 			return nil, err
 		}
@@ -254,12 +278,15 @@ func runAll(ns *nstest.NS, steps [][]string) error {
 }
 
 // Endpoint is the etcd URL agents and plugins use.
-func (l *Lab) Endpoint() string { return l.Etcd.Endpoints()[0] }
+func (l *Lab) Endpoint() string { return l.endpoint }
 
 // Ctl runs margayctl in node n.
 func (l *Lab) Ctl(n *Node, args ...string) (string, error) {
 	return n.NS.Run(append([]string{filepath.Join(l.opts.Bin, "margayctl"), "--etcd-endpoints", l.Endpoint()}, args...)...)
 }
+
+// Bin is the directory of the margay binaries the lab runs.
+func (l *Lab) Bin() string { return l.opts.Bin }
 
 // Dir is the lab's directory.
 func (l *Lab) Dir() string { return l.opts.Dir }
@@ -267,27 +294,18 @@ func (l *Lab) Dir() string { return l.opts.Dir }
 // Start starts the node's agent (again).
 func (n *Node) Start() error {
 	l := n.lab
-	if n.agent != nil {
+	if n.Running() {
 		return fmt.Errorf("%s: agent already running", n.Name)
 	}
-	logf, err := os.OpenFile(n.LogPath(), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		return err
-	}
-	args := append([]string{"netns", "exec", n.NS.Name, filepath.Join(l.opts.Bin, "margay-node"),
+	args := append([]string{"ip", "netns", "exec", n.NS.Name, filepath.Join(l.opts.Bin, "margay-node"),
 		"--nodename", n.Name, "--etcd-endpoints", l.Endpoint(), "--default-ipv4-pool", "",
-		"--mtu-file", filepath.Join(l.opts.Dir, n.Name, "mtu")}, l.opts.AgentArgs...)
-	cmd := exec.Command("ip", args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// The agent dies with whoever runs the lab.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		logf.Close()
+		"--mtu-file", n.MTUFile()}, l.opts.AgentArgs...)
+	// ip execs the agent in place, so the process is margay-node itself.
+	p, err := startProc(args, n.LogPath(), l.opts.Detach)
+	if err != nil {
 		return fmt.Errorf("start margay-node on %s: %w", n.Name, err)
 	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); logf.Close(); close(done) }()
-	n.agent, n.done = cmd, done
+	n.agent = p
 	l.logf("started margay-node on %s (%s)", n.Name, n.IP)
 	return nil
 }
@@ -295,40 +313,23 @@ func (n *Node) Start() error {
 // Stop signals the node's agent and waits for it to exit (at most 10 s, then it
 // is killed).
 func (n *Node) Stop(sig syscall.Signal) {
-	if n.agent == nil {
-		return
-	}
-	n.agent.Process.Signal(sig)
-	select {
-	case <-n.done:
-	case <-time.After(10 * time.Second):
-		n.agent.Process.Kill()
-		<-n.done
-	}
+	n.agent.stop(sig)
 	n.agent = nil
 }
 
 // Running reports whether the agent process is alive.
-func (n *Node) Running() bool {
-	if n.agent == nil {
-		return false
-	}
-	select {
-	case <-n.done:
-		return false
-	default:
-		return true
-	}
-}
+func (n *Node) Running() bool { return n.agent.running() }
 
-// PID is the agent's process ID, 0 when it is not running (ip netns exec
-// executes the agent in place, so this is margay-node itself).
+// PID is the agent's process ID, 0 when it is not running.
 func (n *Node) PID() int {
 	if !n.Running() {
 		return 0
 	}
-	return n.agent.Process.Pid
+	return n.agent.pid
 }
+
+// MTUFile is where the node's agent writes the pod MTU.
+func (n *Node) MTUFile() string { return filepath.Join(n.lab.opts.Dir, n.Name, "mtu") }
 
 // LogPath is the agent's log file.
 func (n *Node) LogPath() string {
@@ -338,7 +339,7 @@ func (n *Node) LogPath() string {
 
 func (l *Lab) cniConf(n *Node) (*libcni.NetworkConfigList, error) {
 	mtu := 1500
-	if b, err := os.ReadFile(filepath.Join(l.opts.Dir, n.Name, "mtu")); err == nil {
+	if b, err := os.ReadFile(n.MTUFile()); err == nil {
 		fmt.Sscan(string(b), &mtu)
 	}
 	return libcni.ConfListFromBytes(fmt.Appendf(nil, `{"cniVersion": "1.1.0", "name": "k8s-pod-network", "plugins": [
@@ -356,8 +357,7 @@ func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pod{Name: name, NS: ns, Node: n, rt: &libcni.RuntimeConf{ContainerID: n.Name + "-" + name, NetNS: ns.Path, IfName: "eth0",
-		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "lab"}, {"K8S_POD_NAME", name}}}}
+	p := &Pod{Name: name, NS: ns, Node: n, rt: runtimeConf(n, name, ns)}
 	var res types.Result
 	err = n.NS.Do(func() (err error) {
 		res, err = l.cni().AddNetworkList(ctx, list, p.rt)
@@ -374,6 +374,13 @@ func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
 	n.Pods = append(n.Pods, p)
 	l.logf("pod %s on %s: %s", name, n.Name, p.IP)
 	return p, nil
+}
+
+// runtimeConf is what kubelet would pass for a pod: pod name and namespace
+// included, so that the endpoint is named as Kubernetes' would be.
+func runtimeConf(n *Node, name string, ns *nstest.NS) *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{ContainerID: n.Name + "-" + name, NetNS: ns.Path, IfName: "eth0",
+		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "lab"}, {"K8S_POD_NAME", name}}}
 }
 
 // DelPod deletes a pod through the CNI plugin and removes its namespace.
@@ -413,9 +420,11 @@ func (l *Lab) Down() {
 	for _, n := range l.Nodes {
 		n.Stop(syscall.SIGKILL)
 	}
+	l.bird.stop(syscall.SIGKILL)
 	if l.Etcd != nil {
 		l.Etcd.Close()
 	}
+	l.etcd.stop(syscall.SIGKILL)
 	l.mu.Lock()
 	for _, ns := range l.nss {
 		ns.Delete()

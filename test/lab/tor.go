@@ -1,0 +1,56 @@
+package lab
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// ToRAS is the AS of the lab's ToR; the nodes keep margay's default, 64512.
+const ToRAS = 65000
+
+// Gateway is the router's address on n's subnet.
+func (n *Node) Gateway() netip.Addr { return n.IP.Masked().Addr().Next() }
+
+// torPeers is a BGPPeer for each node to the router on its subnet.
+func (l *Lab) torPeers() string {
+	var b strings.Builder
+	for _, n := range l.Nodes {
+		fmt.Fprintf(&b, "---\napiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: tor-%s}\nspec: {node: %s, peerIP: %s, asNumber: %d}\n",
+			n.Name, n.Name, n.Gateway(), ToRAS)
+	}
+	return b.String()
+}
+
+// BirdSocket is birdc's control socket for the BIRD ToR.
+func (l *Lab) BirdSocket() string { return filepath.Join(l.opts.Dir, "bird.ctl") }
+
+// startBird runs BIRD as the ToR in the router namespace: an eBGP session with
+// every node, from the router's address on the node's subnet. It imports the
+// nodes' routes into the router's kernel, so that the router forwards pod
+// traffic when no pool encapsulates, and exports nothing to the nodes.
+func (l *Lab) startBird() error {
+	bird, err := exec.LookPath("bird")
+	if err != nil {
+		return fmt.Errorf("the BIRD ToR needs bird (apt-get install bird2)")
+	}
+	conf := "router id 198.18.1.1;\nprotocol device {}\nprotocol kernel { ipv4 { export all; }; }\n"
+	for _, n := range l.Nodes {
+		conf += fmt.Sprintf("protocol bgp %s {\n  local %s as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export none; };\n}\n",
+			n.Name, n.Gateway(), ToRAS, n.IP.Addr())
+	}
+	confPath := filepath.Join(l.opts.Dir, "bird.conf")
+	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+		return err
+	}
+	l.bird, err = startProc([]string{"ip", "netns", "exec", l.Router.Name, bird, "-f", "-c", confPath, "-s", l.BirdSocket(),
+		"-P", filepath.Join(l.opts.Dir, "bird.pid")}, filepath.Join(l.opts.Dir, "bird.log"), l.opts.Detach)
+	if err != nil {
+		return fmt.Errorf("start bird: %w", err)
+	}
+	l.logf("started BIRD as the ToR (AS %d) in the router", ToRAS)
+	return nil
+}
