@@ -7,7 +7,7 @@ LDFLAGS := -X github.com/margay-dev/margay/api.Version=$(VERSION)
 # with a spurious "context deadline exceeded" (golang/go#75804, fixed in 1.27).
 FUZZTIME ?= 40000x
 
-.PHONY: all build lab lab-down test deps vet unit integration test-vm fuzz bench clean
+.PHONY: all build lab lab-deps lab-down test deps vet unit integration test-vm fuzz bench clean
 
 all: build
 
@@ -17,11 +17,14 @@ build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/... ./test/etcdtest/etcdserver github.com/osrg/gobgp/v3/cmd/gobgp
 
 # A 4-node lab in two subnets on this machine, left running: see README.md.
-lab: build
-	$(BIN)/margay-lab up
+lab: lab-deps build
+	bin/margay-lab up
+
+lab-deps:
+	test/deps.sh lab
 
 lab-down:
-	$(BIN)/margay-lab down
+	bin/margay-lab down
 
 test: deps vet unit integration test-vm fuzz
 

@@ -5,8 +5,12 @@ set -euo pipefail
 # iptables for the data plane and the portmap plugin; bird2 and frr are the ToRs
 # of the interop tests, run only inside lab namespaces; iperf3 for make bench;
 # qemu-system-x86 for the kernel VM runner (test/vm), whose kernel has IPIP;
-# tcpdump to see what crosses the lab router.
-packages=(ca-certificates iproute2 iputils-ping iptables bird2 frr iperf3 qemu-system-x86 tcpdump)
+# tcpdump to see what crosses the lab router; openssl for the example etcd
+# cluster's certificate script. `deps.sh lab` installs only what margay-lab needs.
+packages=(ca-certificates iproute2 iputils-ping iptables bird2 frr iperf3 qemu-system-x86 tcpdump openssl)
+if [ "${1:-}" = lab ]; then
+	packages=(ca-certificates iproute2 iputils-ping iptables)
+fi
 
 if ! command -v go >/dev/null; then
 	echo "deps: Go is not on PATH; install Go 1.26 or later (https://go.dev/doc/install)" >&2

@@ -165,7 +165,10 @@ func (a *app) up(o upOptions) (err error) {
 	}
 	fmt.Fprintln(a.out)
 	fmt.Fprintf(p, "the lab is up (%d nodes, %d pods); try:", len(l.Nodes), len(l.Pods()))
-	fmt.Fprintf(a.out, "  margay-lab exec node1 -- margayctl node status\n  margay-lab exec node1 -- gobgp global rib\n  margay-lab pod add node1 web\n  margay-lab status\n  margay-lab down\n")
+	// The hints name this program as it was called, so they run as shown.
+	for _, hint := range []string{"exec node1 -- margayctl node status", "exec node1 -- gobgp global rib", "pod add node1 web", "status", "down"} {
+		fmt.Fprintf(a.out, "  %s %s\n", os.Args[0], hint)
+	}
 	if failed > 0 {
 		return fmt.Errorf("%d of the connectivity checks failed; the lab stays up for a look (margay-lab down removes it)", failed)
 	}
