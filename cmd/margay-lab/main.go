@@ -133,6 +133,10 @@ func nArgs(n int) cobra.PositionalArgs {
 
 func (a *app) statePath() string { return filepath.Join(a.stateDir, "state.json") }
 
+// donePath exists once up has finished: a lab without it is what a crashed or
+// killed up left, and the next up removes it.
+func (a *app) donePath() string { return filepath.Join(a.stateDir, "up.done") }
+
 // load reads the saved state; nil when no lab is up.
 func (a *app) load() (*lab.State, error) {
 	b, err := os.ReadFile(a.statePath())

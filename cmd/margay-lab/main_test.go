@@ -276,3 +276,22 @@ func TestEncapsulation(t *testing.T) {
 		t.Errorf("--encap auto: %q, %q; want %q and a reason", mode, why, want)
 	}
 }
+
+// With no way across subnets (--encap none, no ToR) up says which checks
+// failed, exits 1 and leaves the lab up for a look; down removes it.
+func TestLabUpUnreachable(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "lab")
+	t.Cleanup(func() { runLab(t, state, "down") })
+	out, code := runLab(t, state, "up", "--nodes", "2", "--subnets", "2", "--encap", "none", "--pods-per-node", "1")
+	if code != 1 || !strings.Contains(out, "will not reach each other") || !strings.Contains(out, "2 of 4 reachable") || !strings.Contains(out, "the lab stays up") {
+		t.Fatalf("up without a way across subnets: exit %d:\n%s", code, out)
+	}
+	if out, code := runLab(t, state, "exec", "node1-a", "--", "ping", "-c", "1", "-W", "1", "203.0.113.10"); code != 0 {
+		t.Errorf("the lab is not up after a partial failure: exit %d:\n%s", code, out)
+	}
+	pids := labPIDs(t, state)
+	if out, code := runLab(t, state, "down"); code != 0 {
+		t.Fatalf("down: exit %d:\n%s", code, out)
+	}
+	checkGone(t, state, pids)
+}

@@ -80,7 +80,7 @@ func (a *app) up(o upOptions) (err error) {
 		return err
 	}
 	st, err := a.load()
-	if err == nil && st != nil && lab.Load(*st).EtcdRunning() {
+	if _, doneErr := os.Stat(a.donePath()); err == nil && st != nil && doneErr == nil && lab.Load(*st).EtcdRunning() {
 		return errors.New("a lab is already up: margay-lab status shows it, margay-lab down removes it")
 	}
 	// What a crashed or killed up left behind.
@@ -107,8 +107,9 @@ func (a *app) up(o upOptions) (err error) {
 	}
 	ctx, cancel := signalContext()
 	defer cancel()
+	keep := false // a lab that is up but not all reachable stays for a look
 	defer func() {
-		if err == nil {
+		if err == nil || keep {
 			return
 		}
 		if ctx.Err() != nil {
@@ -129,7 +130,7 @@ func (a *app) up(o upOptions) (err error) {
 		return err
 	}
 	defer func() {
-		if err != nil {
+		if err != nil && !keep {
 			l.Down()
 		}
 	}()
@@ -163,6 +164,10 @@ func (a *app) up(o upOptions) (err error) {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	// From here on the lab is one that up finished, not one a crash left.
+	if err := os.WriteFile(a.donePath(), nil, 0o600); err != nil {
+		return err
+	}
 	fmt.Fprintln(a.out)
 	fmt.Fprintf(p, "the lab is up (%d nodes, %d pods); try:", len(l.Nodes), len(l.Pods()))
 	// The hints name this program as it was called, so they run as shown.
@@ -170,6 +175,7 @@ func (a *app) up(o upOptions) (err error) {
 		fmt.Fprintf(a.out, "  %s %s\n", os.Args[0], hint)
 	}
 	if failed > 0 {
+		keep = true
 		return fmt.Errorf("%d of the connectivity checks failed; the lab stays up for a look (margay-lab down removes it)", failed)
 	}
 	return nil

@@ -106,10 +106,10 @@ func Up(ctx context.Context, opts Options) (l *Lab, err error) {
 		return nil, fmt.Errorf("at most 200 nodes in at most 200 subnets")
 	}
 	l = &Lab{opts: opts}
+	built := l // the error returns below set l to nil before this runs
 	defer func() {
 		if err != nil {
-			l.Down()
-			l = nil
+			built.Down()
 		}
 	}()
 	if l.opts.Dir == "" {
