@@ -252,9 +252,12 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	}
 	a.health.expectPeers(peers)
 	a.reportProblems(append(problems, out.Problems...))
-	// Until BGP has converged after a start, routes learned before it are kept:
-	// dropping them while the sessions come up would cut traffic on a restart.
-	a.routes.KeepRemote(!a.health.converged())
+	// Until BGP has converged after a start, routes and VXLAN peers learned
+	// before it are kept: dropping them while the sessions come up would cut
+	// traffic on a restart.
+	keep := !a.health.converged()
+	a.routes.KeepRemote(keep)
+	a.vxlan.KeepStale(keep)
 	a.apply(out, full)
 	a.writeMTU(out.PodMTU)
 	// Tunnel addresses after the data plane: they take etcd round trips, and

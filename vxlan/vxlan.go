@@ -18,8 +18,15 @@ import (
 
 // Device keeps vxlan.margay in the calling thread's network namespace.
 type Device struct {
-	log *slog.Logger
+	log       *slog.Logger
+	keepStale bool
 }
+
+// KeepStale makes Apply keep neighbour and forwarding entries for nodes no
+// longer among the peers, while BGP converges after a restart: peers come from
+// the BGP table, which starts empty, and removing the entries would cut
+// VXLAN traffic until the sessions are back (as felix.Routes.KeepRemote).
+func (d *Device) KeepStale(keep bool) { d.keepStale = keep }
 
 // New returns a Device reconciler.
 func New(log *slog.Logger) *Device { return &Device{log: log} }
@@ -115,8 +122,12 @@ func (d *Device) syncPeers(link netlink.Link, peers []calc.VXLANPeer) (changed b
 	}
 	for _, n := range neighs {
 		ip, _ := netip.AddrFromSlice(n.IP)
-		if mac, ok := wantNeigh[ip.Unmap()]; ok && n.HardwareAddr.String() == mac && n.State == netlink.NUD_PERMANENT {
+		mac, ok := wantNeigh[ip.Unmap()]
+		if ok && n.HardwareAddr.String() == mac && n.State == netlink.NUD_PERMANENT {
 			delete(wantNeigh, ip.Unmap())
+			continue
+		}
+		if !ok && d.keepStale {
 			continue
 		}
 		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
@@ -138,8 +149,12 @@ func (d *Device) syncPeers(link netlink.Link, peers []calc.VXLANPeer) (changed b
 	}
 	for _, n := range fdb {
 		dst, _ := netip.AddrFromSlice(n.IP)
-		if want, ok := wantFDB[n.HardwareAddr.String()]; ok && dst.Unmap() == want {
+		want, ok := wantFDB[n.HardwareAddr.String()]
+		if ok && dst.Unmap() == want {
 			delete(wantFDB, n.HardwareAddr.String())
+			continue
+		}
+		if !ok && d.keepStale {
 			continue
 		}
 		if n.HardwareAddr.String() == "00:00:00:00:00:00" && !dst.IsValid() {

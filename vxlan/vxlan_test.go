@@ -59,6 +59,13 @@ func TestDeviceApply(t *testing.T) {
 	if apply(dev, peers) {
 		t.Error("second Apply changed something")
 	}
+	// While BGP converges after a restart, a peer missing from the (still
+	// empty) table keeps its entries.
+	d.KeepStale(true)
+	if apply(dev, nil) {
+		t.Error("with KeepStale, an Apply without peers changed something")
+	}
+	d.KeepStale(false)
 	if !apply(dev, peers[:1]) {
 		t.Error("dropping a peer changed nothing")
 	}

@@ -36,32 +36,7 @@ func TestAgentRestartLosesNothing(t *testing.T) {
 	if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, b.IP, 1) }); err != nil {
 		t.Fatal(err)
 	}
-	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
-		// 1200 pings 10 ms apart: 12 s, bounded by ping's own deadline.
-		type result struct {
-			out string
-			err error
-		}
-		done := make(chan result, 1)
-		go func() {
-			out, err := a.NS.Run("ping", "-q", "-i", "0.01", "-c", "1200", "-w", "30", b.IP.String())
-			done <- result{out, err}
-		}()
-		time.Sleep(2 * time.Second)
-		l.Nodes[1].Stop(sig)
-		time.Sleep(time.Second)
-		if err := l.Nodes[1].Start(); err != nil {
-			t.Fatal(err)
-		}
-		r := <-done
-		loss := regexp.MustCompile(`(\d+) received`).FindStringSubmatch(r.out)
-		if r.err != nil || len(loss) < 2 || loss[1] != "1200" {
-			t.Errorf("pings across the %v restart of node2's agent: %v\n%s", sig, r.err, r.out)
-		} else {
-			t.Logf("%v restart: %s", sig, strings.TrimSpace(r.out[strings.LastIndex(r.out, "---"):]))
-		}
-		waitReady(t, l)
-	}
+	restartUnderPing(t, l, a, b, l.Nodes[1], time.Second)
 	// node3 leaves for good: its agent dies and its Node is deleted; the others
 	// drop its block.
 	blocks, err := nodeBlocks(l, l.Nodes[0])
@@ -90,5 +65,50 @@ func TestAgentRestartLosesNothing(t *testing.T) {
 	t.Logf("node3's routes withdrawn on the others %s after its Node was deleted", time.Since(start).Round(10*time.Millisecond))
 	if err := lab.Ping(a.NS, c.IP, 1); err == nil {
 		t.Errorf("pod c on the removed node3 still answers")
+	}
+}
+
+// The same across subnets through VXLAN: the restarted agent keeps the
+// device's neighbour and forwarding entries until BGP has converged.
+func TestAgentRestartVXLAN(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 4, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet")})
+	addPods(t, l, 1)
+	a, b := l.Nodes[0].Pods[0], l.Nodes[1].Pods[0]
+	if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, b.IP, 1) }); err != nil {
+		t.Fatal(err)
+	}
+	restartUnderPing(t, l, a, b, l.Nodes[1], 3*time.Second)
+}
+
+// restartUnderPing restarts n's agent, by SIGTERM and then by SIGKILL, while
+// pod a pings pod b every 10 ms, and checks that no ping is lost. The agent is
+// down for the given time.
+func restartUnderPing(t *testing.T, l *lab.Lab, a, b *lab.Pod, n *lab.Node, down time.Duration) {
+	t.Helper()
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
+		// 1200 pings 10 ms apart: 12 s, bounded by ping's own deadline.
+		type result struct {
+			out string
+			err error
+		}
+		done := make(chan result, 1)
+		go func() {
+			out, err := a.NS.Run("ping", "-q", "-i", "0.01", "-c", "1200", "-w", "30", b.IP.String())
+			done <- result{out, err}
+		}()
+		time.Sleep(2 * time.Second)
+		n.Stop(sig)
+		time.Sleep(down)
+		if err := n.Start(); err != nil {
+			t.Fatal(err)
+		}
+		r := <-done
+		loss := regexp.MustCompile(`(\d+) received`).FindStringSubmatch(r.out)
+		if r.err != nil || len(loss) < 2 || loss[1] != "1200" {
+			t.Errorf("pings across the %v restart of %s's agent: %v\n%s", sig, n.Name, r.err, r.out)
+		} else {
+			t.Logf("%v restart: %s", sig, strings.TrimSpace(r.out[strings.LastIndex(r.out, "---"):]))
+		}
+		waitReady(t, l)
 	}
 }
