@@ -214,8 +214,15 @@ func TestApplyAndGet(t *testing.T) {
 	wantEach(t, c.ok(t, "apply", "-f", file), "created", manifestRefs)
 	wantEach(t, c.ok(t, "apply", "-f", file), "unchanged", manifestRefs)
 	wantEach(t, c.okIn(t, manifest, "apply", "-f", "-"), "unchanged", manifestRefs)
+	// -f repeated reads every file, not only the last.
 	poolC := "apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pool-c}\nspec: {cidr: 10.30.0.0/24}\n"
-	wantEach(t, c.okIn(t, poolC, "apply", "-f", "-"), "created", []string{`IPPool "pool-c"`})
+	want := []string{`IPPool "pool-c" created`}
+	for _, r := range manifestRefs {
+		want = append(want, r+" unchanged")
+	}
+	if got := lines(c.okIn(t, poolC, "apply", "-f", "-", "-f", file)); !slices.Equal(got, want) {
+		t.Errorf("apply -f - -f FILE:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
 	// JSON documents are accepted too.
 	poolD := `{"apiVersion":"margay.dev/v1","kind":"IPPool","metadata":{"name":"pool-d"},"spec":{"cidr":"10.40.0.0/24","disabled":true}}`
 	wantEach(t, c.okIn(t, poolD, "create", "-f", "-"), "created", []string{`IPPool "pool-d"`})

@@ -16,9 +16,25 @@ import (
 )
 
 // readResources decodes the resources in file ("-" is standard input).
-func (a *app) readResources(file string) ([]api.Resource, error) {
-	if file == "" {
+// readResources reads every file given with -f, in order; - is standard input.
+func (a *app) readResources(files []string) ([]api.Resource, error) {
+	if len(files) == 0 {
 		return nil, usagef("give the resources with -f FILE (or -f - for standard input)")
+	}
+	var all []api.Resource
+	for _, f := range files {
+		rs, err := a.readFile(f)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, rs...)
+	}
+	return all, nil
+}
+
+func (a *app) readFile(file string) ([]api.Resource, error) {
+	if file == "" {
+		return nil, usagef("-f: an empty file name")
 	}
 	var data []byte
 	var err error
@@ -38,7 +54,7 @@ func (a *app) readResources(file string) ([]api.Resource, error) {
 }
 
 func (a *app) applyCmd(verb string) *cobra.Command {
-	var file string
+	var files []string
 	short := map[string]string{
 		"apply":   "Create resources, or update them if they exist",
 		"create":  "Create resources; fail if one exists",
@@ -52,7 +68,7 @@ A resource that carries metadata.resourceVersion is only changed if it still has
 that version, so a stale copy cannot overwrite a newer one.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			rs, err := a.readResources(file)
+			rs, err := a.readResources(files)
 			if err != nil {
 				return err
 			}
@@ -65,7 +81,7 @@ that version, so a stale copy cannot overwrite a newer one.`,
 			})
 		},
 	}
-	cmd.Flags().StringVarP(&file, "filename", "f", "", "file with the resources, - for standard input")
+	cmd.Flags().StringArrayVarP(&files, "filename", "f", nil, "file with the resources, - for standard input; may be repeated")
 	return cmd
 }
 
@@ -139,18 +155,18 @@ func sameContent(x, y api.Resource) bool {
 }
 
 func (a *app) deleteCmd() *cobra.Command {
-	var file string
+	var files []string
 	cmd := &cobra.Command{
 		Use:   "delete (-f FILE | KIND NAME...)",
 		Short: "Delete resources named in a file or on the command line",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var rs []api.Resource
 			switch {
-			case file != "" && len(args) > 0:
+			case len(files) > 0 && len(args) > 0:
 				return usagef("delete: give either -f FILE or KIND NAME..., not both")
-			case file != "":
+			case len(files) > 0:
 				var err error
-				if rs, err = a.readResources(file); err != nil {
+				if rs, err = a.readResources(files); err != nil {
 					return err
 				}
 			case len(args) >= 2:
@@ -177,7 +193,7 @@ func (a *app) deleteCmd() *cobra.Command {
 			})
 		},
 	}
-	cmd.Flags().StringVarP(&file, "filename", "f", "", "file with the resources, - for standard input")
+	cmd.Flags().StringArrayVarP(&files, "filename", "f", nil, "file with the resources, - for standard input; may be repeated")
 	return cmd
 }
 
