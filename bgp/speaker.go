@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -25,6 +26,12 @@ const (
 	connectRetry = 3 * time.Second
 	// exportPolicy is the name of the global export policy Start installs.
 	exportPolicy = "margay-export"
+	// externalSet is the neighbour set of the eBGP peers, which are sent
+	// this node's own routes only, reflector or not.
+	externalSet = "margay-ebgp"
+	// noNeighbor stands in an empty externalSet: GoBGP matches every
+	// neighbour against an empty set, and no peer has this address.
+	noNeighbor = "0.0.0.0/32"
 	// maxRestartTime is the largest graceful-restart time, in seconds: the
 	// capability's field has 12 bits, and GoBGP would spill a larger value into its
 	// flags (setting the restart bit, for one).
@@ -76,6 +83,7 @@ type Speaker struct {
 	closed     bool
 	peers      map[netip.Addr]Peer
 	advertised map[netip.Prefix]bool
+	external   []string // externalSet's members
 
 	infoMu sync.Mutex
 	info   map[string]string // peer address → last error or down reason
@@ -164,18 +172,29 @@ func (s *Speaker) start(ctx context.Context, port int, listen []string) error {
 
 	// Export: a node advertises only what it originates, so an external peer never
 	// learns other nodes' routes through it (and a node is never transit between
-	// two external peers). A route reflector passes everything on. Import stays
-	// GoBGP's default, accept all.
+	// two external peers). A route reflector passes everything on to its iBGP
+	// peers, but not to eBGP ones (a ToR): with itself as next hop it would draw
+	// every other node's traffic. Import stays GoBGP's default, accept all.
 	def := gobgpapi.RouteAction_REJECT
 	if c.ClusterID != "" {
 		def = gobgpapi.RouteAction_ACCEPT
 	}
+	err = s.srv.AddDefinedSet(ctx, &gobgpapi.AddDefinedSetRequest{DefinedSet: &gobgpapi.DefinedSet{
+		DefinedType: gobgpapi.DefinedType_NEIGHBOR, Name: externalSet, List: []string{noNeighbor}}})
+	if err != nil {
+		return fmt.Errorf("bgp: adding the eBGP neighbour set: %w", err)
+	}
+	s.external = []string{noNeighbor}
 	err = s.srv.AddPolicy(ctx, &gobgpapi.AddPolicyRequest{Policy: &gobgpapi.Policy{
 		Name: exportPolicy,
 		Statements: []*gobgpapi.Statement{{
 			Name:       exportPolicy + "-local",
 			Conditions: &gobgpapi.Conditions{RouteType: gobgpapi.Conditions_ROUTE_TYPE_LOCAL},
 			Actions:    &gobgpapi.Actions{RouteAction: gobgpapi.RouteAction_ACCEPT},
+		}, {
+			Name:       exportPolicy + "-ebgp",
+			Conditions: &gobgpapi.Conditions{NeighborSet: &gobgpapi.MatchSet{Name: externalSet, Type: gobgpapi.MatchSet_ANY}},
+			Actions:    &gobgpapi.Actions{RouteAction: gobgpapi.RouteAction_REJECT},
 		}},
 	}})
 	if err != nil {
@@ -303,6 +322,11 @@ func (s *Speaker) SetPeers(ctx context.Context, peers []Peer) error {
 		}
 	}
 
+	// The eBGP set before any peer is added, so a new eBGP peer's first
+	// update is filtered already.
+	if err := s.setExternal(ctx, want); err != nil {
+		return err
+	}
 	var errs []error
 	// Deletions first: a changed peer is deleted here and added back below.
 	for _, addr := range sortedKeys(s.peers) {
@@ -342,6 +366,44 @@ func (s *Speaker) SetPeers(ctx context.Context, peers []Peer) error {
 			"routeReflectorClient", p.RouteReflectorClient, "passive", p.Passive)
 	}
 	return errors.Join(errs...)
+}
+
+// setExternal makes externalSet the addresses of the eBGP peers in want (and
+// noNeighbor, which stays). It adds and removes members in place: GoBGP's
+// replace puts a new set beside the one the policy already holds.
+func (s *Speaker) setExternal(ctx context.Context, want map[netip.Addr]Peer) error {
+	list := []string{noNeighbor}
+	for _, addr := range sortedKeys(want) {
+		if want[addr].ASNumber != s.cfg.ASNumber {
+			list = append(list, addr.String()+"/32")
+		}
+	}
+	var add, del []string
+	for _, a := range list {
+		if !slices.Contains(s.external, a) {
+			add = append(add, a)
+		}
+	}
+	for _, a := range s.external {
+		if !slices.Contains(list, a) {
+			del = append(del, a)
+		}
+	}
+	set := func(l []string) *gobgpapi.DefinedSet {
+		return &gobgpapi.DefinedSet{DefinedType: gobgpapi.DefinedType_NEIGHBOR, Name: externalSet, List: l}
+	}
+	if len(add) > 0 {
+		if err := s.srv.AddDefinedSet(ctx, &gobgpapi.AddDefinedSetRequest{DefinedSet: set(add)}); err != nil {
+			return fmt.Errorf("bgp: adding to the eBGP neighbour set: %w", err)
+		}
+	}
+	if len(del) > 0 {
+		if err := s.srv.DeleteDefinedSet(ctx, &gobgpapi.DeleteDefinedSetRequest{DefinedSet: set(del)}); err != nil {
+			return fmt.Errorf("bgp: removing from the eBGP neighbour set: %w", err)
+		}
+	}
+	s.external = list
+	return nil
 }
 
 // deletePeer deletes old from GoBGP. newPassword is the password of the peer that

@@ -12,7 +12,9 @@ import (
 
 // Five nodes, the node-to-node mesh off, node1 a route reflector that every
 // other node peers with (one BGPPeer with a peerSelector): every pod pair still
-// connects, and a client has exactly one session, to the reflector.
+// connects, and a client has exactly one session, to the reflector. Every node
+// also peers with a BIRD ToR over eBGP, which learns each block from its own
+// node only: the reflector reflects to its iBGP peers, not to the ToR.
 func TestRouteReflector(t *testing.T) {
 	pools := neverPool + `---
 apiVersion: margay.dev/v1
@@ -30,7 +32,7 @@ kind: BGPPeer
 metadata: {name: peer-with-reflectors}
 spec: {nodeSelector: all(), peerSelector: "route-reflector == 'true'"}
 `
-	l := up(t, lab.Options{Nodes: 5, Pools: pools, AgentArgs: []string{"--resync-interval", "2s"}})
+	l := up(t, lab.Options{Nodes: 5, Pools: pools, ToR: "bird", AgentArgs: []string{"--resync-interval", "2s"}})
 	addPods(t, l, 1)
 	pods := l.Pods()
 	err := lab.WaitFor(30*time.Second, func() error {
@@ -48,13 +50,24 @@ spec: {nodeSelector: all(), peerSelector: "route-reflector == 'true'"}
 	if err != nil {
 		t.Fatal(err)
 	}
+	want := allBlocks(t, l)
+	err = lab.WaitFor(30*time.Second, func() error {
+		out, err := l.Router.Run("birdc", "-s", l.BirdSocket(), "show", "route")
+		if err != nil {
+			return fmt.Errorf("birdc: %v: %s", err, out)
+		}
+		return sameRoutes(birdRoutes(out), want)
+	})
+	if err != nil {
+		t.Error(err)
+	}
 	out, err := l.Nodes[3].NS.Run(binDir+"/margayctl", "node", "status")
-	if err != nil || strings.Count(out, "Established") != 1 || !strings.Contains(out, "198.18.1.2") {
-		t.Errorf("node4's sessions: %v\n%s\nwant one, to the reflector 198.18.1.2", err, out)
+	if err != nil || strings.Count(out, "Established") != 2 || !strings.Contains(out, "198.18.1.2") {
+		t.Errorf("node4's sessions: %v\n%s\nwant two, to the reflector 198.18.1.2 and the ToR", err, out)
 	}
 	out, _ = l.Nodes[0].NS.Run(binDir+"/margayctl", "node", "status")
-	if strings.Count(out, "Established") != 4 {
-		t.Errorf("the reflector's sessions:\n%s\nwant 4", out)
+	if strings.Count(out, "Established") != 5 {
+		t.Errorf("the reflector's sessions:\n%s\nwant 5: four clients and the ToR", out)
 	}
 }
 
