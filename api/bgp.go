@@ -63,6 +63,16 @@ func (c *BGPConfiguration) Validate() error {
 	if s.ASNumber != nil && *s.ASNumber == 0 {
 		e.add("spec.asNumber", 0, "is out of range; use 1 to 4294967295")
 	}
+	// The others take both from "default": one node's differing would break
+	// its every mesh session.
+	if strings.HasPrefix(c.Metadata.Name, nodeBGPConfigPrefix) {
+		if s.ASNumber != nil {
+			e.add("spec.asNumber", uint32(*s.ASNumber), "is cluster-wide here; give one node its own AS in its Node's spec.bgp.asNumber")
+		}
+		if s.NodeToNodeMeshEnabled != nil {
+			e.add("spec.nodeToNodeMeshEnabled", *s.NodeToNodeMeshEnabled, "is cluster-wide; set it in %q", GlobalBGPConfigName)
+		}
+	}
 	if s.ListenPort != nil && (*s.ListenPort < 1 || *s.ListenPort > 65535) {
 		e.add("spec.listenPort", *s.ListenPort, "is out of range; use 1 to 65535")
 	}

@@ -283,7 +283,7 @@ spec: {cidr: 10.244.0.0/16, blockSize: 24, vxlanMode: CrossSubnet, natOutgoing: 
 ---
 apiVersion: margay.dev/v1
 kind: BGPConfiguration
-metadata: {name: node.n1}
+metadata: {name: default}
 spec: {asNumber: "65535.65535", nodeToNodeMeshEnabled: false, listenPort: 1179, nodeMeshPassword: pw, nodeMeshMaxRestartTime: 1h30m}
 ---
 apiVersion: margay.dev/v1

@@ -144,6 +144,18 @@ func TestValidateErrors(t *testing.T) {
 		{"bgpconfig asNumber 0", func() Resource { c := validBGPConfig(); c.Spec.ASNumber = ptr(ASNumber(0)); return c }, "spec.asNumber", "is out of range; use 1 to 4294967295"},
 		{"bgpconfig listenPort 0", func() Resource { c := validBGPConfig(); c.Spec.ListenPort = ptr(0); return c }, "spec.listenPort", "use 1 to 65535"},
 		{"bgpconfig listenPort 65536", func() Resource { c := validBGPConfig(); c.Spec.ListenPort = ptr(65536); return c }, "spec.listenPort", "is out of range"},
+		{"bgpconfig per-node AS", func() Resource {
+			c := validBGPConfig()
+			c.Metadata.Name = "node.n1"
+			c.Spec.ASNumber = ptr(ASNumber(65001))
+			return c
+		}, "spec.asNumber", "in its Node's spec.bgp.asNumber"},
+		{"bgpconfig per-node mesh", func() Resource {
+			c := validBGPConfig()
+			c.Metadata.Name = "node.n1"
+			c.Spec.NodeToNodeMeshEnabled = ptr(false)
+			return c
+		}, "spec.nodeToNodeMeshEnabled", "is cluster-wide"},
 		{"bgpconfig long password", func() Resource { c := validBGPConfig(); c.Spec.NodeMeshPassword = pw; return c }, "spec.nodeMeshPassword", "80 bytes TCP MD5"},
 		{"bgpconfig restart time 0", func() Resource {
 			c := validBGPConfig()
@@ -288,11 +300,14 @@ func TestValidateValid(t *testing.T) {
 			return p
 		}},
 		{"bgpconfig default empty", func() Resource { return validBGPConfig() }},
+		{"bgpconfig default full", func() Resource {
+			c := validBGPConfig()
+			c.Spec = BGPConfigurationSpec{ASNumber: ptr(ASNumber(4294967295)), NodeToNodeMeshEnabled: ptr(false)}
+			return c
+		}},
 		{"bgpconfig node override full", func() Resource {
 			c := NewBGPConfiguration(BGPConfigName("node-1"))
 			c.Spec = BGPConfigurationSpec{
-				ASNumber:               ptr(ASNumber(4294967295)),
-				NodeToNodeMeshEnabled:  ptr(false),
 				ListenPort:             ptr(1179),
 				NodeMeshPassword:       strings.Repeat("x", 80),
 				NodeMeshMaxRestartTime: dur(time.Minute),
