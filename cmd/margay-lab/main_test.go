@@ -158,6 +158,13 @@ func TestLabUpDown(t *testing.T) {
 	if out, code := runLab(t, state, "pod", "del", "node2", "web"); code != 1 || !strings.Contains(out, `no pod "web" on node2`) {
 		t.Errorf("pod del of a deleted pod: exit %d:\n%s", code, out)
 	}
+	// A process someone started inside a node goes with the lab too.
+	if out, code := runLab(t, state, "exec", "node3", "--", "sh", "-c", "sleep 299 >/dev/null 2>&1 & echo $!"); code != 0 {
+		t.Errorf("exec a background sleep: exit %d:\n%s", code, out)
+	} else if pid, err := strconv.Atoi(strings.TrimSpace(out)); err == nil {
+		t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+		defer checkGone(t, state, []int{pid})
+	}
 	pids := labPIDs(t, state)
 	if len(pids) != 4 {
 		t.Fatalf("state names %d processes, want 3 agents and etcd", len(pids))

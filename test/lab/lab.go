@@ -427,6 +427,7 @@ func (l *Lab) Down() {
 	l.etcd.stop(syscall.SIGKILL)
 	l.mu.Lock()
 	for _, ns := range l.nss {
+		killIn(ns.Name) // what else runs there: restarted agents, margay-lab exec
 		ns.Delete()
 	}
 	l.nss = nil

@@ -115,23 +115,29 @@ func Sweep(prefix string) ([]string, error) {
 	slices.Sort(names)
 	var errs []error
 	for _, name := range names {
-		// Kill until none is left: a dying agent's children (CNI plugins, iptables) may appear late.
-		for range 50 {
-			pids, _ := exec.Command("ip", "netns", "pids", name).Output()
-			f := strings.Fields(string(pids))
-			if len(f) == 0 {
-				break
-			}
-			for _, p := range f {
-				if pid, err := strconv.Atoi(p); err == nil {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		killIn(name)
 		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("ip netns del %s: %v: %s", name, err, strings.TrimSpace(string(out))))
 		}
 	}
 	return names, errors.Join(errs...)
+}
+
+// killIn kills every process in the named namespace, until none is left: a
+// dying agent's children (CNI plugins, iptables) may appear late. Deleting a
+// namespace's name would leave such processes running in it, out of sight.
+func killIn(name string) {
+	for range 50 {
+		pids, _ := exec.Command("ip", "netns", "pids", name).Output()
+		f := strings.Fields(string(pids))
+		if len(f) == 0 {
+			return
+		}
+		for _, p := range f {
+			if pid, err := strconv.Atoi(p); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
