@@ -169,7 +169,10 @@ func nodeAddress(ip, method string) (netip.Prefix, string, error) {
 				}
 			}
 		}
-		return p, "", nil // not local (a NAT address): no interface to take the MTU from
+		// Not local (a NAT address): the uplink is where the kernel would send
+		// to it, so that the MTU and VXLAN still have an interface.
+		iface, _ := RouteInterface(p.Addr())
+		return p, iface, nil
 	}
 	return ChooseAddress(method, ifaces, RouteSource)
 }
@@ -424,7 +427,8 @@ func (a *Agent) underlayMTU() int {
 }
 
 // writeMTU writes the pod MTU for the CNI plugin when it changes. Without a
-// known uplink (an --ip that is not local) there is no MTU to derive it from.
+// known uplink (an --ip that is not local and has no route) there is no MTU to
+// derive it from, and the plugin asks to be retried unless its conflist has one.
 func (a *Agent) writeMTU(m int) {
 	if a.cfg.MTUFile == "" || a.iface == "" || m == a.mtu {
 		return

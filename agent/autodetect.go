@@ -126,6 +126,21 @@ func RouteGateway(dst netip.Addr) (netip.Addr, error) {
 	return dst, nil
 }
 
+// RouteInterface is the interface the kernel would send to dst through (a
+// lookup only: nothing is sent).
+func RouteInterface(dst netip.Addr) (string, error) {
+	rs, err := netlink.RouteGet(dst.AsSlice())
+	if err != nil {
+		return "", err
+	}
+	for _, r := range rs {
+		if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
+			return l.Attrs().Name, nil
+		}
+	}
+	return "", fmt.Errorf("the route to %s has no interface", dst)
+}
+
 // InterfaceMTU is the MTU of the named interface.
 func InterfaceMTU(name string) (int, error) {
 	l, err := netlink.LinkByName(name)
