@@ -123,6 +123,10 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	a.addr, a.iface = addr, iface
 	log.Info("node address", "ip", addr.String(), "interface", iface)
+	// Before registering: a second agent on this host must not touch the node.
+	if err := a.health.serve(ctx, cfg.HealthAddr, cfg.MetricsAddr, log); err != nil {
+		return nil, err
+	}
 
 	if a.store, err = datastore.New(cfg.Datastore); err != nil {
 		return nil, err
@@ -147,7 +151,6 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	go a.watchRoutes(ctx)
 	go a.pingDatastore(ctx)
-	a.health.serve(ctx, cfg.HealthAddr, cfg.MetricsAddr, log)
 	return a, nil
 }
 

@@ -164,9 +164,11 @@ func (h *health) alive() error {
 	return nil
 }
 
-// serve starts the health and metrics listeners. A port that cannot be bound is
-// logged, not fatal: routing matters more than probes.
-func (h *health) serve(ctx context.Context, healthAddr, metricsAddr string, log *slog.Logger) {
+// serve starts the health and metrics listeners. A health address that cannot
+// be bound stops the start: it is almost always another margay-node on this
+// host, and two agents on one node would fight over it (the second would also
+// free the first's name hold when it exits). A metrics port is only logged.
+func (h *health) serve(ctx context.Context, healthAddr, metricsAddr string, log *slog.Logger) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
 		if err := h.alive(); err != nil {
@@ -192,6 +194,9 @@ func (h *health) serve(ctx context.Context, healthAddr, metricsAddr string, log 
 			continue
 		}
 		l, err := net.Listen("tcp", s.addr)
+		if err != nil && s.addr == healthAddr {
+			return fmt.Errorf("health address %s: %w; is another margay-node running on this host? (--health-listen moves it)", s.addr, err)
+		}
 		if err != nil {
 			log.Error("cannot listen; continuing without it", "addr", s.addr, "err", err)
 			continue
@@ -204,4 +209,5 @@ func (h *health) serve(ctx context.Context, healthAddr, metricsAddr string, log 
 		}()
 		go func() { <-ctx.Done(); srv.Close() }()
 	}
+	return nil
 }

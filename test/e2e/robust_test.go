@@ -160,6 +160,18 @@ func TestMisconfiguration(t *testing.T) {
 	if out, err := agent(l.Nodes[1], "node1"); err == nil || !strings.Contains(out, `node name "node1" is in use by a running margay-node at 198.18.1.2`) {
 		t.Errorf("a second agent named node1: %v\n%s", err, out)
 	}
+	// A second agent on the same host, as the same node: refused before it
+	// touches the node, by the health port the first holds.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	dup, err := exec.CommandContext(ctx, "ip", "netns", "exec", l.Nodes[0].NS.Name, filepath.Join(binDir, "margay-node"),
+		"--nodename", "node1", "--etcd-endpoints", l.Endpoint(), "--mtu-file", "").CombinedOutput()
+	cancel()
+	if err == nil || !strings.Contains(string(dup), "is another margay-node running on this host?") {
+		t.Errorf("a second agent on node1's host: %v\n%s", err, dup)
+	}
+	if err := l.Nodes[0].Ready(); err != nil || !l.Nodes[0].Running() {
+		t.Errorf("node1's agent after the second one was refused: %v", err)
+	}
 	if out, err := apply(l, "apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: bad}\nspec: {peerIP: 198.18.1.1, asNumber: 4294967296}\n"); err == nil || !strings.Contains(out, "asNumber 4294967296 is out of range") {
 		t.Errorf("a BGPPeer with AS 4294967296: %v: %s", err, out)
 	}
