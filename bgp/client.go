@@ -58,17 +58,7 @@ func DescribePeer(p *gobgpapi.Peer, now time.Time) PeerRow {
 	if name != "" {
 		typ += " (" + name + ")"
 	}
-	st := p.GetState().GetSessionState()
-	state := strings.ToLower(strings.TrimPrefix(st.String(), "PEER_STATE_"))
-	state = strings.ToUpper(state[:1]) + state[1:]
-	var since time.Time
-	if t := p.GetTimers().GetState(); t != nil {
-		if st == gobgpapi.PeerState_ESTABLISHED && t.GetUptime() != nil {
-			since = t.GetUptime().AsTime()
-		} else if t.GetDowntime() != nil {
-			since = t.GetDowntime().AsTime()
-		}
-	}
+	state, since := sessionOf(p)
 	return PeerRow{Address: p.GetConf().GetNeighborAddress(), Type: typ, State: state, Since: ago(since, now), Info: peerInfo(p)}
 }
 

@@ -649,6 +649,25 @@ var sessionStates = map[gobgpapi.PeerState_SessionState]string{
 	gobgpapi.PeerState_ESTABLISHED: "Established",
 }
 
+// sessionOf is a peer's session state by name, and since when it has been in
+// it (zero if unknown), as the API reports them.
+func sessionOf(p *gobgpapi.Peer) (string, time.Time) {
+	st := p.GetState().GetSessionState()
+	name := sessionStates[st]
+	if name == "" {
+		name = "Unknown"
+	}
+	ts := p.GetTimers().GetState()
+	t := ts.GetDowntime()
+	if st == gobgpapi.PeerState_ESTABLISHED {
+		t = ts.GetUptime()
+	}
+	if t == nil {
+		return name, time.Time{}
+	}
+	return name, t.AsTime()
+}
+
 // Peers returns the state of every session, sorted by address.
 func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 	var out []PeerStatus
@@ -658,19 +677,12 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 		if err != nil {
 			return // an interface (unnumbered) peer; margay adds none
 		}
-		st := PeerStatus{Address: addr, State: sessionStates[state.GetSessionState()]}
-		if st.State == "" {
-			st.State = "Unknown"
+		st := PeerStatus{Address: addr}
+		var since time.Time
+		if st.State, since = sessionOf(p); !since.IsZero() {
+			st.Since = since.Local()
 		}
 		st.Type, st.Name, _ = ParseDescription(conf.GetDescription())
-		ts := p.GetTimers().GetState()
-		since := ts.GetDowntime()
-		if state.GetSessionState() == gobgpapi.PeerState_ESTABLISHED {
-			since = ts.GetUptime()
-		}
-		if since != nil {
-			st.Since = since.AsTime().Local()
-		}
 		switch {
 		case state.GetAdminState() == gobgpapi.PeerState_DOWN:
 			st.Info = "administratively shut down"
