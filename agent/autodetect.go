@@ -97,48 +97,55 @@ func LocalIfaces() ([]Iface, error) {
 	return out, nil
 }
 
+// route is the kernel's route towards dst (a lookup only: nothing is sent).
+func route(dst netip.Addr) (netlink.Route, error) {
+	rs, err := netlink.RouteGet(dst.AsSlice())
+	if err != nil {
+		return netlink.Route{}, err
+	}
+	if len(rs) == 0 {
+		return netlink.Route{}, fmt.Errorf("no route to %s", dst)
+	}
+	return rs[0], nil
+}
+
 // RouteSource is the source address the kernel would use toward dst.
 func RouteSource(dst netip.Addr) (netip.Addr, error) {
-	rs, err := netlink.RouteGet(dst.AsSlice())
+	r, err := route(dst)
 	if err != nil {
 		return netip.Addr{}, err
 	}
-	for _, r := range rs {
-		if a, ok := netip.AddrFromSlice(r.Src); ok {
-			return a.Unmap(), nil
-		}
+	a, ok := netip.AddrFromSlice(r.Src)
+	if !ok {
+		return netip.Addr{}, fmt.Errorf("the route to %s has no source address", dst)
 	}
-	return netip.Addr{}, fmt.Errorf("the route to %s has no source address", dst)
+	return a.Unmap(), nil
 }
 
 // RouteGateway is the address through which the kernel reaches dst: its
 // route's gateway, or dst itself when it is on a link.
 func RouteGateway(dst netip.Addr) (netip.Addr, error) {
-	rs, err := netlink.RouteGet(dst.AsSlice())
+	r, err := route(dst)
 	if err != nil {
 		return netip.Addr{}, err
 	}
-	for _, r := range rs {
-		if a, ok := netip.AddrFromSlice(r.Gw); ok {
-			return a.Unmap(), nil
-		}
+	if a, ok := netip.AddrFromSlice(r.Gw); ok {
+		return a.Unmap(), nil
 	}
 	return dst, nil
 }
 
-// RouteInterface is the interface the kernel would send to dst through (a
-// lookup only: nothing is sent).
+// RouteInterface is the interface the kernel would send to dst through.
 func RouteInterface(dst netip.Addr) (string, error) {
-	rs, err := netlink.RouteGet(dst.AsSlice())
+	r, err := route(dst)
 	if err != nil {
 		return "", err
 	}
-	for _, r := range rs {
-		if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
-			return l.Attrs().Name, nil
-		}
+	l, err := netlink.LinkByIndex(r.LinkIndex)
+	if err != nil {
+		return "", fmt.Errorf("the route to %s: %w", dst, err)
 	}
-	return "", fmt.Errorf("the route to %s has no interface", dst)
+	return l.Attrs().Name, nil
 }
 
 // InterfaceMTU is the MTU of the named interface.
