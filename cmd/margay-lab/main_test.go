@@ -196,16 +196,18 @@ func TestLabUpInterrupted(t *testing.T) {
 func TestLabUpAfterCrash(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "lab")
 	t.Cleanup(func() { runLab(t, state, "down") })
-	for _, then := range []string{"down", "up"} {
+	// Killed while etcd starts, up has saved no state: down must find the
+	// namespaces by name. Killed later, it may have saved it.
+	for _, c := range []struct{ killAt, then string }{{"starting etcd", "down"}, {"started margay-node on node2", "up"}} {
 		cmd := labCmd(t, state, "up", "--nodes", "2", "--subnets", "2", "--encap", "vxlan", "--pods-per-node", "1")
-		startUntil(t, cmd, "started margay-node on node2")
+		startUntil(t, cmd, c.killAt)
 		cmd.Process.Kill()
 		cmd.Wait()
 		out, _ := exec.Command("ip", "netns", "list").Output()
 		if !strings.Contains(string(out), testPrefix) {
 			t.Fatalf("the killed up left no namespaces to clean: the test proves nothing")
 		}
-		switch then {
+		switch c.then {
 		case "down":
 			if out, code := runLab(t, state, "down"); code != 0 || !strings.Contains(out, "leftover namespaces") {
 				t.Errorf("down after a crash: exit %d:\n%s", code, out)
