@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"reflect"
 	"regexp"
 
+	yaml3 "gopkg.in/yaml.v3"
 	"sigs.k8s.io/yaml"
 )
 
@@ -49,13 +51,40 @@ type listDoc struct {
 
 func decodeDoc(doc []byte) ([]Resource, error) {
 	if trimmed := bytes.TrimSpace(doc); len(trimmed) > 0 && trimmed[0] == '{' {
-		return decodeJSONStream(trimmed)
+		rs, err := decodeJSONStream(trimmed)
+		if se := new(json.SyntaxError); !errors.As(err, &se) {
+			return rs, err
+		}
+		// Flow-style YAML ({kind: Node, ...}) starts with a brace too.
+		js, yerr := yamlToJSON(doc)
+		if yerr != nil {
+			return nil, err
+		}
+		return decodeObject(js)
 	}
-	js, err := yaml.YAMLToJSON(doc)
+	js, err := yamlToJSON(doc)
 	if err != nil {
 		return nil, fmt.Errorf("not valid YAML or JSON: %v", err)
 	}
 	return decodeObject(js)
+}
+
+// yamlToJSON converts one YAML document. yaml.YAMLToJSON converts the first
+// node and drops whatever follows it, so a second parser checks that nothing
+// does.
+func yamlToJSON(doc []byte) ([]byte, error) {
+	dec := yaml3.NewDecoder(bytes.NewReader(doc))
+	var n yaml3.Node
+	if err := dec.Decode(&n); err != nil {
+		return nil, err
+	}
+	if err := dec.Decode(&n); err != io.EOF {
+		if err == nil {
+			err = errors.New("more than one document: separate them with ---")
+		}
+		return nil, err
+	}
+	return yaml.YAMLToJSON(doc)
 }
 
 // decodeObject decodes one JSON object: a List's items, or a single resource.
@@ -97,7 +126,7 @@ func decodeJSONStream(data []byte) ([]Resource, error) {
 	for dec.More() {
 		var raw json.RawMessage
 		if err := dec.Decode(&raw); err != nil {
-			return nil, fmt.Errorf("not valid JSON: %v", err)
+			return nil, fmt.Errorf("not valid JSON: %w", err)
 		}
 		rs, err := decodeObject(raw)
 		if err != nil {
@@ -110,7 +139,7 @@ func decodeJSONStream(data []byte) ([]Resource, error) {
 
 // DecodeOne parses a single JSON (or YAML) resource strictly and applies defaults.
 func DecodeOne(data []byte) (Resource, error) {
-	js, err := yaml.YAMLToJSON(data)
+	js, err := yamlToJSON(data)
 	if err != nil {
 		return nil, fmt.Errorf("not valid YAML or JSON: %v", err)
 	}

@@ -127,6 +127,23 @@ func TestDecodeJSON(t *testing.T) {
 	}
 }
 
+// YAML in flow style starts with a brace, like JSON, and is YAML all the same.
+func TestDecodeFlowYAML(t *testing.T) {
+	rs, err := Decode([]byte("{apiVersion: margay.dev/v1, kind: Node, metadata: {name: n1}, spec: {bgp: {ipv4Address: 10.0.0.1/24}}}\n---\n" +
+		"{kind: IPPool, apiVersion: margay.dev/v1, metadata: {name: p}, spec: {cidr: 10.1.0.0/16}}\n"))
+	if err != nil || len(rs) != 2 || rs[0].GetMetadata().Name != "n1" || rs[1].(*IPPool).Spec.CIDR != "10.1.0.0/16" {
+		t.Fatalf("flow-style YAML: %v, %+v", err, rs)
+	}
+	if _, err := Decode([]byte("{kind: IPPool, apiVersion: margay.dev/v1, metadata: {name: p}, spec: {cidrr: 10.1.0.0/16}}")); err == nil || !strings.Contains(err.Error(), "spec.cidrr: unknown field") {
+		t.Errorf("flow-style YAML with a typo: %v", err)
+	}
+	for _, in := range []string{"{apiVersion: margay.dev/v1, kind: Node, metadata: {name: a}} {kind: Node}", "{apiVersion: margay.dev/v1, kind: Node, metadata: {name: a}}\nb: 2"} {
+		if rs, err := Decode([]byte(in)); err == nil {
+			t.Errorf("Decode(%q) = %d resources and no error; want an error for what follows the first", in, len(rs))
+		}
+	}
+}
+
 func TestDecodeList(t *testing.T) {
 	tests := []struct {
 		name  string
@@ -234,6 +251,7 @@ func TestDecodeErrors(t *testing.T) {
 			[]string{`duration "ninety"`, `"90s" or "2m"`}},
 		{"yaml 1.1 boolean as a name", "apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: no}\n", []string{"metadata.name: expected string, got bool"}},
 		{"not yaml", "apiVersion: margay.dev/v1\nkind: [IPPool\n", []string{"not valid YAML or JSON"}},
+		{"broken json", `{"apiVersion": "margay.dev/v1", "kind": "Node",, "metadata": {"name": "n"}}`, []string{"not valid JSON", "invalid character ','"}},
 		{"scalar document", "just words\n", []string{"expected an object with apiVersion and kind"}},
 		{"array document", "- a\n- b\n", []string{"expected an object with apiVersion and kind"}},
 		{"empty input", "", []string{"no resources found in input"}},
