@@ -52,7 +52,8 @@ func IPAMFuncs() skel.CNIFuncs {
 }
 
 // cniError maps a failure to the spec's codes: 11 (try again later) for an etcd
-// that did not answer or too much contention, margay's own codes otherwise.
+// that did not answer, too much contention, or a node margay-node has not
+// registered yet; margay's own codes otherwise.
 func cniError(ctx context.Context, what string, err error) error {
 	var te *types.Error
 	switch {
@@ -62,6 +63,8 @@ func cniError(ctx context.Context, what string, err error) error {
 		return types.NewError(types.ErrTryAgainLater, what+": the datastore is unavailable or busy; try again", err.Error())
 	case errors.Is(err, ipam.ErrNoSpace):
 		return types.NewError(ErrNoAddresses, what+": no free addresses", err.Error())
+	case errors.Is(err, ipam.ErrUnknownNode):
+		return types.NewError(types.ErrTryAgainLater, what+": this node is not registered yet; is margay-node running?", err.Error())
 	}
 	return types.NewError(ErrDatastoreFailed, what, err.Error())
 }

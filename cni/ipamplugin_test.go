@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -41,8 +42,11 @@ func newIPAMEnv(t *testing.T, poolCIDR string, blockSize int) *ipamEnv {
 	t.Cleanup(func() { s.Close() })
 	p := api.NewIPPool("pods")
 	p.Spec.CIDR, p.Spec.BlockSize = poolCIDR, blockSize
-	if _, err := s.Create(context.Background(), p); err != nil {
-		t.Fatal(err)
+	// The node the plugin runs on, and another, as their agents register them.
+	for _, r := range []api.Resource{p, api.NewNode("node-a"), api.NewNode("node-b")} {
+		if _, err := s.Create(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return &ipamEnv{t: t, store: s, etcd: srv.Endpoints()[0], netns: pod.Path}
 }
@@ -187,6 +191,11 @@ func TestIPAMPluginErrors(t *testing.T) {
 	}
 	if err := e.run("DEL", down, "y"); cniCode(err) != types.ErrTryAgainLater {
 		t.Errorf("DEL with etcd down: err = %v, want code 11", err)
+	}
+	// A node whose margay-node has not registered it yet: try again later.
+	unregistered := e.conf("1.0.0", map[string]any{"nodename": "node-new"})
+	if _, err := e.add(unregistered, "z"); cniCode(err) != types.ErrTryAgainLater || !strings.Contains(err.Error(), "is margay-node running?") {
+		t.Errorf("ADD on an unregistered node: err = %v, want code 11 asking whether margay-node runs", err)
 	}
 }
 

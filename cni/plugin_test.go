@@ -47,9 +47,11 @@ func newRuntime(t *testing.T, cniVersion string) *runtime {
 	t.Cleanup(srv.Close)
 	r := &runtime{t: t, node: n, srv: srv, etcd: srv.Endpoints()[0], cache: t.TempDir()}
 	poolFile := filepath.Join(t.TempDir(), "pool.yaml")
-	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n"), 0o600)
+	// The pool, and the Node that margay-node would have registered.
+	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n---\n"+
+		"apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: node-a}\nspec: {bgp: {ipv4Address: 10.0.0.1/24}}\n"), 0o600)
 	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
-		t.Fatalf("create the pool: %v: %s", err, out)
+		t.Fatalf("create the pool and the node: %v: %s", err, out)
 	}
 	conf := fmt.Sprintf(`{"cniVersion": %q, "name": "k8s-pod-network", "plugins": [
 		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "mtu": 1440, "ipam": {"type": "margay-ipam"}}]}`, cniVersion, r.etcd)

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"strconv"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -14,6 +16,20 @@ import (
 // maxValidationRetries bounds the retries of a pool write whose overlap check raced
 // with another pool write.
 const maxValidationRetries = 10
+
+// jitter waits before retry attempt n (from 0) a random time that grows with
+// n, so that writers which collided do not collide again in step.
+func jitter(ctx context.Context, n int) error {
+	if n == 0 {
+		return ctx.Err()
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Duration(rand.Int64N(int64(n) * int64(5*time.Millisecond)))):
+		return nil
+	}
+}
 
 func describe(k api.KindInfo, name string) string { return fmt.Sprintf("%s %q", k.Kind, name) }
 
@@ -114,7 +130,10 @@ func (s *Store) write(ctx context.Context, r api.Resource, old api.Resource) (ap
 		return nil, err
 	}
 	key := ResourceKey(k, name)
-	for range maxValidationRetries {
+	for attempt := range maxValidationRetries {
+		if err := jitter(ctx, attempt); err != nil {
+			return nil, err
+		}
 		cmps := []clientv3.Cmp{}
 		if old == nil {
 			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))

@@ -82,6 +82,10 @@ var (
 	ErrHandleExists = errors.New("handle already holds addresses")
 	// ErrNotAllocated: release of an address that is not in use.
 	ErrNotAllocated = errors.New("address is not allocated")
+	// ErrUnknownNode: assignment for a node with no Node resource. Blocks are
+	// claimed only for registered nodes, so that ipam check can tell a deleted
+	// node's blocks from a live one's.
+	ErrUnknownNode = errors.New("node is not registered")
 )
 
 // nodeCache is what one allocator knows of one node's IPAM state. Its mutex

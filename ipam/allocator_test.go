@@ -22,12 +22,16 @@ type env struct {
 	now   time.Time
 }
 
+// newEnv starts etcd with the pools and Nodes n1 and n2, the nodes the tests
+// assign on.
 func newEnv(t *testing.T, pools ...*api.IPPool) *env {
 	srv := etcdtest.StartT(t)
 	e := &env{t: t, store: newStore(t, srv), now: time.Now()}
 	for _, p := range pools {
 		mustCreate(t, e.store, p)
 	}
+	mustCreate(t, e.store, api.NewNode("n1"))
+	mustCreate(t, e.store, api.NewNode("n2"))
 	return e
 }
 
@@ -172,6 +176,39 @@ func TestReuseCooldown(t *testing.T) {
 	}
 }
 
+// A handle that still lists an address another pod holds now (a DEL that
+// lost its handle update, say) cannot free it: release by handle matches the
+// sequence too.
+func TestStaleHandleCannotFreeReusedAddress(t *testing.T) {
+	e := newEnv(t, sized("p", "10.0.0.0/32", 32)) // one address
+	ctx := context.Background()
+	a := e.alloc()
+	old := e.assign(a, "pod1", "n1")
+	stale, err := e.store.Get(ctx, datastore.HandleKey("pod1"))
+	if err != nil || len(stale.Kvs) != 1 {
+		t.Fatalf("read handle pod1: %v", err)
+	}
+	if _, err := a.ReleaseIP(ctx, old.IP); err != nil {
+		t.Fatal(err)
+	}
+	cur := e.assign(a, "pod2", "n1")
+	if cur.IP != old.IP {
+		t.Fatalf("pod2 got %s, want the only address %s", cur.IP, old.IP)
+	}
+	if _, err := e.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpPut(datastore.HandleKey("pod1"), string(stale.Kvs[0].Value))}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if freed, err := a.ReleaseByHandle(ctx, "pod1"); err != nil || len(freed) != 0 {
+		t.Errorf("release of the stale handle freed %v, %v; want nothing", freed, err)
+	}
+	if info, _ := a.LookupIP(ctx, cur.IP); !info.Allocated || info.Handle != "pod2" || info.Sequence != cur.Sequence {
+		t.Errorf("after the stale release %s is %+v, want still pod2's", cur.IP, info)
+	}
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("the stale handle is not gone: %+v", r)
+	}
+}
+
 func TestStaleReleaseCannotFreeReusedAddress(t *testing.T) {
 	e := newEnv(t, sized("p", "10.0.0.0/32", 32)) // one address
 	a := e.alloc()
@@ -274,14 +311,98 @@ func TestTunnelAddress(t *testing.T) {
 	if err != nil || vx == ip1 {
 		t.Errorf("vxlan tunnel address %s, %v: want a second address", vx, err)
 	}
-	// Without a Node resource the tunnel addresses are leaked; with one they are not.
+	// With the Node resource they are in use, however old; once the node is
+	// deleted they are leaked at once.
 	e.now = e.now.Add(time.Hour)
-	if r := e.check(time.Minute); len(r.Leaked) != 2 {
-		t.Errorf("no Node n1: %d leaked, want the 2 tunnel addresses", len(r.Leaked))
-	}
-	mustCreate(t, e.store, api.NewNode("n1"))
 	if r := e.check(time.Minute); !r.Clean() {
 		t.Errorf("with Node n1: %+v", r)
+	}
+	if _, err := e.store.Delete(ctx, nodeKind, "n1", ""); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.check(DefaultLeakGrace); len(r.Leaked) != 2 {
+		t.Errorf("Node n1 deleted: %d leaked, want the 2 tunnel addresses: %+v", len(r.Leaked), r)
+	}
+}
+
+// Blocks are claimed only for registered nodes.
+func TestAssignNeedsNode(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	_, err := e.alloc().AutoAssign(context.Background(), AssignArgs{Handle: "h", Node: "n9"})
+	if !errors.Is(err, ErrUnknownNode) || !strings.Contains(err.Error(), `"n9" has no Node resource`) {
+		t.Errorf("assign on an unregistered node: %v, want ErrUnknownNode naming it", err)
+	}
+	if r := e.check(0); r.Blocks != 0 || len(r.BadAffinities) != 0 {
+		t.Errorf("the refused assignment left state behind: %+v", r)
+	}
+}
+
+// A deleted node's addresses, its pods' endpoints and its blocks: check reports
+// them at once, and ReleaseNode frees them without touching anyone else's.
+func TestDeletedNode(t *testing.T) {
+	e := newEnv(t, sized("p", "10.0.0.0/25", 26)) // two blocks: n1's and n2's
+	ctx := context.Background()
+	a := e.alloc()
+	pod := e.assign(a, PodHandle("c1"), "n1")
+	w := api.NewWorkloadEndpoint("n1-k8s-web-eth0")
+	w.Spec = api.WorkloadEndpointSpec{Node: "n1", ContainerID: "c1", InterfaceName: "mgy1", IPNetworks: []string{pod.IP.String() + "/32"}}
+	mustCreate(t, e.store, w)
+	tunnel, err := a.EnsureTunnelAddr(ctx, "n1", TunnelVXLAN, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := e.assign(a, PodHandle("c2"), "n2") // n2's own block, and its pod without an endpoint yet
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Fatalf("before the deletion: %+v", r)
+	}
+	if _, _, err := a.ReleaseNode(ctx, "n1"); err == nil || !strings.Contains(err.Error(), "still has its Node") {
+		t.Errorf("ReleaseNode of a live node: %v, want a refusal", err)
+	}
+	if _, err := e.store.Delete(ctx, nodeKind, "n1", ""); err != nil {
+		t.Fatal(err)
+	}
+	r := e.check(DefaultLeakGrace)
+	if len(r.Leaked) != 2 || len(r.BadAffinities) != 1 || r.BadAffinities[0].Block != pod.Block ||
+		!strings.Contains(r.BadAffinities[0].Reason, "n1 no longer exists") {
+		t.Fatalf("after deleting n1, want its pod and tunnel addresses leaked and its block reported: %+v", r)
+	}
+
+	// Node back between the check and the repair: its block stays its own.
+	mustCreate(t, e.store, api.NewNode("n1"))
+	if _, err := a.Repair(ctx, &Report{BadAffinities: r.BadAffinities}); err == nil || !strings.Contains(err.Error(), "exists again") {
+		t.Errorf("repair after n1 came back: %v, want a refusal", err)
+	}
+	if _, err := e.store.Delete(ctx, nodeKind, "n1", ""); err != nil {
+		t.Fatal(err)
+	}
+
+	rel, fixed, err := a.ReleaseNode(ctx, "n1")
+	if err != nil || fixed != 3 || len(rel.Leaked) != 2 || len(rel.BadAffinities) != 1 {
+		t.Fatalf("ReleaseNode: fixed %d, %v: %+v", fixed, err, rel)
+	}
+	for _, ip := range []netip.Addr{pod.IP, tunnel} {
+		if _, err := a.ReleaseIP(ctx, ip); !errors.Is(err, ErrNotAllocated) {
+			t.Errorf("%s of the deleted node is still allocated: %v", ip, err)
+		}
+	}
+	if _, err := e.store.GetResource(ctx, api.KindOf(w), w.Metadata.Name); !errors.Is(err, datastore.ErrNotFound) {
+		t.Errorf("the deleted node's WorkloadEndpoint is still there: %v", err)
+	}
+	// n2's pod is young: still not leaked. A day on, it is, and nothing else.
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("after ReleaseNode: %+v", r)
+	}
+	e.now = e.now.Add(24 * time.Hour)
+	if r := e.check(DefaultLeakGrace); len(r.Leaked) != 1 || r.Leaked[0].IP != other.IP || r.Problems() != 1 {
+		t.Errorf("a day later, want only n2's pod without an endpoint: %+v", r)
+	}
+	// The ownerless block goes to the next node that needs one.
+	mustCreate(t, e.store, api.NewNode("n3"))
+	if got := e.assign(e.alloc(), "n3-pod", "n3"); got.Block != pod.Block {
+		t.Errorf("n3 got an address in %s, want n1's old block %s", got.Block, pod.Block)
+	}
+	if r := e.check(DefaultLeakGrace); r.Problems() != 1 {
+		t.Errorf("after n3 took the block over: %+v", r)
 	}
 }
 

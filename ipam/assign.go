@@ -108,6 +108,9 @@ func (a *Allocator) assignOnce(ctx context.Context, nc *nodeCache, args AssignAr
 		if err != nil {
 			return nil, err
 		}
+		if s.nodeRev == 0 {
+			return nil, fmt.Errorf("%w: %q has no Node resource (margay-node writes it when it starts)", ErrUnknownNode, nc.name)
+		}
 		nc.snap = s
 	}
 	snap := nc.snap

@@ -56,8 +56,8 @@ type Report struct {
 	Unreferenced []Finding `json:"unreferenced"`
 	// OrphanHandles: handles listing addresses they do not hold, or none.
 	OrphanHandles []Finding `json:"orphanHandles"`
-	// BadAffinities: affinities without their block, stale pending claims, and
-	// blocks whose owner has no affinity.
+	// BadAffinities: affinities without their block, stale pending claims,
+	// blocks whose owner has no affinity, and blocks of deleted nodes.
 	BadAffinities []Finding `json:"badAffinities"`
 }
 
@@ -72,6 +72,7 @@ type Finding struct {
 	rev      int64        // of the handle, the affinity or the block the finding is about
 	blockRev int64        // of the block, for affinity findings (0: no block)
 	fix      fixKind
+	wep      wepRef // a leaked address's WorkloadEndpoint on a deleted node, to delete with it
 }
 
 // fixKind says how Repair mends an affinity finding.
@@ -81,15 +82,20 @@ const (
 	fixDeleteAffinity  fixKind = iota
 	fixConfirmAffinity         // a claim that stopped after writing its block
 	fixCreateAffinity          // a block whose owner lost its affinity
+	fixReleaseGone             // a deleted node's affinity and block ownership
 )
 
 // Clean reports whether nothing was found.
-func (r *Report) Clean() bool {
-	return len(r.Leaked)+len(r.Unreferenced)+len(r.OrphanHandles)+len(r.BadAffinities) == 0
+func (r *Report) Clean() bool { return r.Problems() == 0 }
+
+// Problems counts the findings.
+func (r *Report) Problems() int {
+	return len(r.Leaked) + len(r.Unreferenced) + len(r.OrphanHandles) + len(r.BadAffinities)
 }
 
 // Check audits the IPAM state at one revision. An allocation is leaked when its pod
-// has no WorkloadEndpoint (or its tunnel's node no Node) and it is older than grace.
+// has no WorkloadEndpoint (or its tunnel's node no Node) and it is older than grace,
+// or at once when the node it was assigned on, or its pod's node, was deleted.
 func (a *Allocator) Check(ctx context.Context, grace time.Duration) (*Report, error) {
 	s, err := a.loadState(ctx)
 	if err != nil {
@@ -121,8 +127,8 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 				f.Reason = "allocated in its block but not listed in handle " + al.Handle
 				r.Unreferenced = append(r.Unreferenced, f)
 			}
-			if why := leakReason(s, al, now, grace); why != "" {
-				f.Reason = why
+			if why, wep := leakReason(s, al, now, grace); why != "" {
+				f.Reason, f.wep = why, wep
 				r.Leaked = append(r.Leaked, f)
 			}
 		}
@@ -151,6 +157,9 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 		f := Finding{Node: e.node, Block: e.cidr, rev: e.af.rev, blockRev: blockRev[e.cidr]}
 		owner, exists := owners[e.cidr]
 		switch {
+		case s.gone(e.node):
+			f.Reason = "node " + e.node + " no longer exists"
+			f.fix = fixReleaseGone
 		case e.af.v.State == affinityPending && now.Sub(e.af.v.Created) > pendingAffinityTimeout:
 			f.Reason = "claim left pending since " + e.af.v.Created.Format(time.RFC3339)
 			if exists && owner == e.node {
@@ -166,10 +175,14 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 		r.BadAffinities = append(r.BadAffinities, f)
 	}
 	for _, b := range s.blocks {
-		if b.v.Affinity != "" && !affine[b.v.Affinity+"/"+b.v.CIDR.String()] {
-			r.BadAffinities = append(r.BadAffinities, Finding{Node: b.v.Affinity, Block: b.v.CIDR,
-				Reason: "block is owned by a node without an affinity to it", blockRev: b.rev, fix: fixCreateAffinity})
+		if b.v.Affinity == "" || affine[b.v.Affinity+"/"+b.v.CIDR.String()] {
+			continue
 		}
+		f := Finding{Node: b.v.Affinity, Block: b.v.CIDR, Reason: "block is owned by a node without an affinity to it", blockRev: b.rev, fix: fixCreateAffinity}
+		if s.gone(b.v.Affinity) {
+			f.Reason, f.fix = "block is owned by node "+b.v.Affinity+", which no longer exists", fixReleaseGone
+		}
+		r.BadAffinities = append(r.BadAffinities, f)
 	}
 	return r
 }
@@ -186,28 +199,37 @@ func handleLists(h *versioned[Handle], ip netip.Addr, seq uint64) bool {
 	return false
 }
 
-func leakReason(s *state, al *Allocation, now time.Time, grace time.Duration) string {
-	if now.Sub(al.Time) < grace {
-		return ""
-	}
+// leakReason says why al is leaked, or "". The grace period covers an ADD
+// that has assigned but not yet written its WorkloadEndpoint; a deleted node has
+// no ADD in flight (assignment needs the Node), so its addresses go at once.
+func leakReason(s *state, al *Allocation, now time.Time, grace time.Duration) (string, wepRef) {
+	old := now.Sub(al.Time) >= grace
 	switch h := al.Handle; {
 	case strings.HasPrefix(h, PodHandlePrefix):
-		if !s.weps[strings.TrimPrefix(h, PodHandlePrefix)] {
-			return "no WorkloadEndpoint has container " + strings.TrimPrefix(h, PodHandlePrefix)
+		id := strings.TrimPrefix(h, PodHandlePrefix)
+		w, ok := s.weps[id]
+		switch {
+		case ok && s.gone(w.node):
+			return "pod of node " + w.node + ", which no longer exists", w
+		case !ok && s.gone(al.Node):
+			return "assigned on node " + al.Node + ", which no longer exists", wepRef{}
+		case !ok && old:
+			return "no WorkloadEndpoint has container " + id, wepRef{}
 		}
 	case strings.HasPrefix(h, ipipHandlePrefix), strings.HasPrefix(h, vxlanHandlePrefix):
 		node := strings.TrimPrefix(strings.TrimPrefix(h, ipipHandlePrefix), vxlanHandlePrefix)
-		if !s.nodes[node] {
-			return "tunnel address of node " + node + ", which no longer exists"
+		if s.gone(node) {
+			return "tunnel address of node " + node + ", which no longer exists", wepRef{}
 		}
 	}
-	return ""
+	return "", wepRef{}
 }
 
 // Repair fixes what a report found: it releases leaked addresses (only if they are
-// still held by the same handle and sequence), relinks unreferenced allocations to
-// their handles, prunes orphan handles and deletes bad affinities. It returns how
-// many fixes it made and the first error.
+// still held by the same handle and sequence) with the WorkloadEndpoints of deleted
+// nodes, relinks unreferenced allocations to their handles, prunes orphan handles,
+// and mends or deletes bad affinities. It returns how many fixes it made and the
+// errors.
 func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 	fixed := 0
 	var errs []error
@@ -215,6 +237,13 @@ func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 		if err := a.releaseExact(ctx, f.IP, f.Handle, f.Sequence); err != nil && !errors.Is(err, ErrNotAllocated) {
 			errs = append(errs, err)
 			continue
+		}
+		if f.wep.key != "" {
+			// Only the endpoint as audited: one written since is someone's news.
+			if _, err := a.store.Txn(ctx, []clientv3.Cmp{revIs(f.wep.key, f.wep.rev)}, []clientv3.Op{clientv3.OpDelete(f.wep.key)}, nil); err != nil {
+				errs = append(errs, err)
+				continue
+			}
 		}
 		fixed++
 	}
@@ -245,6 +274,9 @@ func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 // fixAffinity mends one affinity finding, provided neither the affinity nor its
 // block changed since the audit.
 func (a *Allocator) fixAffinity(ctx context.Context, f Finding) error {
+	if f.fix == fixReleaseGone {
+		return a.releaseGone(ctx, f.Node, f.Block)
+	}
 	akey, bkey := datastore.AffinityKey(f.Node, f.Block), datastore.BlockKey(f.Block)
 	cmps := []clientv3.Cmp{revIs(akey, f.rev), revIs(bkey, f.blockRev)}
 	op := clientv3.OpDelete(akey)
@@ -259,12 +291,60 @@ func (a *Allocator) fixAffinity(ctx context.Context, f Finding) error {
 	return err
 }
 
+// releaseGone deletes a deleted node's affinity to cidr and clears the block's
+// owner, provided the node is still absent. It reads both afresh: releasing the
+// node's leaked addresses just before changes the block.
+func (a *Allocator) releaseGone(ctx context.Context, node string, cidr netip.Prefix) error {
+	akey, bkey, nkey := datastore.AffinityKey(node, cidr), datastore.BlockKey(cidr), datastore.ResourceKey(nodeKind, node)
+	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
+		if err := backoff(ctx, attempt); err != nil {
+			return err
+		}
+		resp, err := a.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpGet(akey), clientv3.OpGet(bkey), clientv3.OpGet(nkey, clientv3.WithKeysOnly())}, nil)
+		if err != nil {
+			return err
+		}
+		if len(resp.Responses[2].GetResponseRange().Kvs) > 0 {
+			return fmt.Errorf("node %s exists again: its block %s stays its own", node, cidr)
+		}
+		b, err := decode[Block](only(resp.Responses[1].GetResponseRange().Kvs))
+		if err != nil {
+			return err
+		}
+		cmps := []clientv3.Cmp{revIs(nkey, 0), revIs(bkey, b.rev)}
+		var ops []clientv3.Op
+		if kv := only(resp.Responses[0].GetResponseRange().Kvs); kv != nil {
+			cmps = append(cmps, revIs(akey, kv.ModRevision))
+			ops = append(ops, clientv3.OpDelete(akey))
+		}
+		if b.v != nil && b.v.Affinity == node {
+			nb := cloneBlock(b.v)
+			nb.Affinity = "" // ownerless: another node takes it over or borrows from it
+			ops = append(ops, clientv3.OpPut(bkey, mustJSON(nb)))
+		}
+		if len(ops) == 0 {
+			return nil
+		}
+		tresp, err := a.store.Txn(ctx, cmps, ops, nil)
+		if err != nil {
+			return err
+		}
+		if tresp.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: releasing %s of deleted node %s", ErrContention, cidr, node)
+}
+
 // relink adds an allocation missing from its handle back to the handle, if the
 // block still holds it for that handle and sequence (a leaked one may have been
 // released just before).
 func (a *Allocator) relink(ctx context.Context, f Finding) error {
 	hkey, bkey := datastore.HandleKey(f.Handle), datastore.BlockKey(f.Block)
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
+		if err := backoff(ctx, attempt); err != nil {
+			return err
+		}
 		resp, err := a.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpGet(hkey), clientv3.OpGet(bkey)}, nil)
 		if err != nil {
 			return err
@@ -306,6 +386,9 @@ func (a *Allocator) relink(ctx context.Context, f Finding) error {
 func (a *Allocator) pruneHandle(ctx context.Context, id string) error {
 	hkey := datastore.HandleKey(id)
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
+		if err := backoff(ctx, attempt); err != nil {
+			return err
+		}
 		resp, err := a.store.Get(ctx, hkey)
 		if err != nil {
 			return err
@@ -346,4 +429,32 @@ func (a *Allocator) pruneHandle(ctx context.Context, id string) error {
 		}
 	}
 	return fmt.Errorf("%w: pruning handle %s", ErrContention, id)
+}
+
+// ReleaseNode frees what a deleted node held: the addresses assigned on it
+// (deleting its pods' WorkloadEndpoints), its tunnel addresses, and its blocks,
+// which become ownerless. The Node resource must already be gone. It returns
+// what it found about the node and how many of those it fixed.
+func (a *Allocator) ReleaseNode(ctx context.Context, node string) (*Report, int, error) {
+	s, err := a.loadState(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	if !s.gone(node) {
+		return nil, 0, fmt.Errorf("node %s still has its Node resource: delete that first", node)
+	}
+	all := analyze(s, a.opts.Now(), DefaultLeakGrace)
+	r := &Report{Revision: all.Revision}
+	for _, f := range all.Leaked {
+		if f.Node == node || f.wep.node == node {
+			r.Leaked = append(r.Leaked, f)
+		}
+	}
+	for _, f := range all.BadAffinities {
+		if f.Node == node && f.fix == fixReleaseGone {
+			r.BadAffinities = append(r.BadAffinities, f)
+		}
+	}
+	n, err := a.Repair(ctx, r)
+	return r, n, err
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -53,6 +55,9 @@ func TestConcurrentAllocation(t *testing.T) {
 				}
 			}
 			const nodes = 8
+			for i := range nodes {
+				mustCreate(t, store, api.NewNode(fmt.Sprintf("node-%d", i)))
+			}
 			total := tc.total
 			if total > 1000 {
 				total /= scale
@@ -81,7 +86,7 @@ func TestConcurrentAllocation(t *testing.T) {
 				for w := range nodes * workers {
 					node := fmt.Sprintf("node-%d", w%nodes)
 					wg.Go(func() {
-						a := New(store, Options{MaxAttempts: 500})
+						a := New(store, Options{})
 						for left[node].Add(-1) >= 0 {
 							if done.Add(1) > int64(total/3) && midway != nil {
 								once.Do(midway)
@@ -123,7 +128,7 @@ func TestConcurrentAllocation(t *testing.T) {
 			if tc.restart && failed.Load() == 0 {
 				t.Errorf("etcd was restarted, yet no assignment failed: the restart did not happen mid-run")
 			}
-			audit(t, store, held)
+			audit(t, store, held, tc.strict)
 
 			// Release half of every node's addresses, by handle, concurrently.
 			var release, kept []heldAddr
@@ -151,14 +156,35 @@ func TestConcurrentAllocation(t *testing.T) {
 				})
 			}
 			wg.Wait()
-			audit(t, store, held)
+			audit(t, store, held, tc.strict)
 
 			start = time.Now()
 			allocate(quota, nil)
 			t.Logf("phase 2: %d addresses in %s, %d etcd round trips", len(release), time.Since(start), store.RoundTrips())
-			rep := audit(t, store, held)
+			rep := audit(t, store, held, tc.strict)
 			if rep.Allocations != total {
 				t.Errorf("%d allocations stored, want %d", rep.Allocations, total)
+			}
+			// A claim cut short by the restart stays pending until its node's next
+			// assignment or a check 30 s on settles it; nothing else may be left.
+			later := New(store, Options{Now: func() time.Time { return time.Now().Add(time.Minute) }})
+			if rep, err := later.Check(ctx, DefaultLeakGrace); err != nil {
+				t.Fatal(err)
+			} else if !rep.Clean() {
+				pending := 0
+				for _, f := range rep.BadAffinities {
+					if strings.HasPrefix(f.Reason, "claim left pending") {
+						pending++
+					}
+				}
+				if !tc.restart || pending != rep.Problems() {
+					t.Errorf("a minute later ipam check finds more than pending claims of the restart: %+v", rep)
+				}
+				if _, err := later.Repair(ctx, rep); err != nil {
+					t.Errorf("repair the pending claims: %v", err)
+				}
+				t.Logf("%d claims the restart cut short, repaired", pending)
+				audit(t, store, held, tc.strict)
 			}
 			if tc.name == "borrowing" {
 				u, err := New(store, Options{}).Usage(ctx)
@@ -212,7 +238,8 @@ func retryable(err error) bool {
 }
 
 // audit checks every invariant of the stored state against what the test holds.
-func audit(t *testing.T, store *datastore.Store, held []heldAddr) *Report {
+// With strict, no address may be borrowed.
+func audit(t *testing.T, store *datastore.Store, held []heldAddr, strict bool) *Report {
 	t.Helper()
 	ctx := context.Background()
 	a := New(store, Options{})
@@ -255,6 +282,26 @@ func audit(t *testing.T, store *datastore.Store, held []heldAddr) *Report {
 		}
 		if len(b.v.Free)+b.v.InUse() != len(b.v.Allocations) {
 			t.Errorf("block %s: free list and allocations disagree", b.v.CIDR)
+		}
+		if strict && owned != b.v.InUse() {
+			t.Errorf("strict affinity, yet block %s of %q lends %d of its %d addresses", b.v.CIDR, b.v.Affinity, b.v.InUse()-owned, b.v.InUse())
+		}
+	}
+	// Affinities and block owners agree, and no node has more blocks than allowed.
+	perNode := map[string]int{}
+	for _, e := range s.affinities {
+		perNode[e.node]++
+		if e.af.v.State != affinityConfirmed {
+			continue // a claim in progress; Check judges how old it is
+		}
+		i, found := slices.BinarySearchFunc(s.blocks, e.cidr, func(b *versioned[Block], c netip.Prefix) int { return b.v.CIDR.Addr().Compare(c.Addr()) })
+		if !found || s.blocks[i].v.Affinity != e.node {
+			t.Errorf("%s has a confirmed affinity to %s, whose block does not name it", e.node, e.cidr)
+		}
+	}
+	for node, n := range perNode {
+		if n > api.DefaultMaxBlocksPerHost {
+			t.Errorf("%s has %d block affinities, more than maxBlocksPerHost %d", node, n, api.DefaultMaxBlocksPerHost)
 		}
 	}
 	if stored != len(held) {

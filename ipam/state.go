@@ -19,9 +19,19 @@ type state struct {
 	blocks     []*versioned[Block] // sorted by address
 	handles    map[string]*versioned[Handle]
 	affinities []affinityEntry
-	weps       map[string]bool // container IDs with a WorkloadEndpoint
+	weps       map[string]wepRef // by container ID
 	nodes      map[string]bool
 }
+
+// wepRef is where a pod's WorkloadEndpoint is stored, and its node.
+type wepRef struct {
+	key  string
+	rev  int64
+	node string
+}
+
+// gone reports whether node names a node that has no Node resource.
+func (s *state) gone(node string) bool { return node != "" && !s.nodes[node] }
 
 type affinityEntry struct {
 	node string
@@ -42,7 +52,7 @@ func (a *Allocator) loadState(ctx context.Context) (*state, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &state{rev: resp.Header.Revision, handles: map[string]*versioned[Handle]{}, weps: map[string]bool{}, nodes: map[string]bool{}}
+	s := &state{rev: resp.Header.Revision, handles: map[string]*versioned[Handle]{}, weps: map[string]wepRef{}, nodes: map[string]bool{}}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		p, err := decodePool(kv)
 		if err != nil {
@@ -75,7 +85,7 @@ func (a *Allocator) loadState(ctx context.Context) (*state, error) {
 	for _, kv := range resp.Responses[4].GetResponseRange().Kvs {
 		var w api.WorkloadEndpoint
 		if err := json.Unmarshal(kv.Value, &w); err == nil {
-			s.weps[w.Spec.ContainerID] = true
+			s.weps[w.Spec.ContainerID] = wepRef{key: string(kv.Key), rev: kv.ModRevision, node: w.Spec.Node}
 		}
 	}
 	for _, kv := range resp.Responses[5].GetResponseRange().Kvs {

@@ -79,7 +79,9 @@ func run(n, burst, runs int) error {
 	defer srv.Close()
 	etcd := srv.Endpoints()[0]
 	pool := filepath.Join(bin, "pool.yaml")
-	os.WriteFile(pool, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n"), 0o600)
+	// The pool, and the Node that margay-node would register.
+	os.WriteFile(pool, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n---\n"+
+		"apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: node-a}\nspec: {bgp: {ipv4Address: 198.18.1.2/24}}\n"), 0o600)
 	if out, err := node.Run(filepath.Join(bin, "margayctl"), "--etcd-endpoints", etcd, "apply", "-f", pool); err != nil {
 		return fmt.Errorf("pool: %v: %s", err, out)
 	}

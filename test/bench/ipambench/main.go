@@ -142,6 +142,13 @@ func rawTxn(ctx context.Context, s *datastore.Store, clients, n int) (result, er
 	return result{rate: float64(n) / time.Since(start).Seconds(), roundTrips: 1}, nil
 }
 
+// register writes the Node that margay-node would; IPAM serves only
+// registered nodes.
+func register(ctx context.Context, s *datastore.Store, node string) error {
+	_, err := s.Create(ctx, api.NewNode(node))
+	return err
+}
+
 // allocate assigns n addresses from a fresh pool with `nodes` nodes in parallel.
 // The first address of each node (which claims its block) is not timed: this is
 // the steady state. With cold, every address gets a new Allocator, as every CNI
@@ -160,6 +167,9 @@ func allocate(ctx context.Context, s *datastore.Store, nodes, n int, cold bool) 
 	for i := range nodes {
 		allocs[i] = ipam.New(s, ipam.Options{})
 		node := fmt.Sprintf("bench-%s-%d", p.Metadata.Name, i)
+		if err := register(ctx, s, node); err != nil {
+			return result{}, err
+		}
 		if _, err := allocs[i].AutoAssign(ctx, ipam.AssignArgs{Handle: node + "-warm", Node: node, Pools: []string{p.Metadata.Name}}); err != nil {
 			return result{}, err
 		}
@@ -208,6 +218,9 @@ func concurrentBurst(ctx context.Context, s *datastore.Store, n, runs int) (burs
 			return burstResult{}, err
 		}
 		node := "burst-" + p.Metadata.Name
+		if err := register(ctx, s, node); err != nil {
+			return burstResult{}, err
+		}
 		// The node already has its block, as a node running pods does.
 		if _, err := ipam.New(s, ipam.Options{}).AutoAssign(ctx, ipam.AssignArgs{Handle: node + "-warm", Node: node, Pools: []string{p.Metadata.Name}}); err != nil {
 			return burstResult{}, err
