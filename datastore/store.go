@@ -62,7 +62,7 @@ func New(cfg Config) (*Store, error) {
 	var tlsCfg *tls.Config
 	if cfg.CAFile != "" || cfg.CertFile != "" || cfg.KeyFile != "" {
 		if (cfg.CertFile == "") != (cfg.KeyFile == "") {
-			return nil, fmt.Errorf("etcd TLS: give both a client certificate and its key, or neither (cert %q, key %q)", cfg.CertFile, cfg.KeyFile)
+			return nil, fmt.Errorf("etcd TLS: give both a client certificate and its key, or neither: --etcd-cert-file (MARGAY_ETCD_CERT_FILE) is %q, --etcd-key-file (MARGAY_ETCD_KEY_FILE) is %q", cfg.CertFile, cfg.KeyFile)
 		}
 		info := transport.TLSInfo{CertFile: cfg.CertFile, KeyFile: cfg.KeyFile, TrustedCAFile: cfg.CAFile}
 		var err error

@@ -208,7 +208,13 @@ func (a *app) ipamCheckCmd() *cobra.Command {
 WorkloadEndpoint (or its tunnel's node no Node resource) and it was assigned longer
 than --grace ago. With --release-leaked, leaked addresses are freed, unreferenced
 allocations are linked back to their handles, orphan handles are pruned and bad
-affinities are removed; each fix checks that nothing changed since the audit.`,
+affinities are removed; each fix checks that nothing changed since the audit.
+
+A node without a Node resource is a deleted one: its addresses, its pods'
+WorkloadEndpoints and its blocks are reported at once, without the grace period.
+
+Exit code: 0 when nothing was found (or everything found was fixed), 3 when
+problems were found and left, 1 when the check or a fix failed.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkJSONOrTable(output); err != nil {
@@ -222,23 +228,29 @@ affinities are removed; each fix checks that nothing changed since the audit.`,
 			if err != nil {
 				return err
 			}
-			fixed := 0
-			if release && !rep.Clean() {
-				if fixed, err = al.Repair(cmd.Context(), rep); err != nil {
-					return fmt.Errorf("fixed %d problems, then: %w", fixed, err)
-				}
+			fixed, problems := 0, rep.Problems()
+			var repairErr error
+			if release && problems > 0 {
+				fixed, repairErr = al.Repair(cmd.Context(), rep)
 			}
 			if output == "json" {
-				return writeJSON(a.out, struct {
+				err = writeJSON(a.out, struct {
 					*ipam.Report
 					Fixed int `json:"fixed"`
 				}{rep, fixed})
+			} else {
+				printReport(a.out, rep)
+				if release {
+					fmt.Fprintf(a.out, "Fixed %s.\n", count(fixed, "problem"))
+				}
 			}
-			printReport(a.out, rep)
-			if release {
-				fmt.Fprintf(a.out, "Fixed %d problems.\n", fixed)
-			} else if !rep.Clean() {
-				fmt.Fprintln(a.out, "Run again with --release-leaked to fix them.")
+			switch {
+			case err != nil:
+				return err
+			case repairErr != nil:
+				return fmt.Errorf("fixed %d of %s: %w", fixed, count(problems, "problem"), repairErr)
+			case problems > 0 && !release:
+				return problemsError{fmt.Errorf("found %s; --release-leaked fixes them", count(problems, "problem"))}
 			}
 			return nil
 		},

@@ -20,9 +20,10 @@ import (
 
 // Exit codes.
 const (
-	exitOK    = 0
-	exitError = 1
-	exitUsage = 2
+	exitOK       = 0
+	exitError    = 1
+	exitUsage    = 2
+	exitProblems = 3 // ipam check found problems and left them
 )
 
 func main() { os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) }
@@ -31,6 +32,10 @@ func main() { os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) }
 type usageError struct{ error }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+// problemsError is a check that ran and found something to fix (exit code 3),
+// so that scripts can tell it from a check that could not run.
+type problemsError struct{ error }
 
 // app carries what every command shares.
 type app struct {
@@ -67,11 +72,14 @@ func run(args []string, in io.Reader, out, errOut io.Writer) int {
 	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintf(errOut, "margayctl: %s\n", oneLine(err.Error()))
 	var ue usageError
 	if errors.As(err, &ue) || isCobraUsage(err) {
-		fmt.Fprintln(errOut, "Run 'margayctl --help' for usage.")
+		fmt.Fprintf(errOut, "margayctl: %s (margayctl --help shows usage)\n", oneLine(err.Error()))
 		return exitUsage
+	}
+	fmt.Fprintf(errOut, "margayctl: %s\n", oneLine(err.Error()))
+	if errors.As(err, new(problemsError)) {
+		return exitProblems
 	}
 	return exitError
 }

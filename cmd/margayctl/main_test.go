@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"sigs.k8s.io/yaml"
 
 	"github.com/margay-dev/margay/api"
@@ -25,8 +27,8 @@ import (
 	"github.com/margay-dev/margay/test/etcdtest"
 )
 
-// usageHint is the optional second stderr line of a usage error.
-const usageHint = "Run 'margayctl --help' for usage."
+// usageHint ends the error line of a usage error.
+const usageHint = "(margayctl --help shows usage)"
 
 // unreachable is an etcd endpoint nothing listens on.
 const unreachable = "http://127.0.0.1:1"
@@ -89,8 +91,8 @@ func (c cluster) store(t *testing.T) *datastore.Store {
 }
 
 // wantFail checks a failed invocation: the exit code, nothing on stdout, and one
-// "margayctl: ..." line on stderr (plus the usage hint for usage errors) that
-// contains every want.
+// "margayctl: ..." line on stderr (ending in the usage hint for usage errors)
+// that contains every want.
 func wantFail(t *testing.T, r result, code int, want ...string) {
 	t.Helper()
 	if r.code != code {
@@ -116,9 +118,11 @@ func checkStderr(t *testing.T, stderr string, code int) {
 		return
 	}
 	lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
-	okLines := len(lines) == 1 || (code == exitUsage && len(lines) == 2 && lines[1] == usageHint)
-	if !okLines {
+	if len(lines) != 1 {
 		t.Errorf("stderr is not one error line (exit %d):\n%s", code, stderr)
+	}
+	if hinted := strings.HasSuffix(lines[0], usageHint); hinted != (code == exitUsage) {
+		t.Errorf("exit %d, and the usage hint is there: %v: %s", code, hinted, lines[0])
 	}
 	if !strings.HasPrefix(lines[0], "margayctl: ") || len(lines[0]) <= len("margayctl: ") {
 		t.Errorf("stderr %q does not start with \"margayctl: \" and a message", lines[0])
@@ -615,7 +619,15 @@ func TestIPAM(t *testing.T) {
 	c := newCluster(t)
 	// One /26 pool of /26 blocks: node1's first allocation claims the only block,
 	// so node2 (strictAffinity off) must borrow from it.
-	c.okIn(t, "apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.99.0.0/26, blockSize: 26}\n", "apply", "-f", "-")
+	c.okIn(t, `apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods}
+spec: {cidr: 10.99.0.0/26, blockSize: 26}
+---
+{apiVersion: margay.dev/v1, kind: Node, metadata: {name: node1}, spec: {bgp: {ipv4Address: 10.0.0.1/24}}}
+---
+{apiVersion: margay.dev/v1, kind: Node, metadata: {name: node2}, spec: {bgp: {ipv4Address: 10.0.0.2/24}}}
+`, "apply", "-f", "-")
 	ctx := context.Background()
 	al := ipam.New(c.store(t), ipam.Options{Logger: slog.New(slog.DiscardHandler)})
 	assign := func(handle, node string) netip.Addr {
@@ -729,9 +741,11 @@ spec: {node: node1, containerID: withwep, interfaceName: cali1, ipNetworks: [`+i
 	})
 
 	t.Run("check leaked", func(t *testing.T) {
-		out := c.ok(t, "ipam", "check", "--grace", "0s")
-		if !strings.Contains(out, "Leaked addresses (3):") || !strings.Contains(out, "--release-leaked") {
-			t.Errorf("ipam check --grace 0s:\n%s", out)
+		// Problems found and left: the report, and exit code 3.
+		r := c.run("ipam", "check", "--grace", "0s")
+		out := r.stdout
+		if r.code != exitProblems || !strings.Contains(out, "Leaked addresses (3):") || r.stderr != "margayctl: found 3 problems; --release-leaked fixes them\n" {
+			t.Errorf("ipam check --grace 0s: want exit 3 with the report:\n%v", r)
 		}
 		for _, ip := range []netip.Addr{ipA, ipB, ipC} {
 			if !strings.Contains(out, ip.String()+" ") {
@@ -745,8 +759,9 @@ spec: {node: node1, containerID: withwep, interfaceName: cali1, ipNetworks: [`+i
 			Leaked []ipam.Finding `json:"leaked"`
 			Fixed  int            `json:"fixed"`
 		}
-		if err := json.Unmarshal([]byte(c.ok(t, "ipam", "check", "--grace", "0s", "-o", "json")), &rep); err != nil {
-			t.Fatal(err)
+		r = c.run("ipam", "check", "--grace", "0s", "-o", "json")
+		if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil || r.code != exitProblems {
+			t.Fatalf("check -o json: %v:\n%v", err, r)
 		}
 		if len(rep.Leaked) != 3 || rep.Fixed != 0 {
 			t.Errorf("check -o json: %+v", rep)
@@ -772,7 +787,7 @@ spec: {node: node1, containerID: withwep, interfaceName: cali1, ipNetworks: [`+i
 
 	t.Run("release leaked", func(t *testing.T) {
 		out := c.ok(t, "ipam", "check", "--grace", "0s", "--release-leaked")
-		if !strings.Contains(out, "Leaked addresses (1):") || !strings.Contains(out, ipA.String()) || !strings.Contains(out, "Fixed 1 problems.") {
+		if !strings.Contains(out, "Leaked addresses (1):") || !strings.Contains(out, ipA.String()) || !strings.Contains(out, "Fixed 1 problem.") {
 			t.Errorf("release-leaked:\n%s", out)
 		}
 		if pu := poolUsage(t); pu.InUse != 1 {
@@ -786,6 +801,36 @@ spec: {node: node1, containerID: withwep, interfaceName: cali1, ipNetworks: [`+i
 		}
 		if out := c.ok(t, "ipam", "check", "--grace", "0s"); !strings.Contains(out, "No problems found.") {
 			t.Errorf("check after repair:\n%s", out)
+		}
+	})
+
+	t.Run("delete node", func(t *testing.T) {
+		store := c.store(t)
+		held := datastore.AgentsPrefix + "node1"
+		if _, err := store.Txn(ctx, nil, []clientv3.Op{clientv3.OpPut(held, "10.0.0.1")}, nil); err != nil {
+			t.Fatal(err)
+		}
+		wantFail(t, c.run("delete", "node", "node1"), exitError, `node "node1" has a running margay-node (at 10.0.0.1)`)
+		if _, err := store.Txn(ctx, nil, []clientv3.Op{clientv3.OpDelete(held)}, nil); err != nil {
+			t.Fatal(err)
+		}
+		ip := assign("k8s-pod-network.onnode1", "node1")
+		c.okIn(t, "{apiVersion: margay.dev/v1, kind: WorkloadEndpoint, metadata: {name: node1-k8s-db-eth0}, spec: {node: node1, containerID: onnode1, interfaceName: mgy2, ipNetworks: ["+ip.String()+"/32]}}\n", "apply", "-f", "-")
+		if got, want := c.ok(t, "delete", "node", "node1"), "Node \"node1\" deleted, and released its 1 address and 1 block\n"; got != want {
+			t.Errorf("delete node: %q, want %q", got, want)
+		}
+		if out := c.ok(t, "ipam", "check", "--grace", "0s"); !strings.Contains(out, "No problems found.") {
+			t.Errorf("check after deleting node1:\n%s", out)
+		}
+		if rows := table(c.ok(t, "get", "workloadendpoints")); len(rows) != 1 {
+			t.Errorf("node1's endpoint outlived it: %q", rows)
+		}
+		// node2 takes over the block node1 left.
+		if got := assign("k8s-pod-network.onnode2", "node2"); !netip.MustParsePrefix("10.99.0.0/26").Contains(got) {
+			t.Errorf("node2 got %s", got)
+		}
+		if rows := table(c.ok(t, "ipam", "show", "--show-blocks")); len(rows) < 2 || !slices.Contains(rows[1], "node2") {
+			t.Errorf("the block is not node2's: %q", rows)
 		}
 	})
 
@@ -858,6 +903,33 @@ func TestDatastoreFlags(t *testing.T) {
 		wantFail(t, r, exitError, "127.0.0.1:1")
 	})
 
+	t.Run("tls", func(t *testing.T) {
+		pki := etcdtest.NewPKI(t, t.TempDir(), "ctl")
+		srv, err := etcdtest.Start(etcdtest.Options{TLS: &transport.TLSInfo{CertFile: pki.ServerCert, KeyFile: pki.ServerKey, TrustedCAFile: pki.CA, ClientCertAuth: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Close)
+		ep := srv.Endpoints()[0]
+		flags := []string{"--etcd-endpoints", ep, "--etcd-ca-cert-file", pki.CA, "--etcd-cert-file", pki.ClientCert, "--etcd-key-file", pki.ClientKey}
+		if r := invoke("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: tls}\nspec: {cidr: 10.20.0.0/16}\n", append(flags, "apply", "-f", "-")...); r.code != exitOK {
+			t.Fatalf("apply over TLS with flags:\n%v", r)
+		}
+		t.Setenv("MARGAY_ETCD_ENDPOINTS", ep)
+		t.Setenv("MARGAY_ETCD_CA_CERT_FILE", pki.CA)
+		t.Setenv("MARGAY_ETCD_CERT_FILE", pki.ClientCert)
+		t.Setenv("MARGAY_ETCD_KEY_FILE", pki.ClientKey)
+		if r := invoke("", "get", "ippools"); r.code != exitOK || !strings.Contains(r.stdout, "10.20.0.0/16") {
+			t.Errorf("get over TLS from the environment:\n%v", r)
+		}
+		// etcd wants a client certificate: without one the call fails, in time.
+		t.Setenv("MARGAY_ETCD_CERT_FILE", "")
+		t.Setenv("MARGAY_ETCD_KEY_FILE", "")
+		wantFail(t, invoke("", "--timeout", "1s", "get", "ippools"), exitError, ep)
+		t.Setenv("MARGAY_ETCD_CERT_FILE", pki.ClientCert)
+		wantFail(t, invoke("", "get", "ippools"), exitError, "MARGAY_ETCD_KEY_FILE")
+	})
+
 	t.Run("version needs no etcd", func(t *testing.T) {
 		start := time.Now()
 		r := invoke("", "--etcd-endpoints", unreachable, "version")
@@ -922,7 +994,8 @@ func TestBinary(t *testing.T) {
 	// A successful ipam command writes nothing to stderr, even when the ipam
 	// package logs: here freeing the last address of one of node n1's two blocks
 	// releases that block's affinity.
-	if r := exe("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: tiny}\nspec: {cidr: 10.77.0.0/30, blockSize: 31}\n", "apply", "-f", "-"); r.code != 0 {
+	if r := exe("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: tiny}\nspec: {cidr: 10.77.0.0/30, blockSize: 31}\n---\n"+
+		"{apiVersion: margay.dev/v1, kind: Node, metadata: {name: n1}, spec: {bgp: {ipv4Address: 10.0.0.1/24}}}\n", "apply", "-f", "-"); r.code != 0 {
 		t.Fatalf("apply tiny:\n%v", r)
 	}
 	al := ipam.New(c.store(t), ipam.Options{Logger: slog.New(slog.DiscardHandler)})

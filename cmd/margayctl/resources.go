@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"reflect"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -188,6 +189,9 @@ func (a *app) deleteCmd() *cobra.Command {
 			}
 			return a.each(rs, func(r api.Resource) (string, error) {
 				m := r.GetMetadata()
+				if api.KindOf(r).Kind == api.KindNode {
+					return a.deleteNode(cmd.Context(), store, m)
+				}
 				_, err := store.Delete(cmd.Context(), api.KindOf(r), m.Name, m.ResourceVersion)
 				return "deleted", err
 			})
@@ -195,6 +199,46 @@ func (a *app) deleteCmd() *cobra.Command {
 	}
 	cmd.Flags().StringArrayVarP(&files, "filename", "f", nil, "file with the resources, - for standard input; may be repeated")
 	return cmd
+}
+
+// deleteNode deletes a Node whose agent has stopped, then what it held in IPAM:
+// a node that is gone has no use for its addresses and blocks (calicoctl does
+// the same).
+func (a *app) deleteNode(ctx context.Context, store *datastore.Store, m *api.ObjectMeta) (string, error) {
+	// A running agent would write its Node again at once.
+	held, err := store.Get(ctx, datastore.AgentsPrefix+m.Name)
+	if err != nil {
+		return "", err
+	}
+	if len(held.Kvs) > 0 {
+		return "", fmt.Errorf("node %q has a running margay-node (at %s), which would register it again: stop it first (its claim on the name expires 15 s after it stops)", m.Name, held.Kvs[0].Value)
+	}
+	if _, err := store.Delete(ctx, api.KindOf(api.NewNode("")), m.Name, m.ResourceVersion); err != nil {
+		return "", err
+	}
+	al, err := a.allocator()
+	if err != nil {
+		return "", err
+	}
+	rep, _, err := al.ReleaseNode(ctx, m.Name)
+	if err != nil {
+		return "", fmt.Errorf("node %q deleted, but releasing its addresses and blocks failed (margayctl ipam check --release-leaked retries): %w", m.Name, err)
+	}
+	if len(rep.Leaked)+len(rep.BadAffinities) == 0 {
+		return "deleted", nil
+	}
+	return fmt.Sprintf("deleted, and released its %s and %s", count(len(rep.Leaked), "address"), count(len(rep.BadAffinities), "block")), nil
+}
+
+// count is "1 block" or "2 blocks".
+func count(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	if strings.HasSuffix(noun, "s") {
+		return fmt.Sprintf("%d %ses", n, noun)
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }
 
 func (a *app) getCmd() *cobra.Command {
