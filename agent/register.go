@@ -24,7 +24,7 @@ func (a *Agent) register(ctx context.Context) error {
 	if err := a.store.Hold(ctx, datastore.AgentsPrefix+name, ip, holdTTL, a.log); err != nil {
 		var held *datastore.HeldError
 		if errors.As(err, &held) {
-			return fmt.Errorf("node name %q is in use by a running margay-node at %s; give this node another --nodename, or stop that agent (its claim expires %s after it stops)", name, held.Holder, holdTTL)
+			return fmt.Errorf("node name %q is in use by a running margay-node at %s; give this node another --nodename, or stop that agent (a stopped agent frees the name at once, a killed one after %s)", name, held.Holder, holdTTL)
 		}
 		return fmt.Errorf("register node %q: %w", name, err)
 	}

@@ -83,6 +83,12 @@ func (s *Store) take(ctx context.Context, key, value string, ttl time.Duration) 
 		s.revoke(grant.ID)
 		return 0, err
 	}
+	s.mu.Lock()
+	if s.held == nil {
+		s.held = map[string]clientv3.LeaseID{}
+	}
+	s.held[key] = grant.ID
+	s.mu.Unlock()
 	return grant.ID, nil
 }
 

@@ -45,3 +45,25 @@ func TestHold(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// A holder that stops cleanly (closes its Store) frees the key at once, not
+// after the TTL.
+func TestHoldReleasedOnClose(t *testing.T) {
+	srv, other := startStore(t)
+	ctx := testCtx(t)
+	key := AgentsPrefix + "node1"
+	holder, err := New(Config{Endpoints: srv.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Hold(ctx, key, "198.18.1.2", time.Minute, slog.Default()); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Hold(ctx, key, "198.18.1.9", time.Minute, slog.Default()); !IsHeld(err) {
+		t.Fatalf("while held: %v, want held", err)
+	}
+	holder.Close()
+	if err := other.Hold(ctx, key, "198.18.1.9", time.Minute, slog.Default()); err != nil {
+		t.Fatalf("right after the holder closed its Store: %v", err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -54,6 +55,9 @@ type Store struct {
 	cfg        Config
 	client     *clientv3.Client
 	roundTrips atomic.Int64
+
+	mu   sync.Mutex
+	held map[string]clientv3.LeaseID // by key: the leases Hold keeps alive
 }
 
 // New connects to etcd. It does not wait for etcd to answer: the first request does.
@@ -84,8 +88,19 @@ func New(cfg Config) (*Store, error) {
 	return &Store{cfg: cfg, client: c}, nil
 }
 
-// Close releases the connection.
-func (s *Store) Close() error { return s.client.Close() }
+// Close revokes the leases of the keys Hold holds, so that a holder that stops
+// cleanly frees them at once instead of after their TTL, then releases the
+// connection.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	held := s.held
+	s.held = nil
+	s.mu.Unlock()
+	for _, lease := range held {
+		s.revoke(lease)
+	}
+	return s.client.Close()
+}
 
 // RoundTrips counts the requests this Store has sent to etcd, for benchmarks.
 func (s *Store) RoundTrips() int64 { return s.roundTrips.Load() }

@@ -211,7 +211,7 @@ func (a *app) deleteNode(ctx context.Context, store *datastore.Store, m *api.Obj
 		return "", err
 	}
 	if len(held.Kvs) > 0 {
-		return "", fmt.Errorf("node %q has a running margay-node (at %s), which would register it again: stop it first (its claim on the name expires 15 s after it stops)", m.Name, held.Kvs[0].Value)
+		return "", fmt.Errorf("node %q has a running margay-node (at %s), which would register it again: stop it first (an agent that was killed keeps its claim on the name for 15 s)", m.Name, held.Kvs[0].Value)
 	}
 	if _, err := store.Delete(ctx, api.KindOf(api.NewNode("")), m.Name, m.ResourceVersion); err != nil {
 		return "", err

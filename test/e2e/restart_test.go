@@ -43,9 +43,22 @@ func TestAgentRestartLosesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Killed, the agent cannot give up its claim on the name: the delete is
+	// refused until the claim expires, then releases node3's pod and block.
 	l.Nodes[2].Stop(syscall.SIGKILL)
-	if out, err := l.Ctl(l.Nodes[0], "delete", "node", "node3"); err != nil {
-		t.Fatalf("delete node3: %v: %s", err, out)
+	if out, err := l.Ctl(l.Nodes[0], "delete", "node", "node3"); err == nil || !strings.Contains(out, "running margay-node") {
+		t.Errorf("delete of node3 right after its agent was killed: %v: %s; want a refusal while its claim lasts", err, out)
+	}
+	var deleted string
+	if err := lab.WaitFor(30*time.Second, func() error {
+		out, err := l.Ctl(l.Nodes[0], "delete", "node", "node3")
+		deleted = out
+		return err
+	}); err != nil {
+		t.Fatalf("delete node3: %v", err)
+	}
+	if !strings.Contains(deleted, "released its 1 address and 1 block") {
+		t.Errorf("delete node3: %s; want its pod's address and its block released", deleted)
 	}
 	start := time.Now()
 	err = lab.WaitFor(90*time.Second, func() error {
