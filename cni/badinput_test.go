@@ -36,7 +36,7 @@ func TestPluginBadInput(t *testing.T) {
 		{"interface name too long", good, p.Path, "eth0-far-too-long", types.ErrInvalidEnvironmentVariables, "too long"},
 	}
 	// Before margay-node has written the pod MTU, ADD asks to be retried.
-	if _, err := os.Stat(MTUFile); errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(DefaultMTUFile); errors.Is(err, os.ErrNotExist) {
 		cases = append(cases, struct {
 			name, conf, netns, ifname string
 			code                      uint

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -28,8 +29,11 @@ type NetConf struct {
 	EtcdCACertFile string `json:"etcd_ca_cert_file,omitempty"`
 	Nodename       string `json:"nodename,omitempty"`
 	MTU            int    `json:"mtu,omitempty"`
-	LogLevel       string `json:"log_level,omitempty"`
-	LogFilePath    string `json:"log_file_path,omitempty"`
+	// MTUFile is where margay-node writes the pod MTU (its --mtu-file);
+	// default DefaultMTUFile.
+	MTUFile     string `json:"mtu_file,omitempty"`
+	LogLevel    string `json:"log_level,omitempty"`
+	LogFilePath string `json:"log_file_path,omitempty"`
 	// TimeoutSeconds bounds each invocation (default 10).
 	TimeoutSeconds int      `json:"timeout_seconds,omitempty"`
 	IPAM           IPAMConf `json:"ipam"`
@@ -96,6 +100,8 @@ func ParseConf(stdin []byte, hostname func() (string, error)) (*NetConf, error) 
 		return nil, invalid("nodename", "%q must not contain '/'", c.Nodename)
 	case c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535):
 		return nil, invalid("mtu", "%d is out of range; use 0 (detect) or 576 to 65535", c.MTU)
+	case c.MTUFile != "" && !filepath.IsAbs(c.MTUFile):
+		return nil, invalid("mtu_file", "%q is not an absolute path", c.MTUFile)
 	case c.TimeoutSeconds < 0:
 		return nil, invalid("timeout_seconds", "%d must be positive", c.TimeoutSeconds)
 	case (c.EtcdCertFile == "") != (c.EtcdKeyFile == ""):

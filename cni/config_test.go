@@ -43,6 +43,7 @@ func TestParseConfErrors(t *testing.T) {
 		{"blank etcd", `{"type":"margay","etcd_endpoints":" , ","nodename":"n"}`, types.ErrInvalidNetworkConfig, "etcd_endpoints"},
 		{"slash in node", `{"type":"margay","etcd_endpoints":"http://e","nodename":"a/b"}`, types.ErrInvalidNetworkConfig, "nodename"},
 		{"mtu", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","mtu":100}`, types.ErrInvalidNetworkConfig, "mtu: 100 is out of range"},
+		{"mtu_file", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","mtu_file":"mtu"}`, types.ErrInvalidNetworkConfig, `mtu_file: "mtu" is not an absolute path`},
 		{"timeout", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","timeout_seconds":-1}`, types.ErrInvalidNetworkConfig, "timeout_seconds"},
 		{"cert without key", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","etcd_cert_file":"/c"}`, types.ErrInvalidNetworkConfig, "etcd_key_file"},
 		{"log level", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","log_level":"loud"}`, types.ErrInvalidNetworkConfig, "log_level"},
@@ -86,29 +87,32 @@ func FuzzParseConf(f *testing.F) {
 }
 
 func TestPodMTU(t *testing.T) {
-	file := func(content string, err error) func(string) ([]byte, error) {
+	file := func(want, content string, err error) func(string) ([]byte, error) {
 		return func(p string) ([]byte, error) {
-			if p != MTUFile {
-				t.Errorf("read %s, want %s", p, MTUFile)
+			if p != want {
+				t.Errorf("read %s, want %s", p, want)
 			}
 			return []byte(content), err
 		}
 	}
 	for _, tc := range []struct {
-		name string
-		mtu  int
-		read func(string) ([]byte, error)
-		want int
-		err  string
+		name    string
+		mtu     int
+		mtuFile string
+		read    func(string) ([]byte, error)
+		want    int
+		err     string
 	}{
-		{"the configuration wins", 1400, file("1450\n", nil), 1400, ""},
-		{"the agent's file", 0, file("1450\n", nil), 1450, ""},
-		{"no file yet: try again later", 0, file("", os.ErrNotExist), 0, "the pod MTU is not known yet"},
-		{"garbage", 0, file("big", nil), 0, `holds "big"`},
-		{"too small", 0, file("100", nil), 0, "not an MTU from 576"},
+		{"the configuration wins", 1400, "", file(DefaultMTUFile, "1450\n", nil), 1400, ""},
+		{"the agent's file", 0, "", file(DefaultMTUFile, "1450\n", nil), 1450, ""},
+		{"the agent's file elsewhere", 0, "/run/margay/mtu", file("/run/margay/mtu", "1430\n", nil), 1430, ""},
+		{"no file yet: try again later", 0, "", file(DefaultMTUFile, "", os.ErrNotExist), 0, "the pod MTU is not known yet: margay-node writes it to " + DefaultMTUFile},
+		{"no file yet elsewhere", 0, "/run/margay/mtu", file("/run/margay/mtu", "", os.ErrNotExist), 0, "writes it to /run/margay/mtu"},
+		{"garbage", 0, "", file(DefaultMTUFile, "big", nil), 0, `holds "big"`},
+		{"too small", 0, "", file(DefaultMTUFile, "100", nil), 0, "not an MTU from 576"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := podMTU(&NetConf{MTU: tc.mtu}, tc.read)
+			got, err := podMTU(&NetConf{MTU: tc.mtu, MTUFile: tc.mtuFile}, tc.read)
 			if got != tc.want || (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
 				t.Errorf("podMTU = %d, %v; want %d, %q", got, err, tc.want, tc.err)
 			}

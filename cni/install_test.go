@@ -18,7 +18,7 @@ func TestInstall(t *testing.T) {
 	}
 	o := InstallOptions{SrcDir: src, BinDir: bin, ConfDir: conf, Conf: NetConf{
 		EtcdEndpoints: "https://10.0.0.1:2379", EtcdCACertFile: "/etc/margay/ca.pem",
-		EtcdCertFile: "/etc/margay/cert.pem", EtcdKeyFile: "/etc/margay/key.pem", Nodename: "node-a"}}
+		EtcdCertFile: "/etc/margay/cert.pem", EtcdKeyFile: "/etc/margay/key.pem", Nodename: "node-a", MTUFile: "/run/margay/mtu"}}
 	changed, err := Install(o)
 	if err != nil || len(changed) != 3 {
 		t.Fatalf("first install changed %v, err %v; want 2 binaries and the conflist", changed, err)
@@ -37,7 +37,7 @@ func TestInstall(t *testing.T) {
 		t.Errorf("conflist %s", list.Bytes)
 	}
 	c, err := ParseConf(list.Plugins[0].Bytes, hostname)
-	if err != nil || c.EtcdCACertFile != "/etc/margay/ca.pem" || c.EtcdKeyFile != "/etc/margay/key.pem" || c.IPAM.Type != "margay-ipam" {
+	if err != nil || c.EtcdCACertFile != "/etc/margay/ca.pem" || c.EtcdKeyFile != "/etc/margay/key.pem" || c.IPAM.Type != "margay-ipam" || c.MTUFile != "/run/margay/mtu" {
 		t.Errorf("plugin configuration %+v, %v: want the TLS paths carried through", c, err)
 	}
 	// Idempotent: nothing changes the second time, and no temporary file is left.
@@ -137,7 +137,7 @@ func TestInstallTLSDirAndTemplate(t *testing.T) {
 
 func TestRenderTemplate(t *testing.T) {
 	c := NetConf{EtcdEndpoints: "https://10.0.0.11:2379,https://10.0.0.12:2379", EtcdCACertFile: `/etc/a "b"\c`,
-		Nodename: "node-a", MTU: 1440, LogLevel: "debug", LogFilePath: "/var/log/margay/cni.log"}
+		Nodename: "node-a", MTU: 1440, MTUFile: "/run/margay/mtu", LogLevel: "debug", LogFilePath: "/var/log/margay/cni.log"}
 	cases := []struct {
 		name, tmpl, want, err string
 	}{
@@ -146,6 +146,7 @@ func TestRenderTemplate(t *testing.T) {
 		{"escaped for JSON", `{"ca":"__ETCD_CA_CERT_FILE__"}`, `{"ca":"/etc/a \"b\"\\c"}`, ""},
 		{"empty values", `{"cert":"__ETCD_CERT_FILE__","key":"__ETCD_KEY_FILE__"}`, `{"cert":"","key":""}`, ""},
 		{"bare MTU", `{"mtu": __MTU__}`, `{"mtu": 1440}`, ""},
+		{"MTU file", `{"mtu_file": "__MTU_FILE__"}`, `{"mtu_file": "/run/margay/mtu"}`, ""},
 		{"twice", `"__NODENAME__/__NODENAME__"`, `"node-a/node-a"`, ""},
 		{"no placeholders", `{"a":"__b__ _X_"}`, `{"a":"__b__ _X_"}`, ""},
 		{"Calico's node name", `{"n":"__KUBERNETES_NODE_NAME__","m":__CNI_MTU__,"o":"__CNI_MTU__"}`, "",

@@ -1,6 +1,7 @@
 package cni
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -20,8 +21,9 @@ import (
 	"github.com/margay-dev/margay/ipam"
 )
 
-// MTUFile is where margay-node writes the pod MTU it detected.
-const MTUFile = "/var/lib/margay/mtu"
+// DefaultMTUFile is where margay-node writes the pod MTU it detected, unless
+// told otherwise (its --mtu-file, the configuration's mtu_file).
+const DefaultMTUFile = "/var/lib/margay/mtu"
 
 // More of margay's own CNI error codes.
 const (
@@ -92,13 +94,14 @@ func podMTU(c *NetConf, readFile func(string) ([]byte, error)) (int, error) {
 	if c.MTU != 0 {
 		return c.MTU, nil
 	}
-	b, err := readFile(MTUFile)
+	path := cmp.Or(c.MTUFile, DefaultMTUFile)
+	b, err := readFile(path)
 	if err != nil {
-		return 0, fmt.Errorf("the pod MTU is not known yet: margay-node writes it to %s once it runs (%v); or set mtu in the network configuration", MTUFile, err)
+		return 0, fmt.Errorf("the pod MTU is not known yet: margay-node writes it to %s once it runs (%v); or set mtu in the network configuration (or mtu_file, if margay-node has another --mtu-file)", path, err)
 	}
 	m, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil || m < 576 || m > 65535 {
-		return 0, fmt.Errorf("%s holds %q, not an MTU from 576 to 65535", MTUFile, strings.TrimSpace(string(b)))
+		return 0, fmt.Errorf("%s holds %q, not an MTU from 576 to 65535", path, strings.TrimSpace(string(b)))
 	}
 	return m, nil
 }

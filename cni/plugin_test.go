@@ -300,3 +300,30 @@ func TestPluginGC(t *testing.T) {
 		t.Errorf("pod-b lost its network in GC: %v\n%s", err, out)
 	}
 }
+
+// With "mtu": 0 the pod MTU comes from the agent's file, wherever mtu_file
+// says the agent writes it.
+func TestPluginMTUFile(t *testing.T) {
+	r := newRuntime(t, "1.0.0")
+	file := filepath.Join(t.TempDir(), "mtu")
+	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "k8s-pod-network", "plugins": [
+		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "mtu": 0, "mtu_file": %q, "ipam": {"type": "margay-ipam"}}]}`, r.etcd, file)
+	var err error
+	if r.list, err = libcni.ConfListFromBytes([]byte(conf)); err != nil {
+		t.Fatal(err)
+	}
+	p := nstest.New(t, "pod")
+	if _, err := r.add(podRT(p, "early")); cniCode(err) != types.ErrTryAgainLater || !strings.Contains(err.Error(), "writes it to "+file) {
+		t.Errorf("ADD before the file exists: %v, want code 11 naming %s", err, file)
+	}
+	os.WriteFile(file, []byte("1400\n"), 0o644)
+	if _, err := r.add(podRT(p, "web")); err != nil {
+		t.Fatal(err)
+	}
+	if out := p.MustRun(t, "ip", "-o", "link", "show", "eth0"); !strings.Contains(out, " mtu 1400 ") {
+		t.Errorf("pod eth0 with mtu_file saying 1400: %s", out)
+	}
+	if err := r.del(podRT(p, "web")); err != nil {
+		t.Error(err)
+	}
+}

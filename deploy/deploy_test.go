@@ -448,7 +448,7 @@ func TestConfListTemplate(t *testing.T) {
 	// With every value set (nothing left out by omitempty), the template and the
 	// generated list are the same JSON.
 	c := o.Conf
-	c.MTU = 1440
+	c.MTU, c.MTUFile = 1440, "/var/lib/margay/mtu"
 	rendered, err := cni.RenderTemplate(tmpl, c)
 	if err != nil {
 		t.Fatal(err)

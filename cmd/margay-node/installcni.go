@@ -83,6 +83,7 @@ func installCNICmd() *cobra.Command {
 	f.StringVar(&o.Conf.EtcdKeyFile, "etcd-key-file", env("MARGAY_ETCD_KEY_FILE", ""), "etcd client key (env MARGAY_ETCD_KEY_FILE)")
 	f.StringVar(&o.Conf.Nodename, "nodename", env("MARGAY_NODENAME", ""), "node name for the plugin; empty: the plugin uses the hostname (env MARGAY_NODENAME)")
 	f.IntVar(&o.Conf.MTU, "mtu", 0, "pod MTU; 0 uses the MTU margay-node detects")
+	f.StringVar(&o.Conf.MTUFile, "mtu-file", env("MARGAY_MTU_FILE", ""), "where margay-node writes the pod MTU, if not "+cni.DefaultMTUFile+" (env MARGAY_MTU_FILE, as for margay-node)")
 	f.StringVar(&o.Conf.LogLevel, "log-level", "info", "plugin log level")
 	f.StringVar(&o.Conf.LogFilePath, "log-file", "/var/log/margay/cni.log", "plugin log file")
 	f.StringVar(&pools, "ipv4-pools", "", "comma-separated pools the plugin may assign from; empty: every pool for the node")
