@@ -51,13 +51,10 @@ const (
 	DefaultHealthAddr     = ":9099"
 	DefaultMetricsAddr    = ":9091"
 	DefaultGRPCAddr       = "127.0.0.1:50051"
-	DefaultMTUFile        = "/var/lib/margay/mtu"
 	DefaultPoolCIDR       = "10.244.0.0/16"
 	DefaultResyncInterval = 10 * time.Second
 	// peerGrace is how long readiness waits for every peer to be Established once.
 	peerGrace = 30 * time.Second
-	// holdTTL bounds how long a crashed agent's name stays taken.
-	holdTTL = 15 * time.Second
 )
 
 // Agent is one running margay-node.

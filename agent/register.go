@@ -21,10 +21,10 @@ func (a *Agent) register(ctx context.Context) error {
 	// A live agent holds its name under an etcd lease with its address as the
 	// value: the same host restarting takes it back at once, another host is
 	// refused while the first one lives.
-	if err := a.store.Hold(ctx, datastore.AgentsPrefix+name, ip, holdTTL, a.log); err != nil {
+	if err := a.store.Hold(ctx, datastore.AgentsPrefix+name, ip, datastore.AgentTTL, a.log); err != nil {
 		var held *datastore.HeldError
 		if errors.As(err, &held) {
-			return fmt.Errorf("node name %q is in use by a running margay-node at %s; give this node another --nodename, or stop that agent (a stopped agent frees the name at once, a killed one after %s)", name, held.Holder, holdTTL)
+			return fmt.Errorf("node name %q is in use by a running margay-node at %s; give this node another --nodename, or stop that agent (a stopped agent frees the name at once, a killed one after %s)", name, held.Holder, datastore.AgentTTL)
 		}
 		return fmt.Errorf("register node %q: %w", name, err)
 	}

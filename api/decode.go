@@ -16,7 +16,7 @@ import (
 // KindList is the kind of a list of resources, as printed by `margayctl get -o yaml`.
 const KindList = "List"
 
-var docSeparator = regexp.MustCompile(`(?m)^---[ \t]*(#.*)?$`)
+var docSeparator = regexp.MustCompile(`(?m)^---[ \t]*(#.*)?\r?$`)
 
 // Decode parses one or more YAML or JSON documents (YAML documents separated by
 // "---"; a document of kind List contributes its items) into resources. Unknown
@@ -58,6 +58,10 @@ func decodeDoc(doc []byte) ([]Resource, error) {
 		// Flow-style YAML ({kind: Node, ...}) starts with a brace too.
 		js, yerr := yamlToJSON(doc)
 		if yerr != nil {
+			// Report in the language the document is written in: JSON keys are quoted.
+			if rest := bytes.TrimSpace(trimmed[1:]); len(rest) > 0 && rest[0] != '"' && rest[0] != '}' {
+				return nil, fmt.Errorf("not valid YAML: %v", yerr)
+			}
 			return nil, err
 		}
 		return decodeObject(js)
@@ -80,7 +84,7 @@ func yamlToJSON(doc []byte) ([]byte, error) {
 	}
 	if err := dec.Decode(&n); err != io.EOF {
 		if err == nil {
-			err = errors.New("more than one document: separate them with ---")
+			err = errors.New("more than one document: separate them with a line holding only ---")
 		}
 		return nil, err
 	}

@@ -127,6 +127,14 @@ func TestDecodeJSON(t *testing.T) {
 	}
 }
 
+// Windows line endings: the separator line ends in \r.
+func TestDecodeCRLF(t *testing.T) {
+	in := "apiVersion: margay.dev/v1\r\nkind: Node\r\nmetadata: {name: a}\r\n---\r\napiVersion: margay.dev/v1\r\nkind: Node\r\nmetadata: {name: b}\r\n"
+	if rs, err := Decode([]byte(in)); err != nil || len(rs) != 2 || rs[1].GetMetadata().Name != "b" {
+		t.Errorf("CRLF multi-document: %v, %d resources", err, len(rs))
+	}
+}
+
 // YAML in flow style starts with a brace, like JSON, and is YAML all the same.
 func TestDecodeFlowYAML(t *testing.T) {
 	rs, err := Decode([]byte("{apiVersion: margay.dev/v1, kind: Node, metadata: {name: n1}, spec: {bgp: {ipv4Address: 10.0.0.1/24}}}\n---\n" +
@@ -252,6 +260,7 @@ func TestDecodeErrors(t *testing.T) {
 		{"yaml 1.1 boolean as a name", "apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: no}\n", []string{"metadata.name: expected string, got bool"}},
 		{"not yaml", "apiVersion: margay.dev/v1\nkind: [IPPool\n", []string{"not valid YAML or JSON"}},
 		{"broken json", `{"apiVersion": "margay.dev/v1", "kind": "Node",, "metadata": {"name": "n"}}`, []string{"not valid JSON", "invalid character ','"}},
+		{"broken flow yaml", `{apiVersion: margay.dev/v1, kind: [Node, metadata: {name: n}}`, []string{"not valid YAML"}},
 		{"scalar document", "just words\n", []string{"expected an object with apiVersion and kind"}},
 		{"array document", "- a\n- b\n", []string{"expected an object with apiVersion and kind"}},
 		{"empty input", "", []string{"no resources found in input"}},

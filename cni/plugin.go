@@ -283,7 +283,11 @@ func cmdStatus(ss *session, args *skel.CmdArgs) error {
 		return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: the datastore is unreachable", err.Error())
 	}
 	if conf.ipamType() == "margay-ipam" {
-		if _, err := ipam.UsablePools(ctx, store, conf.Nodename, conf.IPAM.IPv4Pools); err != nil {
+		_, err := ipam.UsablePools(ctx, store, conf.Nodename, conf.IPAM.IPv4Pools)
+		if errors.Is(err, ipam.ErrUnknownNode) {
+			return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: node "+conf.Nodename+" is not registered", err.Error())
+		}
+		if err != nil {
 			return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: no pool serves node "+conf.Nodename, err.Error())
 		}
 	}

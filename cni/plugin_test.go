@@ -201,7 +201,7 @@ func TestPluginAddRollsBack(t *testing.T) {
 }
 
 // STATUS (CNI 1.1): fine with etcd and a pool; error 50 when no pool serves the
-// node or etcd does not answer.
+// node, the node is not registered, or etcd does not answer.
 func TestPluginStatus(t *testing.T) {
 	r := newRuntime(t, "1.1.0")
 	status := func(list *libcni.NetworkConfigList) error {
@@ -217,6 +217,13 @@ func TestPluginStatus(t *testing.T) {
 	}
 	if err := status(r.list); cniCode(err) != types.ErrPluginNotAvailable || !strings.Contains(err.Error(), "no pool serves node node-a") {
 		t.Errorf("STATUS with the only pool disabled: %v, want code 50", err)
+	}
+	unregistered, err := libcni.ConfListFromBytes([]byte(strings.Replace(string(r.list.Bytes), `"node-a"`, `"node-z"`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := status(unregistered); cniCode(err) != types.ErrPluginNotAvailable || !strings.Contains(err.Error(), "node node-z is not registered") {
+		t.Errorf("STATUS for a node without a Node resource: %v, want code 50", err)
 	}
 	down, err := libcni.ConfListFromBytes([]byte(`{"cniVersion": "1.1.0", "name": "k8s-pod-network", "plugins": [
 		{"type": "margay", "etcd_endpoints": "http://127.0.0.1:1", "nodename": "node-a", "timeout_seconds": 2, "mtu": 1500, "ipam": {"type": "margay-ipam"}}]}`))

@@ -13,6 +13,10 @@ import (
 // AgentsPrefix holds one key per running agent, kept alive by the agent's lease.
 const AgentsPrefix = Prefix + "agents/"
 
+// AgentTTL is the TTL of an agent's lease: how long a killed agent's key
+// outlives it.
+const AgentTTL = 15 * time.Second
+
 // HeldError says another holder has the key.
 type HeldError struct {
 	Key, Holder string
@@ -21,16 +25,37 @@ type HeldError struct {
 func (e *HeldError) Error() string { return fmt.Sprintf("%s is held by %s", e.Key, e.Holder) }
 
 // Hold puts key = value under a lease of ttl if the key is absent or already
-// holds value (the same holder, restarted), and keeps it alive until ctx ends.
-// If etcd forgets the lease (an outage longer than ttl), Hold takes the key again
+// holds value (the same holder, restarted), and keeps it alive until ctx ends or
+// the Store is closed (which revokes it). If etcd forgets the lease (an outage longer than ttl), Hold takes the key again
 // when etcd is back. It returns a HeldError naming the other holder if the key
 // holds another value.
 func (s *Store) Hold(ctx context.Context, key, value string, ttl time.Duration, log *slog.Logger) error {
+	s.mu.Lock()
+	select {
+	case <-s.closing:
+		s.mu.Unlock()
+		return errors.New("hold: the datastore client is closed")
+	default:
+		s.keepers.Add(1) // under mu, so that Close's Wait sees it
+	}
+	s.mu.Unlock()
+	ctx, cancel := context.WithCancel(ctx)
 	lease, err := s.take(ctx, key, value, ttl)
 	if err != nil {
+		cancel()
+		s.keepers.Done()
 		return err
 	}
 	go func() {
+		defer s.keepers.Done()
+		defer cancel()
+		go func() { // Close stops the keeper
+			select {
+			case <-s.closing:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
 		for {
 			s.keepAlive(ctx, lease)
 			if ctx.Err() != nil {

@@ -1,8 +1,10 @@
 package datastore
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 )
@@ -47,7 +49,7 @@ func TestHold(t *testing.T) {
 }
 
 // A holder that stops cleanly (closes its Store) frees the key at once, not
-// after the TTL.
+// after the TTL, and its keeper stops rather than take the key again.
 func TestHoldReleasedOnClose(t *testing.T) {
 	srv, other := startStore(t)
 	ctx := testCtx(t)
@@ -56,7 +58,9 @@ func TestHoldReleasedOnClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := holder.Hold(ctx, key, "198.18.1.2", time.Minute, slog.Default()); err != nil {
+	var logged bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logged, nil))
+	if err := holder.Hold(ctx, key, "198.18.1.2", 3*time.Second, log); err != nil {
 		t.Fatal(err)
 	}
 	if err := other.Hold(ctx, key, "198.18.1.9", time.Minute, slog.Default()); !IsHeld(err) {
@@ -65,5 +69,12 @@ func TestHoldReleasedOnClose(t *testing.T) {
 	holder.Close()
 	if err := other.Hold(ctx, key, "198.18.1.9", time.Minute, slog.Default()); err != nil {
 		t.Fatalf("right after the holder closed its Store: %v", err)
+	}
+	time.Sleep(2 * time.Second) // past the keeper's retry interval, ttl/3
+	if logged.Len() > 0 {
+		t.Errorf("the closed holder's keeper still runs:\n%s", logged.String())
+	}
+	if err := holder.Hold(ctx, key, "198.18.1.2", time.Minute, log); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("Hold on a closed Store: %v", err)
 	}
 }

@@ -181,6 +181,16 @@ func (s *Store) write(ctx context.Context, r api.Resource, old api.Resource) (ap
 // Delete removes a resource. With a non-empty resourceVersion it deletes only that
 // version. It returns the deleted resource.
 func (s *Store) Delete(ctx context.Context, k api.KindInfo, name, resourceVersion string) (api.Resource, error) {
+	return s.deleteUnless(ctx, k, name, resourceVersion, "")
+}
+
+// DeleteUnlessHeld is Delete, refused with a HeldError while held is held
+// (see Hold), in the same transaction.
+func (s *Store) DeleteUnlessHeld(ctx context.Context, k api.KindInfo, name, resourceVersion, held string) (api.Resource, error) {
+	return s.deleteUnless(ctx, k, name, resourceVersion, held)
+}
+
+func (s *Store) deleteUnless(ctx context.Context, k api.KindInfo, name, resourceVersion, held string) (api.Resource, error) {
 	key := ResourceKey(k, name)
 	var cmps []clientv3.Cmp
 	if resourceVersion != "" {
@@ -190,11 +200,21 @@ func (s *Store) Delete(ctx context.Context, k api.KindInfo, name, resourceVersio
 		}
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", rv))
 	}
-	resp, err := s.Txn(ctx, cmps, []clientv3.Op{clientv3.OpDelete(key, clientv3.WithPrevKV())}, []clientv3.Op{clientv3.OpGet(key)})
+	orElse := []clientv3.Op{clientv3.OpGet(key)}
+	if held != "" {
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(held), "=", 0))
+		orElse = append(orElse, clientv3.OpGet(held))
+	}
+	resp, err := s.Txn(ctx, cmps, []clientv3.Op{clientv3.OpDelete(key, clientv3.WithPrevKV())}, orElse)
 	if err != nil {
 		return nil, err
 	}
 	if !resp.Succeeded {
+		if held != "" {
+			if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+				return nil, &HeldError{Key: held, Holder: string(kvs[0].Value)}
+			}
+		}
 		cur := resp.Responses[0].GetResponseRange().Kvs
 		if len(cur) == 0 {
 			return nil, &NotFoundError{What: describe(k, name)}

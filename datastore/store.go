@@ -56,8 +56,10 @@ type Store struct {
 	client     *clientv3.Client
 	roundTrips atomic.Int64
 
-	mu   sync.Mutex
-	held map[string]clientv3.LeaseID // by key: the leases Hold keeps alive
+	mu      sync.Mutex
+	held    map[string]clientv3.LeaseID // by key: the leases Hold keeps alive
+	closing chan struct{}               // closed by Close: Hold's keepers stop
+	keepers sync.WaitGroup
 }
 
 // New connects to etcd. It does not wait for etcd to answer: the first request does.
@@ -85,13 +87,23 @@ func New(cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", cfg.Endpoints, err)
 	}
-	return &Store{cfg: cfg, client: c}, nil
+	return &Store{cfg: cfg, client: c, closing: make(chan struct{})}, nil
 }
 
 // Close revokes the leases of the keys Hold holds, so that a holder that stops
 // cleanly frees them at once instead of after their TTL, then releases the
 // connection.
 func (s *Store) Close() error {
+	// The keepers first: one taking its key again must not do so after the
+	// revocation, or on a closed client.
+	s.mu.Lock()
+	select {
+	case <-s.closing:
+	default:
+		close(s.closing)
+	}
+	s.mu.Unlock()
+	s.keepers.Wait()
 	s.mu.Lock()
 	held := s.held
 	s.held = nil

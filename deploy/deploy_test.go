@@ -274,7 +274,7 @@ func TestDaemonSet(t *testing.T) {
 	if sc := node.SecurityContext; sc == nil || sc.Privileged == nil || !*sc.Privileged {
 		t.Error("the agent is not privileged: it writes /proc/sys/net")
 	}
-	onHost(t, spec, node, agent.DefaultMTUFile)
+	onHost(t, spec, node, cni.DefaultMTUFile)
 	onHost(t, spec, node, "/var/log/margay")
 	onHost(t, spec, node, "/run/xtables.lock")
 	if v, vm := mountOf(spec, node, "/lib/modules"); v == nil || v.HostPath == nil || v.HostPath.Path != "/lib/modules" || !vm.ReadOnly {

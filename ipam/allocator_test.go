@@ -220,10 +220,10 @@ func TestStaleReleaseCannotFreeReusedAddress(t *testing.T) {
 	if cur.IP != old.IP || cur.Sequence == old.Sequence {
 		t.Fatalf("reassignment %v vs %v: want the same address with a new sequence", cur, old)
 	}
-	if err := a.releaseExact(context.Background(), old.IP, "pod", old.Sequence); !errors.Is(err, ErrNotAllocated) {
+	if err := a.releaseExact(context.Background(), old.IP, "pod", old.Sequence, nil); !errors.Is(err, ErrNotAllocated) {
 		t.Errorf("stale release: err = %v, want ErrNotAllocated", err)
 	}
-	if err := a.releaseExact(context.Background(), old.IP, "other", 0); !errors.Is(err, ErrNotAllocated) {
+	if err := a.releaseExact(context.Background(), old.IP, "other", 0, nil); !errors.Is(err, ErrNotAllocated) {
 		t.Errorf("release by the wrong handle: err = %v, want ErrNotAllocated", err)
 	}
 	if info, _ := a.LookupIP(context.Background(), cur.IP); !info.Allocated || info.Sequence != cur.Sequence {
@@ -325,6 +325,24 @@ func TestTunnelAddress(t *testing.T) {
 	}
 }
 
+// A deleted node's pod address without an endpoint may be an ADD kubelet is
+// still finishing there: it waits for the grace period like any other.
+func TestDeletedNodeYoungAddress(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	ctx := context.Background()
+	got := e.assign(e.alloc(), PodHandle("c1"), "n1")
+	if _, err := e.store.Delete(ctx, nodeKind, "n1", ""); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.check(DefaultLeakGrace); len(r.Leaked) != 0 || len(r.BadAffinities) != 1 {
+		t.Errorf("a young address of deleted n1: want only its block reported: %+v", r)
+	}
+	e.now = e.now.Add(DefaultLeakGrace)
+	if r := e.check(DefaultLeakGrace); len(r.Leaked) != 1 || r.Leaked[0].IP != got.IP || !strings.Contains(r.Leaked[0].Reason, "n1, which no longer exists") {
+		t.Errorf("past the grace period: want %s leaked: %+v", got.IP, r)
+	}
+}
+
 // Blocks are claimed only for registered nodes.
 func TestAssignNeedsNode(t *testing.T) {
 	e := newEnv(t, pool("p", "10.0.0.0/24"))
@@ -367,13 +385,30 @@ func TestDeletedNode(t *testing.T) {
 		t.Fatalf("after deleting n1, want its pod and tunnel addresses leaked and its block reported: %+v", r)
 	}
 
-	// Node back between the check and the repair: its block stays its own.
+	// Node back, or its agent running again, between the check and the repair:
+	// nothing of it is touched.
 	mustCreate(t, e.store, api.NewNode("n1"))
-	if _, err := a.Repair(ctx, &Report{BadAffinities: r.BadAffinities}); err == nil || !strings.Contains(err.Error(), "exists again") {
-		t.Errorf("repair after n1 came back: %v, want a refusal", err)
+	if fixed, err := a.Repair(ctx, r); fixed != 0 || err == nil || !strings.Contains(err.Error(), "node n1 exists again") {
+		t.Errorf("repair after n1 came back: fixed %d, %v; want a refusal", fixed, err)
 	}
 	if _, err := e.store.Delete(ctx, nodeKind, "n1", ""); err != nil {
 		t.Fatal(err)
+	}
+	held := datastore.AgentsPrefix + "n1"
+	if _, err := e.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpPut(held, "198.18.1.2")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if fixed, err := a.Repair(ctx, r); fixed != 0 || err == nil || !strings.Contains(err.Error(), "running margay-node again") {
+		t.Errorf("repair with n1's agent running: fixed %d, %v; want a refusal", fixed, err)
+	}
+	if _, err := e.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpDelete(held)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if info, _ := a.LookupIP(ctx, pod.IP); !info.Allocated {
+		t.Fatalf("a refused repair released %s", pod.IP)
+	}
+	if _, err := e.store.GetResource(ctx, api.KindOf(w), w.Metadata.Name); err != nil {
+		t.Fatalf("a refused repair deleted the endpoint: %v", err)
 	}
 
 	rel, fixed, err := a.ReleaseNode(ctx, "n1")

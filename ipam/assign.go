@@ -94,7 +94,7 @@ func (a *Allocator) rollback(node, handle string, got []Assigned) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, g := range got {
-		if err := a.releaseExact(ctx, g.IP, handle, g.Sequence); err != nil && !errors.Is(err, ErrNotAllocated) {
+		if err := a.releaseExact(ctx, g.IP, handle, g.Sequence, nil); err != nil && !errors.Is(err, ErrNotAllocated) {
 			a.opts.Logger.Error("could not roll back a partial assignment; ipam check will find it", "ip", g.IP, "handle", handle, "node", node, "err", err)
 		}
 	}
@@ -109,7 +109,7 @@ func (a *Allocator) assignOnce(ctx context.Context, nc *nodeCache, args AssignAr
 			return nil, err
 		}
 		if s.nodeRev == 0 {
-			return nil, fmt.Errorf("%w: %q has no Node resource (margay-node writes it when it starts)", ErrUnknownNode, nc.name)
+			return nil, unknownNode(nc.name)
 		}
 		nc.snap = s
 	}

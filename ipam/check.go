@@ -72,6 +72,7 @@ type Finding struct {
 	rev      int64        // of the handle, the affinity or the block the finding is about
 	blockRev int64        // of the block, for affinity findings (0: no block)
 	fix      fixKind
+	gone     string // the deleted node the finding is about, which must stay deleted for its fix
 	wep      wepRef // a leaked address's WorkloadEndpoint on a deleted node, to delete with it
 }
 
@@ -127,8 +128,8 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 				f.Reason = "allocated in its block but not listed in handle " + al.Handle
 				r.Unreferenced = append(r.Unreferenced, f)
 			}
-			if why, wep := leakReason(s, al, now, grace); why != "" {
-				f.Reason, f.wep = why, wep
+			if why, gone, wep := leakReason(s, al, now, grace); why != "" {
+				f.Reason, f.gone, f.wep = why, gone, wep
 				r.Leaked = append(r.Leaked, f)
 			}
 		}
@@ -159,7 +160,7 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 		switch {
 		case s.gone(e.node):
 			f.Reason = "node " + e.node + " no longer exists"
-			f.fix = fixReleaseGone
+			f.fix, f.gone = fixReleaseGone, e.node
 		case e.af.v.State == affinityPending && now.Sub(e.af.v.Created) > pendingAffinityTimeout:
 			f.Reason = "claim left pending since " + e.af.v.Created.Format(time.RFC3339)
 			if exists && owner == e.node {
@@ -180,7 +181,7 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 		}
 		f := Finding{Node: b.v.Affinity, Block: b.v.CIDR, Reason: "block is owned by a node without an affinity to it", blockRev: b.rev, fix: fixCreateAffinity}
 		if s.gone(b.v.Affinity) {
-			f.Reason, f.fix = "block is owned by node "+b.v.Affinity+", which no longer exists", fixReleaseGone
+			f.Reason, f.fix, f.gone = "block is owned by node "+b.v.Affinity+", which no longer exists", fixReleaseGone, b.v.Affinity
 		}
 		r.BadAffinities = append(r.BadAffinities, f)
 	}
@@ -199,10 +200,12 @@ func handleLists(h *versioned[Handle], ip netip.Addr, seq uint64) bool {
 	return false
 }
 
-// leakReason says why al is leaked, or "". The grace period covers an ADD
-// that has assigned but not yet written its WorkloadEndpoint; a deleted node has
-// no ADD in flight (assignment needs the Node), so its addresses go at once.
-func leakReason(s *state, al *Allocation, now time.Time, grace time.Duration) (string, wepRef) {
+// leakReason says why al is leaked, or "", and the deleted node that makes it
+// so, if any. The grace period covers an ADD that has assigned but not yet
+// written its WorkloadEndpoint, which kubelet may still finish on a node whose
+// agent is gone. A pod whose endpoint names a deleted node, and a deleted
+// node's tunnel address, have nothing in flight: they go at once.
+func leakReason(s *state, al *Allocation, now time.Time, grace time.Duration) (why, gone string, wep wepRef) {
 	old := now.Sub(al.Time) >= grace
 	switch h := al.Handle; {
 	case strings.HasPrefix(h, PodHandlePrefix):
@@ -210,19 +213,65 @@ func leakReason(s *state, al *Allocation, now time.Time, grace time.Duration) (s
 		w, ok := s.weps[id]
 		switch {
 		case ok && s.gone(w.node):
-			return "pod of node " + w.node + ", which no longer exists", w
-		case !ok && s.gone(al.Node):
-			return "assigned on node " + al.Node + ", which no longer exists", wepRef{}
+			return "pod of node " + w.node + ", which no longer exists", w.node, w
+		case !ok && old && s.gone(al.Node):
+			return "assigned on node " + al.Node + ", which no longer exists", al.Node, wepRef{}
 		case !ok && old:
-			return "no WorkloadEndpoint has container " + id, wepRef{}
+			return "no WorkloadEndpoint has container " + id, "", wepRef{}
 		}
 	case strings.HasPrefix(h, ipipHandlePrefix), strings.HasPrefix(h, vxlanHandlePrefix):
 		node := strings.TrimPrefix(strings.TrimPrefix(h, ipipHandlePrefix), vxlanHandlePrefix)
 		if s.gone(node) {
-			return "tunnel address of node " + node + ", which no longer exists", wepRef{}
+			return "tunnel address of node " + node + ", which no longer exists", node, wepRef{}
 		}
 	}
-	return "", wepRef{}
+	return "", "", wepRef{}
+}
+
+// goneGuard conditions a write on a node staying deleted: no Node resource and
+// no agent holding its name (an agent registers its node again at once). A
+// pod's endpoint on that node, if any, is deleted in the same write, and only
+// as it was audited.
+type goneGuard struct {
+	node string
+	wep  wepRef
+}
+
+func (g *goneGuard) cmps() []clientv3.Cmp {
+	c := []clientv3.Cmp{revIs(datastore.ResourceKey(nodeKind, g.node), 0), revIs(datastore.AgentsPrefix+g.node, 0)}
+	if g.wep.key != "" {
+		c = append(c, revIs(g.wep.key, g.wep.rev))
+	}
+	return c
+}
+
+func (g *goneGuard) ops() []clientv3.Op {
+	if g.wep.key == "" {
+		return nil
+	}
+	return []clientv3.Op{clientv3.OpDelete(g.wep.key)}
+}
+
+// guardBroken says why g no longer holds, if it does not.
+func (a *Allocator) guardBroken(ctx context.Context, g *goneGuard) error {
+	ops := []clientv3.Op{clientv3.OpGet(datastore.ResourceKey(nodeKind, g.node), clientv3.WithKeysOnly()),
+		clientv3.OpGet(datastore.AgentsPrefix+g.node, clientv3.WithKeysOnly())}
+	if g.wep.key != "" {
+		ops = append(ops, clientv3.OpGet(g.wep.key, clientv3.WithKeysOnly()))
+	}
+	resp, err := a.store.Txn(ctx, nil, ops, nil)
+	if err != nil {
+		return err
+	}
+	switch {
+	case len(resp.Responses[0].GetResponseRange().Kvs) > 0:
+		return fmt.Errorf("node %s exists again: left as it is", g.node)
+	case len(resp.Responses[1].GetResponseRange().Kvs) > 0:
+		return fmt.Errorf("node %s has a running margay-node again: left as it is", g.node)
+	case g.wep.key != "" && (only(resp.Responses[2].GetResponseRange().Kvs) == nil || only(resp.Responses[2].GetResponseRange().Kvs).ModRevision != g.wep.rev):
+		return fmt.Errorf("the WorkloadEndpoint at %s changed since the check; check again", g.wep.key)
+	}
+	return nil
 }
 
 // Repair fixes what a report found: it releases leaked addresses (only if they are
@@ -234,16 +283,18 @@ func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 	fixed := 0
 	var errs []error
 	for _, f := range r.Leaked {
-		if err := a.releaseExact(ctx, f.IP, f.Handle, f.Sequence); err != nil && !errors.Is(err, ErrNotAllocated) {
+		var g *goneGuard
+		if f.gone != "" {
+			g = &goneGuard{node: f.gone, wep: f.wep}
+		}
+		err := a.releaseExact(ctx, f.IP, f.Handle, f.Sequence, g)
+		if errors.Is(err, ErrNotAllocated) && g != nil && g.wep.key != "" {
+			// The address went meanwhile; its endpoint still goes, as audited.
+			_, err = a.store.Txn(ctx, g.cmps(), g.ops(), nil)
+		}
+		if err != nil && !errors.Is(err, ErrNotAllocated) {
 			errs = append(errs, err)
 			continue
-		}
-		if f.wep.key != "" {
-			// Only the endpoint as audited: one written since is someone's news.
-			if _, err := a.store.Txn(ctx, []clientv3.Cmp{revIs(f.wep.key, f.wep.rev)}, []clientv3.Op{clientv3.OpDelete(f.wep.key)}, nil); err != nil {
-				errs = append(errs, err)
-				continue
-			}
 		}
 		fixed++
 	}
@@ -292,26 +343,28 @@ func (a *Allocator) fixAffinity(ctx context.Context, f Finding) error {
 }
 
 // releaseGone deletes a deleted node's affinity to cidr and clears the block's
-// owner, provided the node is still absent. It reads both afresh: releasing the
-// node's leaked addresses just before changes the block.
+// owner, provided the node stays deleted. Unlike the other fixes it reads the
+// affinity and the block afresh rather than comparing with the audit: releasing
+// the node's leaked addresses just before changes the block.
 func (a *Allocator) releaseGone(ctx context.Context, node string, cidr netip.Prefix) error {
-	akey, bkey, nkey := datastore.AffinityKey(node, cidr), datastore.BlockKey(cidr), datastore.ResourceKey(nodeKind, node)
+	akey, bkey := datastore.AffinityKey(node, cidr), datastore.BlockKey(cidr)
+	g := &goneGuard{node: node}
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
 		if err := backoff(ctx, attempt); err != nil {
 			return err
 		}
-		resp, err := a.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpGet(akey), clientv3.OpGet(bkey), clientv3.OpGet(nkey, clientv3.WithKeysOnly())}, nil)
-		if err != nil {
+		if err := a.guardBroken(ctx, g); err != nil {
 			return err
 		}
-		if len(resp.Responses[2].GetResponseRange().Kvs) > 0 {
-			return fmt.Errorf("node %s exists again: its block %s stays its own", node, cidr)
+		resp, err := a.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpGet(akey), clientv3.OpGet(bkey)}, nil)
+		if err != nil {
+			return err
 		}
 		b, err := decode[Block](only(resp.Responses[1].GetResponseRange().Kvs))
 		if err != nil {
 			return err
 		}
-		cmps := []clientv3.Cmp{revIs(nkey, 0), revIs(bkey, b.rev)}
+		cmps := append(g.cmps(), revIs(bkey, b.rev))
 		var ops []clientv3.Op
 		if kv := only(resp.Responses[0].GetResponseRange().Kvs); kv != nil {
 			cmps = append(cmps, revIs(akey, kv.ModRevision))
@@ -446,7 +499,7 @@ func (a *Allocator) ReleaseNode(ctx context.Context, node string) (*Report, int,
 	all := analyze(s, a.opts.Now(), DefaultLeakGrace)
 	r := &Report{Revision: all.Revision}
 	for _, f := range all.Leaked {
-		if f.Node == node || f.wep.node == node {
+		if f.gone == node || f.Node == node {
 			r.Leaked = append(r.Leaked, f)
 		}
 	}

@@ -123,13 +123,17 @@ func UsablePools(ctx context.Context, store *datastore.Store, node string, names
 	if err != nil {
 		return nil, err
 	}
-	var labels map[string]string
 	n, err := datastore.Get[*api.Node](ctx, store, node)
 	switch {
-	case err == nil:
-		labels = n.Metadata.Labels
-	case !errors.Is(err, datastore.ErrNotFound):
+	case errors.Is(err, datastore.ErrNotFound):
+		return nil, unknownNode(node)
+	case err != nil:
 		return nil, err
 	}
-	return eligiblePools(pools, names, labels)
+	return eligiblePools(pools, names, n.Metadata.Labels)
+}
+
+// unknownNode is ErrUnknownNode for node, with the likely causes.
+func unknownNode(node string) error {
+	return fmt.Errorf("%w: %q has no Node resource; margay-node writes it when it starts, under its --nodename, which must be the CNI configuration's nodename", ErrUnknownNode, node)
 }

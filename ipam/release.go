@@ -50,7 +50,7 @@ func (a *Allocator) ReleaseByHandle(ctx context.Context, handleID string) ([]net
 				targets = append(targets, ip)
 			}
 		}
-		freed, err := a.releaseInBlock(ctx, block, handleID, targets, h)
+		freed, err := a.releaseInBlock(ctx, block, handleID, targets, h, nil)
 		if errors.Is(err, errRetry) {
 			continue
 		}
@@ -66,10 +66,11 @@ func (a *Allocator) ReleaseByHandle(ctx context.Context, handleID string) ([]net
 }
 
 // releaseInBlock frees targets in block (where they still match handle and
-// sequence) and removes them from the handle, in one transaction. If the block empties
-// and its owner has other blocks, the owner's affinity is released too; the block
-// itself stays, ownerless, so its free list keeps the reuse cooldown.
-func (a *Allocator) releaseInBlock(ctx context.Context, cidr netip.Prefix, handleID string, targets []Assigned, h *versioned[Handle]) ([]netip.Addr, error) {
+// sequence) and removes them from the handle, in one transaction, which g (if
+// not nil) also conditions and adds to. If the block empties and its owner has
+// other blocks, the owner's affinity is released too; the block itself stays,
+// ownerless, so its free list keeps the reuse cooldown.
+func (a *Allocator) releaseInBlock(ctx context.Context, cidr netip.Prefix, handleID string, targets []Assigned, h *versioned[Handle], g *goneGuard) ([]netip.Addr, error) {
 	bkey := datastore.BlockKey(cidr)
 	resp, err := a.store.Get(ctx, bkey)
 	if err != nil {
@@ -115,6 +116,9 @@ func (a *Allocator) releaseInBlock(ctx context.Context, cidr netip.Prefix, handl
 			ops = append(ops, clientv3.OpPut(datastore.HandleKey(handleID), mustJSON(nh)))
 		}
 	}
+	if g != nil {
+		cmps, ops = append(cmps, g.cmps()...), append(ops, g.ops()...)
+	}
 	tresp, err := a.store.Txn(ctx, cmps, ops, nil)
 	if err != nil {
 		return nil, err
@@ -153,19 +157,25 @@ func (a *Allocator) maybeReleaseAffinity(ctx context.Context, nb *Block) ([]clie
 // ReleaseIP frees ip whoever holds it, and removes it from its handle. It returns
 // the allocation that was freed, or ErrNotAllocated.
 func (a *Allocator) ReleaseIP(ctx context.Context, ip netip.Addr) (*Allocation, error) {
-	return a.release(ctx, ip, "", 0)
+	return a.release(ctx, ip, "", 0, nil)
 }
 
-// releaseExact frees ip only if handle still holds it with sequence seq.
-func (a *Allocator) releaseExact(ctx context.Context, ip netip.Addr, handle string, seq uint64) error {
-	_, err := a.release(ctx, ip, handle, seq)
+// releaseExact frees ip only if handle still holds it with sequence seq, and,
+// with g, only while g holds.
+func (a *Allocator) releaseExact(ctx context.Context, ip netip.Addr, handle string, seq uint64, g *goneGuard) error {
+	_, err := a.release(ctx, ip, handle, seq, g)
 	return err
 }
 
-func (a *Allocator) release(ctx context.Context, ip netip.Addr, handle string, seq uint64) (*Allocation, error) {
+func (a *Allocator) release(ctx context.Context, ip netip.Addr, handle string, seq uint64, g *goneGuard) (*Allocation, error) {
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
 		if err := backoff(ctx, attempt); err != nil {
 			return nil, err
+		}
+		if g != nil && attempt > 0 {
+			if err := a.guardBroken(ctx, g); err != nil {
+				return nil, err
+			}
 		}
 		b, err := a.blockOf(ctx, ip)
 		if err != nil {
@@ -185,7 +195,7 @@ func (a *Allocator) release(ctx context.Context, ip netip.Addr, handle string, s
 			return nil, err
 		}
 		target := []Assigned{{IP: ip, Block: b.v.CIDR, Sequence: alloc.Sequence}}
-		freed, err := a.releaseInBlock(ctx, b.v.CIDR, alloc.Handle, target, h)
+		freed, err := a.releaseInBlock(ctx, b.v.CIDR, alloc.Handle, target, h, g)
 		if errors.Is(err, errRetry) {
 			continue
 		}

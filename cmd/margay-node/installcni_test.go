@@ -91,7 +91,8 @@ func TestInstallCNIRefuses(t *testing.T) {
 		{"no template file", []string{"--conf-template", filepath.Join(dir, "missing")}, 2, "install-cni: open " + filepath.Join(dir, "missing")},
 		{"pools with a template", []string{"--conf-template", noEtcd, "--ipv4-pools", "p"}, 2, "--ipv4-pools does not apply"},
 		{"bad MTU", []string{"--mtu", "100"}, 2, "mtu: 100 is out of range"},
-		{"unknown flag", []string{"--mtu-file", "x"}, 2, "unknown flag: --mtu-file"},
+		{"relative MTU file", []string{"--mtu-file", "x"}, 2, `mtu_file: "x" is not an absolute path`},
+		{"unknown flag", []string{"--health-listen", "x"}, 2, "unknown flag: --health-listen"},
 		{"argument", []string{"now"}, 2, `unexpected arguments ["now"]`},
 		{"missing plugin", nil, 1, "margay-ipam"},
 	}

@@ -24,6 +24,7 @@ import (
 
 	"github.com/margay-dev/margay/agent"
 	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/cni"
 	"github.com/margay-dev/margay/datastore"
 )
 
@@ -97,7 +98,7 @@ func rootCmd() *cobra.Command {
 	f.StringVar(&as, "as", env("MARGAY_AS", ""), "this node's AS number, overriding BGPConfiguration (env MARGAY_AS)")
 	f.StringVar(&cfg.DefaultPool, "default-ipv4-pool", env("MARGAY_DEFAULT_IPV4_POOL", agent.DefaultPoolCIDR),
 		"pool to create when the datastore has none; empty for none (env MARGAY_DEFAULT_IPV4_POOL)")
-	f.StringVar(&cfg.MTUFile, "mtu-file", env("MARGAY_MTU_FILE", agent.DefaultMTUFile), "where to write the pod MTU for the CNI plugin (env MARGAY_MTU_FILE)")
+	f.StringVar(&cfg.MTUFile, "mtu-file", env("MARGAY_MTU_FILE", cni.DefaultMTUFile), "where to write the pod MTU for the CNI plugin (env MARGAY_MTU_FILE)")
 	f.StringVar(&cfg.HealthAddr, "health-listen", env("MARGAY_HEALTH_LISTEN", agent.DefaultHealthAddr), "address of /livez and /readyz (env MARGAY_HEALTH_LISTEN)")
 	f.StringVar(&cfg.MetricsAddr, "metrics-listen", env("MARGAY_METRICS_LISTEN", agent.DefaultMetricsAddr), "address of Prometheus /metrics (env MARGAY_METRICS_LISTEN)")
 	f.StringVar(&cfg.GRPCAddr, "bgp-api-listen", env("MARGAY_BGP_API_LISTEN", agent.DefaultGRPCAddr), "GoBGP gRPC API address, for the gobgp CLI; keep it on loopback (env MARGAY_BGP_API_LISTEN)")

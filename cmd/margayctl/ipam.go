@@ -204,14 +204,18 @@ func (a *app) ipamCheckCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "check [--release-leaked]",
 		Short: "Find leaked addresses, orphan handles and inconsistent affinities",
-		Long: `Audit the IPAM data at one etcd revision. An address is leaked when its pod has no
-WorkloadEndpoint (or its tunnel's node no Node resource) and it was assigned longer
-than --grace ago. With --release-leaked, leaked addresses are freed, unreferenced
-allocations are linked back to their handles, orphan handles are pruned and bad
-affinities are removed; each fix checks that nothing changed since the audit.
+		Long: `Audit the IPAM data at one etcd revision. A pod's address is leaked when no
+WorkloadEndpoint has its container and it was assigned longer than --grace ago.
+With --release-leaked, leaked addresses are freed, unreferenced allocations are
+linked back to their handles, orphan handles are pruned and bad affinities are
+mended or removed; each fix is conditional on nothing having changed since the
+audit.
 
-A node without a Node resource is a deleted one: its addresses, its pods'
-WorkloadEndpoints and its blocks are reported at once, without the grace period.
+A node without a Node resource is a deleted one. Its tunnel addresses, the
+addresses of pods whose WorkloadEndpoint names it, and its blocks are reported at
+once; their fixes (which delete those endpoints, and leave the blocks ownerless)
+are conditional on the node staying deleted, with no margay-node running under
+its name.
 
 Exit code: 0 when nothing was found (or everything found was fixed), 3 when
 problems were found and left, 1 when the check or a fix failed.`,

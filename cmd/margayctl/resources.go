@@ -190,7 +190,7 @@ func (a *app) deleteCmd() *cobra.Command {
 			return a.each(rs, func(r api.Resource) (string, error) {
 				m := r.GetMetadata()
 				if api.KindOf(r).Kind == api.KindNode {
-					return a.deleteNode(cmd.Context(), store, m)
+					return a.deleteNode(cmd.Context(), store, r)
 				}
 				_, err := store.Delete(cmd.Context(), api.KindOf(r), m.Name, m.ResourceVersion)
 				return "deleted", err
@@ -204,16 +204,15 @@ func (a *app) deleteCmd() *cobra.Command {
 // deleteNode deletes a Node whose agent has stopped, then what it held in IPAM:
 // a node that is gone has no use for its addresses and blocks (calicoctl does
 // the same).
-func (a *app) deleteNode(ctx context.Context, store *datastore.Store, m *api.ObjectMeta) (string, error) {
+func (a *app) deleteNode(ctx context.Context, store *datastore.Store, r api.Resource) (string, error) {
+	m := r.GetMetadata()
 	// A running agent would write its Node again at once.
-	held, err := store.Get(ctx, datastore.AgentsPrefix+m.Name)
+	_, err := store.DeleteUnlessHeld(ctx, api.KindOf(r), m.Name, m.ResourceVersion, datastore.AgentsPrefix+m.Name)
+	var held *datastore.HeldError
+	if errors.As(err, &held) {
+		return "", fmt.Errorf("node %q has a running margay-node (at %s), which would register it again: stop it first (an agent that was killed keeps its claim on the name for %s)", m.Name, held.Holder, datastore.AgentTTL)
+	}
 	if err != nil {
-		return "", err
-	}
-	if len(held.Kvs) > 0 {
-		return "", fmt.Errorf("node %q has a running margay-node (at %s), which would register it again: stop it first (an agent that was killed keeps its claim on the name for 15 s)", m.Name, held.Kvs[0].Value)
-	}
-	if _, err := store.Delete(ctx, api.KindOf(api.NewNode("")), m.Name, m.ResourceVersion); err != nil {
 		return "", err
 	}
 	al, err := a.allocator()
