@@ -343,6 +343,32 @@ func TestDeletedNodeYoungAddress(t *testing.T) {
 	}
 }
 
+// A pod of a deleted node with two addresses: both go, and its endpoint once.
+func TestDeletedNodePodWithTwoAddresses(t *testing.T) {
+	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	ctx := context.Background()
+	got, err := e.alloc().AutoAssign(ctx, AssignArgs{Handle: PodHandle("c1"), Node: "n1", Num: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := api.NewWorkloadEndpoint("n1-k8s-web-eth0")
+	w.Spec = api.WorkloadEndpointSpec{Node: "n1", ContainerID: "c1", InterfaceName: "mgy1", IPNetworks: []string{got[0].IP.String() + "/32", got[1].IP.String() + "/32"}}
+	mustCreate(t, e.store, w)
+	if _, err := e.store.Delete(ctx, nodeKind, "n1", ""); err != nil {
+		t.Fatal(err)
+	}
+	r, fixed, err := e.alloc().ReleaseNode(ctx, "n1")
+	if err != nil || fixed != 3 || len(r.Leaked) != 2 {
+		t.Fatalf("ReleaseNode: fixed %d, %v: %+v", fixed, err, r)
+	}
+	if r := e.check(0); !r.Clean() || r.Allocations != 0 {
+		t.Errorf("after ReleaseNode: %+v", r)
+	}
+	if _, err := e.store.GetResource(ctx, api.KindOf(w), w.Metadata.Name); !errors.Is(err, datastore.ErrNotFound) {
+		t.Errorf("the endpoint is still there: %v", err)
+	}
+}
+
 // Blocks are claimed only for registered nodes.
 func TestAssignNeedsNode(t *testing.T) {
 	e := newEnv(t, pool("p", "10.0.0.0/24"))

@@ -282,10 +282,14 @@ func (a *Allocator) guardBroken(ctx context.Context, g *goneGuard) error {
 func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 	fixed := 0
 	var errs []error
+	gone := map[string]bool{} // endpoints deleted with an earlier address of their pod
 	for _, f := range r.Leaked {
 		var g *goneGuard
 		if f.gone != "" {
 			g = &goneGuard{node: f.gone, wep: f.wep}
+			if gone[g.wep.key] {
+				g.wep = wepRef{}
+			}
 		}
 		err := a.releaseExact(ctx, f.IP, f.Handle, f.Sequence, g)
 		if errors.Is(err, ErrNotAllocated) && g != nil && g.wep.key != "" {
@@ -295,6 +299,9 @@ func (a *Allocator) Repair(ctx context.Context, r *Report) (int, error) {
 		if err != nil && !errors.Is(err, ErrNotAllocated) {
 			errs = append(errs, err)
 			continue
+		}
+		if g != nil && g.wep.key != "" {
+			gone[g.wep.key] = true
 		}
 		fixed++
 	}
