@@ -26,9 +26,9 @@ func (e *HeldError) Error() string { return fmt.Sprintf("%s is held by %s", e.Ke
 
 // Hold puts key = value under a lease of ttl if the key is absent or already
 // holds value (the same holder, restarted), and keeps it alive until ctx ends or
-// the Store is closed (which revokes it). If etcd forgets the lease (an outage longer than ttl), Hold takes the key again
-// when etcd is back. It returns a HeldError naming the other holder if the key
-// holds another value.
+// the Store is closed (which revokes it). If etcd forgets the lease (an outage
+// longer than ttl), Hold takes the key again when etcd is back. It returns a
+// HeldError naming the other holder if the key holds another value.
 func (s *Store) Hold(ctx context.Context, key, value string, ttl time.Duration, log *slog.Logger) error {
 	s.mu.Lock()
 	select {

@@ -17,16 +17,18 @@ import (
 // with another pool write.
 const maxValidationRetries = 10
 
-// jitter waits before retry attempt n (from 0) a random time that grows with
-// n, so that writers which collided do not collide again in step.
-func jitter(ctx context.Context, n int) error {
-	if n == 0 {
+// Backoff sleeps before retry attempt n (from 0) of a compare-and-swap: not
+// at all for the first conflicts, then a jittered, growing pause so that
+// writers which collided spread out instead of colliding again in step.
+func Backoff(ctx context.Context, n int) error {
+	if n < 2 {
 		return ctx.Err()
 	}
+	d := time.Duration(rand.Int64N(int64(min(time.Millisecond<<min(n, 7), 100*time.Millisecond))))
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-time.After(time.Duration(rand.Int64N(int64(n) * int64(5*time.Millisecond)))):
+	case <-time.After(d):
 		return nil
 	}
 }
@@ -131,7 +133,7 @@ func (s *Store) write(ctx context.Context, r api.Resource, old api.Resource) (ap
 	}
 	key := ResourceKey(k, name)
 	for attempt := range maxValidationRetries {
-		if err := jitter(ctx, attempt); err != nil {
+		if err := Backoff(ctx, attempt); err != nil {
 			return nil, err
 		}
 		cmps := []clientv3.Cmp{}

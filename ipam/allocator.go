@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/netip"
 	"sort"
 	"sync"
@@ -277,21 +276,6 @@ func mustJSON(v any) string {
 // revIs compares a key's ModRevision; rev 0 asserts the key is absent.
 func revIs(key string, rev int64) clientv3.Cmp {
 	return clientv3.Compare(clientv3.ModRevision(key), "=", rev)
-}
-
-// backoff sleeps before retry attempt n (from 0): not at all for the first
-// conflicts, then a jittered, growing pause so colliding writers spread out.
-func backoff(ctx context.Context, n int) error {
-	if n < 2 {
-		return ctx.Err()
-	}
-	d := time.Duration(rand.Int64N(int64(min(time.Millisecond<<min(n, 7), 100*time.Millisecond))))
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(d):
-		return nil
-	}
 }
 
 // AffinityConfirmed reads an affinity key and value as a watcher sees them: the

@@ -58,7 +58,7 @@ func (a *Allocator) AutoAssign(ctx context.Context, args AssignArgs) ([]Assigned
 			conflicts++
 			if conflicts >= a.opts.MaxAttempts {
 				err = fmt.Errorf("%w: %d conflicting writes while assigning for %s on node %s; try again", ErrContention, conflicts, args.Handle, args.Node)
-			} else if err = backoff(ctx, conflicts); err == nil {
+			} else if err = datastore.Backoff(ctx, conflicts); err == nil {
 				continue
 			}
 		}

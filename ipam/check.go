@@ -357,7 +357,7 @@ func (a *Allocator) releaseGone(ctx context.Context, node string, cidr netip.Pre
 	akey, bkey := datastore.AffinityKey(node, cidr), datastore.BlockKey(cidr)
 	g := &goneGuard{node: node}
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
-		if err := backoff(ctx, attempt); err != nil {
+		if err := datastore.Backoff(ctx, attempt); err != nil {
 			return err
 		}
 		if err := a.guardBroken(ctx, g); err != nil {
@@ -402,7 +402,7 @@ func (a *Allocator) releaseGone(ctx context.Context, node string, cidr netip.Pre
 func (a *Allocator) relink(ctx context.Context, f Finding) error {
 	hkey, bkey := datastore.HandleKey(f.Handle), datastore.BlockKey(f.Block)
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
-		if err := backoff(ctx, attempt); err != nil {
+		if err := datastore.Backoff(ctx, attempt); err != nil {
 			return err
 		}
 		resp, err := a.store.Txn(ctx, nil, []clientv3.Op{clientv3.OpGet(hkey), clientv3.OpGet(bkey)}, nil)
@@ -446,7 +446,7 @@ func (a *Allocator) relink(ctx context.Context, f Finding) error {
 func (a *Allocator) pruneHandle(ctx context.Context, id string) error {
 	hkey := datastore.HandleKey(id)
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
-		if err := backoff(ctx, attempt); err != nil {
+		if err := datastore.Backoff(ctx, attempt); err != nil {
 			return err
 		}
 		resp, err := a.store.Get(ctx, hkey)

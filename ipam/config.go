@@ -14,7 +14,7 @@ import (
 // the defaults if it does not exist, and retrying on concurrent updates.
 func Configure(ctx context.Context, store *datastore.Store, mutate func(*api.IPAMConfigurationSpec)) (*api.IPAMConfiguration, error) {
 	for attempt := range DefaultMaxAttempts {
-		if err := backoff(ctx, attempt); err != nil {
+		if err := datastore.Backoff(ctx, attempt); err != nil {
 			return nil, err
 		}
 		cur, err := datastore.Get[*api.IPAMConfiguration](ctx, store, api.IPAMConfigName)

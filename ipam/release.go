@@ -22,7 +22,7 @@ func (a *Allocator) ReleaseByHandle(ctx context.Context, handleID string) ([]net
 		if attempt >= a.opts.MaxAttempts {
 			return released, fmt.Errorf("%w: releasing handle %s", ErrContention, handleID)
 		}
-		if err := backoff(ctx, attempt); err != nil {
+		if err := datastore.Backoff(ctx, attempt); err != nil {
 			return released, err
 		}
 		resp, err := a.store.Get(ctx, hkey)
@@ -169,7 +169,7 @@ func (a *Allocator) releaseExact(ctx context.Context, ip netip.Addr, handle stri
 
 func (a *Allocator) release(ctx context.Context, ip netip.Addr, handle string, seq uint64, g *goneGuard) (*Allocation, error) {
 	for attempt := 0; attempt < a.opts.MaxAttempts; attempt++ {
-		if err := backoff(ctx, attempt); err != nil {
+		if err := datastore.Backoff(ctx, attempt); err != nil {
 			return nil, err
 		}
 		if g != nil && attempt > 0 {
