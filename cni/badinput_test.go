@@ -34,6 +34,8 @@ func TestPluginBadInput(t *testing.T) {
 		{"bad etcd_endpoints", strings.Replace(good, r.etcd, "etcd.example:2379", 1), p.Path, "eth0", types.ErrInvalidNetworkConfig, "etcd_endpoints"},
 		{"missing CNI_NETNS", good, "", "eth0", types.ErrInvalidEnvironmentVariables, "CNI_NETNS"},
 		{"interface name too long", good, p.Path, "eth0-far-too-long", types.ErrInvalidEnvironmentVariables, "too long"},
+		// Refused before any address is assigned: skel itself checks only after ADD.
+		{"CNI_NETNS is the plugin's own", good, r.node.Path, "eth0", types.ErrInvalidNetNS, "is the plugin's own network namespace"},
 	}
 	// Before margay-node has written the pod MTU, ADD asks to be retried.
 	if _, err := os.Stat(DefaultMTUFile); errors.Is(err, os.ErrNotExist) {
@@ -61,5 +63,8 @@ func TestPluginBadInput(t *testing.T) {
 	var pools []ipam.PoolUsage
 	if out, err := r.ctl("ipam", "show", "-o", "json"); err != nil || json.Unmarshal([]byte(out), &pools) != nil || pools[0].InUse != 0 {
 		t.Errorf("bad input left addresses in use: %v: %s", err, out)
+	}
+	if out, err := r.ctl("ipam", "check", "--grace", "0s"); err != nil {
+		t.Errorf("ipam check after bad input: %v: %s", err, out)
 	}
 }

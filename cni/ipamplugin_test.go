@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -261,5 +262,35 @@ func TestIPAMPluginGC(t *testing.T) {
 		if got := len(e.held(c)); got != want {
 			t.Errorf("after GC %s holds %d addresses, want %d", c, got, want)
 		}
+	}
+}
+
+// margay-ipam run with CNI_NETNS its own namespace assigns nothing: skel
+// refuses such a call only after ADD, which would leave the address assigned.
+func TestIPAMPluginOwnNetNS(t *testing.T) {
+	e := newIPAMEnv(t, "10.244.0.0/16", 26)
+	e.netns = fmt.Sprintf("/proc/%d/ns/net", os.Getpid()) // the plugin inherits this namespace
+	conf := e.conf("1.0.0", nil)
+	for _, cmd := range []string{"ADD", "DEL"} {
+		var err error
+		if cmd == "ADD" {
+			_, err = e.add(conf, "c-own")
+		} else {
+			err = e.run(cmd, conf, "c-own")
+		}
+		var cniErr *types.Error
+		if !errors.As(err, &cniErr) || cniErr.Code != types.ErrInvalidNetNS || !strings.Contains(cniErr.Msg, "plugin's own network namespace") {
+			t.Errorf("%s with the plugin's own namespace: %v, want code %d", cmd, err, types.ErrInvalidNetNS)
+		}
+	}
+	if h := e.held("c-own"); len(h) != 0 {
+		t.Errorf("the refused ADD holds %v", h)
+	}
+	rep, err := ipam.New(e.store, ipam.Options{}).Check(context.Background(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Allocations != 0 || rep.Handles != 0 {
+		t.Errorf("ipam check after the refused ADD: %d allocations, %d handles; want none", rep.Allocations, rep.Handles)
 	}
 }

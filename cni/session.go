@@ -6,9 +6,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/ns"
 	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/ipam"
@@ -55,6 +58,24 @@ func open(args *skel.CmdArgs) (*session, func(), error) {
 
 const delegateSlack = 2 * time.Second
 
+// refuseOwnNetNS refuses a CNI_NETNS that is the plugin's own network
+// namespace, as skel does (unless CNI_NETNS_OVERRIDE is set). skel checks only
+// after ADD or DEL has run, when an address is assigned, and printed, or a
+// pod's released; checked first, the verb changes nothing.
+func refuseOwnNetNS(args *skel.CmdArgs) error {
+	if o := strings.ToUpper(args.NetnsOverride); o == "TRUE" || o == "1" {
+		return nil
+	}
+	own, terr := ns.CheckNetNS(args.Netns)
+	if terr != nil {
+		return terr
+	}
+	if own {
+		return types.NewError(types.ErrInvalidNetNS, "CNI_NETNS "+args.Netns+" is the plugin's own network namespace; give the pod's", "")
+	}
+	return nil
+}
+
 type nopCloser struct{ io.Writer }
 
 func (nopCloser) Close() error { return nil }
@@ -70,6 +91,11 @@ func logLevel(s string) slog.Level {
 // verb runs one plugin verb in a session, logging its outcome.
 func verb(name string, f func(*session, *skel.CmdArgs) error) func(*skel.CmdArgs) error {
 	return func(args *skel.CmdArgs) error {
+		if name == "ADD" || name == "DEL" {
+			if err := refuseOwnNetNS(args); err != nil {
+				return err
+			}
+		}
 		s, done, err := open(args)
 		if err != nil {
 			return err
