@@ -48,7 +48,10 @@ type Config struct {
 
 // Defaults.
 const (
-	DefaultHealthAddr     = ":9099"
+	// DefaultHealthAddr is loopback, as Calico's: /readyz says why a node is
+	// not ready, which is nobody else's business. Metrics stay on every
+	// address for Prometheus.
+	DefaultHealthAddr     = "127.0.0.1:9099"
 	DefaultMetricsAddr    = ":9091"
 	DefaultGRPCAddr       = "127.0.0.1:50051"
 	DefaultPoolCIDR       = "10.244.0.0/16"
@@ -80,6 +83,7 @@ type Agent struct {
 	problems   string
 	applied    calc.Output // the last data plane applied without error
 	alloc      *ipam.Allocator
+	ignored    map[ignoredKey]ignoredSince
 }
 
 // Run starts the agent and runs it until ctx ends. It returns an error when the
@@ -233,17 +237,15 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		return
 	}
 	a.health.set("bgp", "")
-	paths, err := a.speaker.BestPaths(ctx)
+	paths, err := a.speaker.Paths(ctx)
 	if err != nil {
 		a.log.Error("BGP paths", "err", err)
 	}
-	in := calc.Input{Node: a.cfg.NodeName, NodeIP: a.addr, Pools: s.pools, Nodes: s.nodes,
-		Blocks: s.blocks, Endpoints: s.eps, RandomFully: a.ipt.RandomFully(), UnderlayMTU: a.underlayMTU()}
-	for _, p := range paths {
-		in.Paths = append(in.Paths, calc.Path{Prefix: p.Prefix, NextHop: p.NextHop})
-	}
+	in := calc.Input{Node: a.cfg.NodeName, NodeIP: a.addr, Pools: s.pools, Nodes: s.nodes, Blocks: s.blocks,
+		Endpoints: s.eps, Owners: s.owners, Paths: paths, RandomFully: a.ipt.RandomFully(), UnderlayMTU: a.underlayMTU()}
 	in.Gateways = a.gateways(in.Paths)
 	out := calc.Compute(in)
+	a.reportIgnored(out.Ignored)
 	// Advertise before adding peers: a session that comes up then sends our
 	// routes before its End-of-RIB, so a restarting node's peers never drop them.
 	if err := a.speaker.SetAdvertised(ctx, out.Advertise); err != nil {
@@ -331,6 +333,59 @@ func (a *Agent) apply(out calc.Output, full bool) {
 	}
 }
 
+// ignoredGrace is how long a path must have been ignored before it is logged
+// and counted: a pod's /32 or a block is withdrawn a moment after its
+// WorkloadEndpoint or affinity goes, and that is no hijack.
+const ignoredGrace = 5 * time.Second
+
+type ignoredKey struct {
+	prefix        netip.Prefix
+	peer, nextHop netip.Addr
+}
+
+type ignoredSince struct {
+	since    time.Time
+	reported bool
+}
+
+// reportIgnored logs and counts, once each, the paths calc ignored for not
+// leading to their prefix's owner, once they have been ignored for
+// ignoredGrace. A path that goes and comes back is reported again.
+func (a *Agent) reportIgnored(ps []calc.IgnoredPath) {
+	now := time.Now()
+	next := make(map[ignoredKey]ignoredSince, len(ps))
+	current := map[string]int{}
+	waiting := false
+	for _, p := range ps {
+		k := ignoredKey{p.Path.Prefix, p.Path.Peer, p.Path.NextHop}
+		st, seen := a.ignored[k]
+		if !seen {
+			st.since = now
+		}
+		if !st.reported && now.Sub(st.since) >= ignoredGrace {
+			st.reported = true
+			a.metrics.ignoredPaths.WithLabelValues(k.peer.String()).Inc()
+			a.log.Warn("ignoring a BGP path that does not lead to its prefix's owner",
+				"prefix", k.prefix, "peer", k.peer, "nextHop", k.nextHop, "owner", p.Owner, "reason", p.Reason)
+		}
+		if st.reported {
+			current[k.peer.String()]++
+		} else {
+			waiting = true
+		}
+		next[k] = st
+	}
+	a.ignored = next
+	a.metrics.ignoredNow.Reset()
+	for peer, n := range current {
+		a.metrics.ignoredNow.WithLabelValues(peer).Set(float64(n))
+	}
+	if waiting {
+		// Look again once the grace is over, changes or not.
+		time.AfterFunc(ignoredGrace, a.kick)
+	}
+}
+
 func (a *Agent) reportProblems(ps []string) {
 	joined := strings.Join(ps, "\n")
 	if joined == a.problems {
@@ -397,7 +452,7 @@ func (a *Agent) updatePeerMetrics(ctx context.Context) {
 // gateways resolves the next hops outside this node's subnet through the
 // kernel's routes (calc.Input.Gateways). One without a route is left out, and
 // calc reports it.
-func (a *Agent) gateways(paths []calc.Path) map[netip.Addr]netip.Addr {
+func (a *Agent) gateways(paths []api.BGPPath) map[netip.Addr]netip.Addr {
 	gws := map[netip.Addr]netip.Addr{}
 	for _, p := range paths {
 		nh := p.NextHop

@@ -27,6 +27,8 @@ type metrics struct {
 	blocks           prometheus.Gauge
 	reconcileSeconds *prometheus.HistogramVec
 	reconcileErrors  *prometheus.CounterVec
+	ignoredPaths     *prometheus.CounterVec
+	ignoredNow       *prometheus.GaugeVec
 }
 
 func newMetrics() *metrics {
@@ -42,8 +44,12 @@ func newMetrics() *metrics {
 			Help: "Time to apply one data plane pass, by reconciler.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}, []string{"reconciler"}),
 		reconcileErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "margay_reconcile_errors_total",
 			Help: "Failed data plane passes, by reconciler."}, []string{"reconciler"}),
+		ignoredPaths: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "margay_bgp_ignored_paths_total",
+			Help: "BGP paths inside an IP pool that did not lead to their prefix's owner and were not routed, by the peer that sent them; each counts once, after 5 s."}, []string{"peer"}),
+		ignoredNow: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "margay_bgp_ignored_paths",
+			Help: "BGP paths inside an IP pool being ignored now for not leading to their prefix's owner, by the peer that sent them."}, []string{"peer"}),
 	}
-	m.registry.MustRegister(m.peers, m.routes, m.blocks, m.reconcileSeconds, m.reconcileErrors,
+	m.registry.MustRegister(m.peers, m.routes, m.blocks, m.reconcileSeconds, m.reconcileErrors, m.ignoredPaths, m.ignoredNow,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -51,10 +51,10 @@ func (a *Agent) register(ctx context.Context) error {
 // nodeWithIP names another node whose BGP address is ip, or "".
 func nodeWithIP(nodes []*api.Node, self string, ip netip.Addr) string {
 	for _, n := range nodes {
-		if n.Metadata.Name == self || n.Spec.BGP == nil {
+		if n.Metadata.Name == self {
 			continue
 		}
-		if p, err := netip.ParsePrefix(n.Spec.BGP.IPv4Address); err == nil && p.Addr() == ip {
+		if p, err := n.BGPAddress(); err == nil && p.IsValid() && p.Addr() == ip {
 			return n.Metadata.Name
 		}
 	}

@@ -22,8 +22,8 @@ type view struct {
 	nodes    map[string]*api.Node
 	configs  map[string]*api.BGPConfiguration
 	peers    map[string]*api.BGPPeer
-	eps      map[string]*api.WorkloadEndpoint // this node's only
-	blocks   map[netip.Prefix]bool            // this node's confirmed blocks
+	eps      map[string]*api.WorkloadEndpoint // every node's
+	blocks   map[netip.Prefix]string          // confirmed affinities: block -> node
 	synced   map[string]bool
 	watchers int
 	kick     func()
@@ -33,7 +33,7 @@ type view struct {
 func newView(node string, kick func(), log *slog.Logger) *view {
 	return &view{node: node, pools: map[string]*api.IPPool{}, nodes: map[string]*api.Node{},
 		configs: map[string]*api.BGPConfiguration{}, peers: map[string]*api.BGPPeer{},
-		eps: map[string]*api.WorkloadEndpoint{}, blocks: map[netip.Prefix]bool{},
+		eps: map[string]*api.WorkloadEndpoint{}, blocks: map[netip.Prefix]string{},
 		synced: map[string]bool{}, kick: kick, log: log}
 }
 
@@ -90,25 +90,28 @@ func (v *view) handlers() []*handler {
 		resourceHandler(v, v.nodes, nil),
 		resourceHandler(v, v.configs, nil),
 		resourceHandler(v, v.peers, nil),
-		resourceHandler(v, v.eps, func(w *api.WorkloadEndpoint) bool { return w.Spec.Node == v.node }),
+		// Every node's endpoints and affinities: a path inside a pool is
+		// followed only towards the node that owns its prefix.
+		resourceHandler(v, v.eps, nil),
 	}
 	v.watchers++
-	prefix := datastore.AffinityPrefix(v.node)
-	hs = append(hs, &handler{v: v, prefix: prefix, event: func(ev datastore.Event) {
-		_, block, err := datastore.ParseAffinityKey(ev.Key)
+	hs = append(hs, &handler{v: v, prefix: datastore.AffinitiesPrefix, event: func(ev datastore.Event) {
+		node, block, err := datastore.ParseAffinityKey(ev.Key)
 		if err != nil {
 			return
 		}
-		if ev.Type == datastore.EventDelete {
-			delete(v.blocks, block)
-			return
+		confirmed := false
+		if ev.Type != datastore.EventDelete {
+			if _, _, confirmed, err = ipam.AffinityConfirmed(ev.Key, ev.Value); err != nil {
+				v.log.Error("ignoring an affinity that does not decode", "key", ev.Key, "err", err)
+			}
 		}
-		_, _, confirmed, err := ipam.AffinityConfirmed(ev.Key, ev.Value)
-		if err != nil || !confirmed {
+		switch {
+		case confirmed:
+			v.blocks[block] = node
+		case v.blocks[block] == node:
 			delete(v.blocks, block)
-			return
 		}
-		v.blocks[block] = true
 	}})
 	return hs
 }
@@ -121,8 +124,9 @@ type snapshot struct {
 	nodes   []*api.Node
 	configs map[string]*api.BGPConfiguration
 	peers   []*api.BGPPeer
-	eps     []calc.Endpoint
-	blocks  []netip.Prefix
+	eps     []calc.Endpoint // this node's
+	blocks  []netip.Prefix  // this node's
+	owners  calc.Owners
 }
 
 func (v *view) snapshot() snapshot {
@@ -135,17 +139,24 @@ func (v *view) snapshot() snapshot {
 	for k, c := range v.configs {
 		s.configs[k] = c
 	}
+	s.owners = calc.Owners{Blocks: make(map[netip.Prefix]string, len(v.blocks)), Pods: make(map[netip.Addr]string, len(v.eps))}
 	for _, w := range sortedValues(v.eps) {
 		ep := calc.Endpoint{Name: w.Metadata.Name, Interface: w.Spec.InterfaceName}
 		for _, n := range w.Spec.IPNetworks {
 			if p, err := netip.ParsePrefix(n); err == nil {
 				ep.IPs = append(ep.IPs, p)
+				s.owners.Pods[p.Addr()] = w.Spec.Node
 			}
 		}
-		s.eps = append(s.eps, ep)
+		if w.Spec.Node == v.node {
+			s.eps = append(s.eps, ep)
+		}
 	}
-	for b := range v.blocks {
-		s.blocks = append(s.blocks, b)
+	for b, n := range v.blocks {
+		s.owners.Blocks[b] = n
+		if n == v.node {
+			s.blocks = append(s.blocks, b)
+		}
 	}
 	return s
 }

@@ -152,6 +152,22 @@ type BGPPeerSpec struct {
 	KeepaliveTime  *Duration `json:"keepaliveTime,omitempty"`
 	HoldTime       *Duration `json:"holdTime,omitempty"`
 	MaxRestartTime *Duration `json:"maxRestartTime,omitempty"`
+	// MaxPrefixes is the most prefixes this peer may send: one more closes
+	// the session, which stays down until the BGPPeer changes. Unset means
+	// no limit.
+	MaxPrefixes *int `json:"maxPrefixes,omitempty"`
+}
+
+// MaxMaxPrefixes is the largest maxPrefixes: GoBGP counts in 32 bits.
+const MaxMaxPrefixes = 1<<32 - 1
+
+// BGPPath is a route learned from a BGP peer, as the speaker reports it and
+// the data plane's calculation (felix/calc) reads it.
+type BGPPath struct {
+	Prefix  netip.Prefix
+	NextHop netip.Addr
+	Peer    netip.Addr // the neighbour that sent it
+	Best    bool       // BGP's best path to Prefix
 }
 
 // NewBGPPeer returns an empty BGPPeer with its type set.
@@ -243,6 +259,9 @@ func (p *BGPPeer) Validate() error {
 	}
 	if s.MaxRestartTime != nil && s.MaxRestartTime.Duration <= 0 {
 		e.add("spec.maxRestartTime", s.MaxRestartTime.String(), "must be positive")
+	}
+	if m := s.MaxPrefixes; m != nil && (*m < 1 || *m > MaxMaxPrefixes) {
+		e.add("spec.maxPrefixes", *m, "is out of range; use 1 to %d, or leave it out for no limit", MaxMaxPrefixes)
 	}
 	return e.result(p)
 }

@@ -11,7 +11,7 @@ func FuzzDecode(f *testing.F) {
 		multiDocYAML,
 		"apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: p, labels: {a: b}}\nspec: {cidr: 10.244.0.0/16, blockSize: 24, vxlanMode: CrossSubnet, natOutgoing: true, nodeSelector: \"zone in {'a','b'}\"}\n",
 		"apiVersion: margay.dev/v1\nkind: BGPConfiguration\nmetadata: {name: node.n1}\nspec: {asNumber: \"1.10\", nodeToNodeMeshEnabled: false, listenPort: 1179, nodeMeshPassword: pw, nodeMeshMaxRestartTime: 1h30m}\n",
-		"apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: rr}\nspec: {peerIP: \"198.18.1.1:1179\", asNumber: 65001, keepaliveTime: 1500ms, holdTime: 9s, maxRestartTime: 2m}\n",
+		"apiVersion: margay.dev/v1\nkind: BGPPeer\nmetadata: {name: rr}\nspec: {peerIP: \"198.18.1.1:1179\", asNumber: 65001, keepaliveTime: 1500ms, holdTime: 9s, maxRestartTime: 2m, maxPrefixes: 500}\n",
 		"apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec:\n  bgp: {ipv4Address: 198.18.1.2/24, asNumber: 65001, routeReflectorClusterID: 224.0.0.1}\n  vxlanTunnelMACAddr: \"66:1f:3a:00:00:01\"\n",
 		`{"apiVersion": "margay.dev/v1", "kind": "WorkloadEndpoint", "metadata": {"name": "w"}, "spec": {"node": "n", "containerID": "c", "interfaceName": "mgy1", "ipNetworks": ["10.244.0.5/32"], "mac": "ee:ee:ee:ee:ee:ee"}}`,
 		`{"apiVersion": "margay.dev/v1", "kind": "List", "items": [{"apiVersion": "margay.dev/v1", "kind": "IPAMConfiguration", "metadata": {"name": "default"}, "spec": {"strictAffinity": true, "maxBlocksPerHost": 0}}]}`,

@@ -46,15 +46,29 @@ func (n *Node) GetMetadata() *ObjectMeta { return &n.Metadata }
 // SetDefaults implements Resource.
 func (n *Node) SetDefaults() {}
 
+// errBGPAddress says what spec.bgp.ipv4Address must be.
+const errBGPAddress = constError("must be the node's IPv4 address with its subnet's prefix length, such as 198.18.1.2/24")
+
+// BGPAddress is spec.bgp.ipv4Address parsed: the node's address with its
+// subnet's prefix length. The zero Prefix with no error means none is set.
+func (n *Node) BGPAddress() (netip.Prefix, error) {
+	if n.Spec.BGP == nil || n.Spec.BGP.IPv4Address == "" {
+		return netip.Prefix{}, nil
+	}
+	p, err := netip.ParsePrefix(n.Spec.BGP.IPv4Address)
+	if err != nil || !p.Addr().Is4() {
+		return netip.Prefix{}, errBGPAddress
+	}
+	return p, nil
+}
+
 // Validate implements Resource.
 func (n *Node) Validate() error {
 	var e errs
 	e.checkMeta(KindNode, &n.TypeMeta, &n.Metadata)
 	if b := n.Spec.BGP; b != nil {
-		if b.IPv4Address != "" {
-			if p, err := netip.ParsePrefix(b.IPv4Address); err != nil || !p.Addr().Is4() {
-				e.add("spec.bgp.ipv4Address", b.IPv4Address, "must be the node's IPv4 address with its subnet's prefix length, such as 198.18.1.2/24")
-			}
+		if _, err := n.BGPAddress(); err != nil {
+			e.add("spec.bgp.ipv4Address", b.IPv4Address, "%v", err)
 		}
 		if b.ASNumber != nil && *b.ASNumber == 0 {
 			e.add("spec.bgp.asNumber", 0, "is out of range; use 1 to 4294967295")

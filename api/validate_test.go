@@ -199,6 +199,8 @@ func TestValidateErrors(t *testing.T) {
 			return p
 		}, "spec.keepaliveTime", "must be shorter than holdTime 9s"},
 		{"peer maxRestartTime 0", func() Resource { p := validPeer(); p.Spec.MaxRestartTime = dur(0); return p }, "spec.maxRestartTime", "must be positive"},
+		{"peer maxPrefixes 0", func() Resource { p := validPeer(); p.Spec.MaxPrefixes = ptr(0); return p }, "spec.maxPrefixes", "use 1 to 4294967295, or leave it out for no limit"},
+		{"peer maxPrefixes too large", func() Resource { p := validPeer(); p.Spec.MaxPrefixes = ptr(1 << 32); return p }, "spec.maxPrefixes", "is out of range"},
 
 		// Node.
 		{"node ipv4Address without mask", func() Resource { n := validNode(); n.Spec.BGP.IPv4Address = "198.18.1.2"; return n }, "spec.bgp.ipv4Address", "with its subnet's prefix length, such as 198.18.1.2/24"},

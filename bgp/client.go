@@ -80,6 +80,9 @@ func peerInfo(p *gobgpapi.Peer) string {
 		return fmt.Sprintf("%d routes received", rcv)
 	}
 	var why []string
+	if p.GetState().GetAdminState() == gobgpapi.PeerState_PFX_CT {
+		return maxPrefixesReason(p)
+	}
 	if p.GetState().GetAdminState() != gobgpapi.PeerState_UP {
 		why = append(why, "administratively down")
 	}
@@ -96,4 +99,17 @@ func remotePort(p *gobgpapi.Peer) uint32 {
 		return port
 	}
 	return 179
+}
+
+const maxPrefixesText = "maximum prefixes exceeded"
+
+// maxPrefixesReason says why GoBGP keeps a peer down after it sent more
+// prefixes than its limit, and how to bring it back.
+func maxPrefixesReason(p *gobgpapi.Peer) string {
+	var limit uint32
+	for _, af := range p.GetAfiSafis() {
+		limit = max(limit, af.GetPrefixLimits().GetMaxPrefixes())
+	}
+	return fmt.Sprintf("%s: the peer sent more than maxPrefixes %d, so the session was closed; it stays down until the BGPPeer changes or `gobgp neighbor %s enable`",
+		maxPrefixesText, limit, p.GetConf().GetNeighborAddress())
 }

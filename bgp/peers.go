@@ -70,6 +70,9 @@ type Peer struct {
 	MaxRestartTime time.Duration
 	// RouteReflectorClient: this node reflects routes to this peer.
 	RouteReflectorClient bool
+	// MaxPrefixes is the most prefixes the peer may send (0: no limit): one
+	// more closes the session, which GoBGP then keeps down.
+	MaxPrefixes uint32
 	// Passive: wait for the peer to connect. Between two nodes only the one with
 	// the higher address connects (Calico's "mesh is unidirectional"): when both
 	// do, GoBGP's 5 s idle hold after a reset makes each side close the other's
@@ -125,242 +128,286 @@ func (n *nodeInfo) isReflector() bool { return n.clusterID != "" }
 // settings is reported. Invalid input is reported in problems and skipped, never
 // fatal. The result is sorted by address.
 func DesiredPeers(self string, nodes []*api.Node, peers []*api.BGPPeer, s api.BGPSettings) (out []Peer, problems []string) {
-	problemf := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
-
-	sorted := make([]*api.Node, 0, len(nodes))
-	for _, n := range nodes {
-		if n != nil {
-			sorted = append(sorted, n)
+	ps := &peerSet{settings: s, chosen: map[netip.Addr]Peer{}, source: map[netip.Addr]string{}}
+	if ps.loadNodes(self, nodes) {
+		for _, bp := range byName(peers, func(p *api.BGPPeer) string { return p.Metadata.Name }) {
+			ps.addBGPPeer(bp)
+		}
+		if s.NodeToNodeMeshEnabled && !ps.me.isReflector() {
+			ps.addMesh()
 		}
 	}
-	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Metadata.Name < sorted[j].Metadata.Name })
+	out = make([]Peer, 0, len(ps.chosen))
+	for _, p := range ps.chosen {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Address.Less(out[j].Address) })
+	return out, ps.problems
+}
 
-	var me *nodeInfo
-	var others []*nodeInfo // by name
-	byAddr := map[netip.Addr]*nodeInfo{}
-	for _, n := range sorted {
-		info := &nodeInfo{name: n.Metadata.Name, as: uint32(s.ASNumber), labels: n.Metadata.Labels}
+// peerSet is DesiredPeers' work in progress.
+type peerSet struct {
+	settings api.BGPSettings
+	me       *nodeInfo
+	others   []*nodeInfo // every other node with a BGP address, by name
+	byAddr   map[netip.Addr]*nodeInfo
+	chosen   map[netip.Addr]Peer
+	source   map[netip.Addr]string // the BGPPeer that claimed each address
+	problems []string
+}
+
+func (ps *peerSet) problemf(format string, args ...any) {
+	ps.problems = append(ps.problems, fmt.Sprintf(format, args...))
+}
+
+// byName is the non-nil items sorted by name.
+func byName[T any](items []*T, name func(*T) string) []*T {
+	out := make([]*T, 0, len(items))
+	for _, it := range items {
+		if it != nil {
+			out = append(out, it)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return name(out[i]) < name(out[j]) })
+	return out
+}
+
+// loadNodes finds self and the other nodes. It reports false, with the
+// problem, when self cannot peer at all.
+func (ps *peerSet) loadNodes(self string, nodes []*api.Node) bool {
+	ps.byAddr = map[netip.Addr]*nodeInfo{}
+	for _, n := range byName(nodes, func(n *api.Node) string { return n.Metadata.Name }) {
+		info := &nodeInfo{name: n.Metadata.Name, as: uint32(ps.settings.ASNumber), labels: n.Metadata.Labels}
 		if b := n.Spec.BGP; b != nil {
 			if b.ASNumber != nil {
 				info.as = uint32(*b.ASNumber)
 			}
 			info.clusterID = b.RouteReflectorClusterID
-			if b.IPv4Address != "" {
-				p, err := netip.ParsePrefix(b.IPv4Address)
-				if err != nil || !p.Addr().Is4() {
-					problemf("node %q: spec.bgp.ipv4Address %q is not an IPv4 CIDR such as 198.18.1.2/24; leaving the node out of BGP", info.name, b.IPv4Address)
-				} else {
-					info.addr = p.Addr()
-				}
-			}
+		}
+		if addr, err := n.BGPAddress(); err != nil {
+			ps.problemf("node %q: spec.bgp.ipv4Address %q %v; leaving the node out of BGP", info.name, n.Spec.BGP.IPv4Address, err)
+		} else {
+			info.addr = addr.Addr()
 		}
 		if info.name == self {
-			me = info
+			ps.me = info
 			continue
 		}
 		if !info.addr.IsValid() {
 			continue
 		}
-		if prev, dup := byAddr[info.addr]; dup {
-			problemf("nodes %q and %q both have BGP address %s; peering with %q only", prev.name, info.name, info.addr, prev.name)
+		if prev, dup := ps.byAddr[info.addr]; dup {
+			ps.problemf("nodes %q and %q both have BGP address %s; peering with %q only", prev.name, info.name, info.addr, prev.name)
 			continue
 		}
-		byAddr[info.addr] = info
-		others = append(others, info)
+		ps.byAddr[info.addr] = info
+		ps.others = append(ps.others, info)
 	}
+	me := ps.me
 	if me == nil {
-		problemf("node %q is not in the datastore; it has no BGP peers until its Node resource exists", self)
-		return nil, problems
+		ps.problemf("node %q is not in the datastore; it has no BGP peers until its Node resource exists", self)
+		return false
 	}
 	if !me.addr.IsValid() {
-		problemf("node %q has no spec.bgp.ipv4Address; it has no BGP peers until one is set", self)
-		return nil, problems
+		ps.problemf("node %q has no spec.bgp.ipv4Address; it has no BGP peers until one is set", self)
+		return false
 	}
-	if n, dup := byAddr[me.addr]; dup {
-		problemf("nodes %q and %q both have BGP address %s; not peering with %q", me.name, n.name, me.addr, n.name)
-		delete(byAddr, me.addr)
-		others = slices.DeleteFunc(others, func(o *nodeInfo) bool { return o == n })
+	if n, dup := ps.byAddr[me.addr]; dup {
+		ps.problemf("nodes %q and %q both have BGP address %s; not peering with %q", me.name, n.name, me.addr, n.name)
+		delete(ps.byAddr, me.addr)
+		ps.others = slices.DeleteFunc(ps.others, func(o *nodeInfo) bool { return o == n })
 	}
+	return true
+}
 
-	// rrClient applies the reflector rule to a peer at addr with AS as.
-	rrClient := func(addr netip.Addr, as uint32) bool {
-		n, ok := byAddr[addr]
-		return ok && me.isReflector() && as == me.as && n.clusterID != me.clusterID
+// rrClient applies the reflector rule to a peer at addr with AS as.
+func (ps *peerSet) rrClient(addr netip.Addr, as uint32) bool {
+	n, ok := ps.byAddr[addr]
+	return ok && ps.me.isReflector() && as == ps.me.as && n.clusterID != ps.me.clusterID
+}
+
+// passive: of two nodes, the lower address waits for the higher to connect.
+func (ps *peerSet) passive(addr netip.Addr) bool {
+	_, isNode := ps.byAddr[addr]
+	return isNode && ps.me.addr.Less(addr)
+}
+
+// add takes p from BGPPeer from, unless an earlier BGPPeer took its address.
+func (ps *peerSet) add(from string, p Peer) {
+	if p.Address == ps.me.addr {
+		return
 	}
-	// passive: of two nodes, the lower address waits for the higher to connect.
-	passive := func(addr netip.Addr) bool {
-		_, isNode := byAddr[addr]
-		return isNode && me.addr.Less(addr)
+	if prev, ok := ps.chosen[p.Address]; ok {
+		if !sameSession(prev, p) {
+			ps.problemf("BGPPeer %q: peer %s is already configured differently by BGPPeer %q; using %q", from, p.Address, ps.source[p.Address], ps.source[p.Address])
+		}
+		return
 	}
+	ps.chosen[p.Address] = p
+	ps.source[p.Address] = from
+}
 
-	chosen := map[netip.Addr]Peer{}
-	source := map[netip.Addr]string{} // BGPPeer that claimed each address
-	addExplicit := func(from string, p Peer) {
-		if p.Address == me.addr {
-			return
-		}
-		if prev, ok := chosen[p.Address]; ok {
-			if !sameSession(prev, p) {
-				problemf("BGPPeer %q: peer %s is already configured differently by BGPPeer %q; using %q", from, p.Address, source[p.Address], source[p.Address])
-			}
-			return
-		}
-		chosen[p.Address] = p
-		source[p.Address] = from
+// nodePeer is a session with node n with base's settings.
+func (ps *peerSet) nodePeer(base Peer, n *nodeInfo, t PeerType) Peer {
+	p := base
+	p.Address, p.Port, p.ASNumber, p.Type, p.Name = n.addr, ps.settings.ListenPort, n.as, t, n.name
+	p.RouteReflectorClient = ps.rrClient(n.addr, n.as)
+	p.Passive = ps.passive(n.addr)
+	return p
+}
+
+// peerSide is one side of a BGPPeer: the nodes it configures (local) or
+// what they peer with (remote).
+type peerSide struct {
+	node string       // local: this node only
+	sel  api.Selector // local: nodeSelector; remote: peerSelector
+	// remote without a selector: peerIP and its port; explicitPort says
+	// peerIP gave one.
+	addr         netip.Addr
+	port         int
+	explicitPort bool
+}
+
+func (side peerSide) hasNode(n *nodeInfo) bool {
+	switch {
+	case side.node != "":
+		return n.name == side.node
+	case side.sel != nil:
+		return side.sel.Matches(n.labels)
 	}
+	return true
+}
 
-	sortedPeers := make([]*api.BGPPeer, 0, len(peers))
-	for _, p := range peers {
-		if p != nil {
-			sortedPeers = append(sortedPeers, p)
+// sides parses a BGPPeer's two sides; ok is false, with the problem, when the
+// BGPPeer cannot be used.
+func (ps *peerSet) sides(bp *api.BGPPeer) (local, remote peerSide, ok bool) {
+	name, sp := bp.Metadata.Name, &bp.Spec
+	local.node = sp.Node
+	if sp.Node == "" && sp.NodeSelector != "" {
+		var err error
+		if local.sel, err = api.ParseSelector(sp.NodeSelector); err != nil {
+			ps.problemf("BGPPeer %q: spec.nodeSelector %q: %v; ignoring the peer", name, sp.NodeSelector, err)
+			return local, remote, false
 		}
 	}
-	sort.Slice(sortedPeers, func(i, j int) bool { return sortedPeers[i].Metadata.Name < sortedPeers[j].Metadata.Name })
+	switch {
+	case sp.PeerIP != "" && sp.PeerSelector != "":
+		ps.problemf("BGPPeer %q: set either spec.peerIP or spec.peerSelector, not both; ignoring the peer", name)
+		return local, remote, false
+	case sp.PeerIP != "":
+		var err error
+		if remote.addr, remote.port, err = bp.PeerAddr(); err != nil {
+			ps.problemf("BGPPeer %q: spec.peerIP %q %v; ignoring the peer", name, sp.PeerIP, err)
+			return local, remote, false
+		}
+		if !remote.addr.Is4() {
+			ps.problemf("BGPPeer %q: spec.peerIP %q: only IPv4 peers are supported; ignoring the peer", name, sp.PeerIP)
+			return local, remote, false
+		}
+		if sp.ASNumber == nil {
+			ps.problemf("BGPPeer %q: spec.asNumber is required with spec.peerIP; ignoring the peer", name)
+			return local, remote, false
+		}
+		_, err = netip.ParseAddr(sp.PeerIP) // no error: no port given
+		remote.explicitPort = err != nil
+	case sp.PeerSelector != "":
+		var err error
+		if remote.sel, err = api.ParseSelector(sp.PeerSelector); err != nil {
+			ps.problemf("BGPPeer %q: spec.peerSelector %q: %v; ignoring the peer", name, sp.PeerSelector, err)
+			return local, remote, false
+		}
+	default:
+		ps.problemf("BGPPeer %q: set spec.peerIP or spec.peerSelector; ignoring the peer", name)
+		return local, remote, false
+	}
+	return local, remote, true
+}
 
-	for _, bp := range sortedPeers {
-		name, sp := bp.Metadata.Name, &bp.Spec
-
-		// The local side: the nodes the BGPPeer configures.
-		typ := Global
-		var nodeSel api.Selector
-		switch {
-		case sp.Node != "":
-			typ = NodeSpecific
-		case sp.NodeSelector != "":
-			typ = NodeSpecific
-			var err error
-			if nodeSel, err = api.ParseSelector(sp.NodeSelector); err != nil {
-				problemf("BGPPeer %q: spec.nodeSelector %q: %v; ignoring the peer", name, sp.NodeSelector, err)
-				continue
-			}
-		}
-		onLocalSide := func(n *nodeInfo) bool {
-			switch {
-			case sp.Node != "":
-				return n.name == sp.Node
-			case nodeSel != nil:
-				return nodeSel.Matches(n.labels)
-			}
-			return true
-		}
-
-		// The remote side: one address, or the nodes a selector picks.
-		var peerSel api.Selector
-		var peerAddr netip.Addr
-		var peerPort int
-		switch {
-		case sp.PeerIP != "" && sp.PeerSelector != "":
-			problemf("BGPPeer %q: set either spec.peerIP or spec.peerSelector, not both; ignoring the peer", name)
-			continue
-		case sp.PeerIP != "":
-			var err error
-			if peerAddr, peerPort, err = bp.PeerAddr(); err != nil {
-				problemf("BGPPeer %q: spec.peerIP %q %v; ignoring the peer", name, sp.PeerIP, err)
-				continue
-			}
-			if !peerAddr.Is4() {
-				problemf("BGPPeer %q: spec.peerIP %q: only IPv4 peers are supported; ignoring the peer", name, sp.PeerIP)
-				continue
-			}
-			if sp.ASNumber == nil {
-				problemf("BGPPeer %q: spec.asNumber is required with spec.peerIP; ignoring the peer", name)
-				continue
-			}
-		case sp.PeerSelector != "":
-			var err error
-			if peerSel, err = api.ParseSelector(sp.PeerSelector); err != nil {
-				problemf("BGPPeer %q: spec.peerSelector %q: %v; ignoring the peer", name, sp.PeerSelector, err)
-				continue
-			}
-		default:
-			problemf("BGPPeer %q: set spec.peerIP or spec.peerSelector; ignoring the peer", name)
-			continue
-		}
-
-		base := Peer{
-			Password:       sp.Password,
-			KeepaliveTime:  duration(sp.KeepaliveTime),
-			HoldTime:       duration(sp.HoldTime),
-			MaxRestartTime: duration(sp.MaxRestartTime),
-		}
-		if base.MaxRestartTime == 0 {
-			base.MaxRestartTime = api.DefaultMaxRestartTime
-		}
-		nodePeer := func(n *nodeInfo, t PeerType) Peer {
+// addBGPPeer adds the sessions one BGPPeer gives self.
+func (ps *peerSet) addBGPPeer(bp *api.BGPPeer) {
+	local, remote, ok := ps.sides(bp)
+	if !ok {
+		return
+	}
+	name, sp := bp.Metadata.Name, &bp.Spec
+	typ := Global
+	if sp.Node != "" || sp.NodeSelector != "" {
+		typ = NodeSpecific
+	}
+	base := Peer{
+		Password:       sp.Password,
+		KeepaliveTime:  duration(sp.KeepaliveTime),
+		HoldTime:       duration(sp.HoldTime),
+		MaxRestartTime: duration(sp.MaxRestartTime),
+	}
+	if base.MaxRestartTime == 0 {
+		base.MaxRestartTime = api.DefaultMaxRestartTime
+	}
+	if sp.MaxPrefixes != nil {
+		base.MaxPrefixes = uint32(*sp.MaxPrefixes)
+	}
+	me := ps.me
+	if local.hasNode(me) {
+		if remote.sel == nil {
 			p := base
-			p.Address, p.Port, p.ASNumber, p.Type, p.Name = n.addr, s.ListenPort, n.as, t, n.name
-			p.RouteReflectorClient = rrClient(n.addr, n.as)
-			p.Passive = passive(n.addr)
-			return p
-		}
-
-		if onLocalSide(me) {
-			if peerSel == nil {
-				p := base
-				p.Address, p.Port, p.ASNumber, p.Type, p.Name = peerAddr, peerPort, uint32(*sp.ASNumber), typ, name
-				p.RouteReflectorClient = rrClient(peerAddr, p.ASNumber)
-				p.Passive = passive(peerAddr)
-				addExplicit(name, p)
-			} else {
-				for _, n := range others {
-					if peerSel.Matches(n.labels) {
-						addExplicit(name, nodePeer(n, typ))
-					}
-				}
-			}
-		}
-
-		// The reverse direction, as Calico does: a session needs configuring at both
-		// ends, so a node on the remote side peers with the nodes of the local side.
-		// This is what gives a route reflector its clients from the usual single
-		// BGPPeer "nodeSelector: all(), peerSelector: route-reflector == 'true'".
-		remoteIsMe := false
-		if peerSel != nil {
-			remoteIsMe = peerSel.Matches(me.labels)
+			p.Address, p.Port, p.ASNumber, p.Type, p.Name = remote.addr, remote.port, uint32(*sp.ASNumber), typ, name
+			p.RouteReflectorClient = ps.rrClient(remote.addr, p.ASNumber)
+			p.Passive = ps.passive(remote.addr)
+			ps.add(name, p)
 		} else {
-			_, err := netip.ParseAddr(sp.PeerIP) // no error: no port given, any port matches
-			remoteIsMe = peerAddr == me.addr && uint32(*sp.ASNumber) == me.as && (err == nil || peerPort == s.ListenPort)
-		}
-		if remoteIsMe {
-			for _, n := range others {
-				if onLocalSide(n) {
-					addExplicit(name, nodePeer(n, NodeSpecific))
+			for _, n := range ps.others {
+				if remote.sel.Matches(n.labels) {
+					ps.add(name, ps.nodePeer(base, n, typ))
 				}
 			}
 		}
 	}
-
-	if s.NodeToNodeMeshEnabled && !me.isReflector() {
-		restart := s.NodeMeshMaxRestartTime
-		if restart == 0 {
-			restart = api.DefaultMaxRestartTime
-		}
-		for _, n := range others {
-			if n.isReflector() || n.addr == me.addr {
-				continue
-			}
-			if _, taken := chosen[n.addr]; taken {
-				continue
-			}
-			chosen[n.addr] = Peer{
-				Address:        n.addr,
-				Port:           s.ListenPort,
-				ASNumber:       n.as,
-				Type:           Mesh,
-				Name:           n.name,
-				Password:       s.NodeMeshPassword,
-				MaxRestartTime: restart,
-				Passive:        passive(n.addr),
+	// The reverse direction, as Calico does: a session needs configuring at both
+	// ends, so a node on the remote side peers with the nodes of the local side.
+	// This is what gives a route reflector its clients from the usual single
+	// BGPPeer "nodeSelector: all(), peerSelector: route-reflector == 'true'".
+	var remoteIsMe bool
+	if remote.sel != nil {
+		remoteIsMe = remote.sel.Matches(me.labels)
+	} else {
+		remoteIsMe = remote.addr == me.addr && uint32(*sp.ASNumber) == me.as &&
+			(!remote.explicitPort || remote.port == ps.settings.ListenPort)
+	}
+	if remoteIsMe {
+		for _, n := range ps.others {
+			if local.hasNode(n) {
+				ps.add(name, ps.nodePeer(base, n, NodeSpecific))
 			}
 		}
 	}
+}
 
-	out = make([]Peer, 0, len(chosen))
-	for _, p := range chosen {
-		out = append(out, p)
+// addMesh peers with every other node that no BGPPeer took and that is not a
+// route reflector.
+func (ps *peerSet) addMesh() {
+	s := ps.settings
+	restart := s.NodeMeshMaxRestartTime
+	if restart == 0 {
+		restart = api.DefaultMaxRestartTime
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Address.Less(out[j].Address) })
-	return out, problems
+	for _, n := range ps.others {
+		if n.isReflector() {
+			continue
+		}
+		if _, taken := ps.chosen[n.addr]; taken {
+			continue
+		}
+		ps.chosen[n.addr] = Peer{
+			Address:        n.addr,
+			Port:           s.ListenPort,
+			ASNumber:       n.as,
+			Type:           Mesh,
+			Name:           n.name,
+			Password:       s.NodeMeshPassword,
+			MaxRestartTime: restart,
+			Passive:        ps.passive(n.addr),
+		}
+	}
 }
 
 // sameSession reports whether a and b ask for the same BGP session, whatever their
@@ -370,7 +417,7 @@ func sameSession(a, b Peer) bool {
 	return a.Port == b.Port && a.ASNumber == b.ASNumber && a.Password == b.Password &&
 		a.KeepaliveTime == b.KeepaliveTime && a.HoldTime == b.HoldTime &&
 		a.MaxRestartTime == b.MaxRestartTime && a.RouteReflectorClient == b.RouteReflectorClient &&
-		a.Passive == b.Passive
+		a.Passive == b.Passive && a.MaxPrefixes == b.MaxPrefixes
 }
 
 func duration(d *api.Duration) time.Duration {

@@ -136,7 +136,7 @@ func TestDesiredPeers(t *testing.T) {
 			name: "node with a bad address", self: "n1",
 			nodes: []*api.Node{n1, node("n2", "198.18.1.12"), n3}, settings: defaults(),
 			want:     []Peer{meshPeer("n3", "198.18.2.13")},
-			problems: []string{`node "n2": spec.bgp.ipv4Address "198.18.1.12" is not an IPv4 CIDR`},
+			problems: []string{`node "n2": spec.bgp.ipv4Address "198.18.1.12" must be the node's IPv4 address with its subnet's prefix length`},
 		},
 		{
 			name: "self without an address", self: "n1",
@@ -188,6 +188,12 @@ func TestDesiredPeers(t *testing.T) {
 			want: []Peer{with(torPeer, func(p *Peer) {
 				p.Port, p.Password, p.KeepaliveTime, p.HoldTime, p.MaxRestartTime = 1179, "s3cret", 10*time.Second, 30*time.Second, 300*time.Second
 			})},
+		},
+		{
+			name: "a maxPrefixes limit goes with the peer's session", self: "n1", nodes: []*api.Node{n1, n2},
+			peers:    []*api.BGPPeer{tor("tor", api.BGPPeerSpec{MaxPrefixes: func() *int { v := 100; return &v }()})},
+			settings: defaults(),
+			want:     []Peer{with(torPeer, func(p *Peer) { p.MaxPrefixes = 100 }), meshPeer("n2", "198.18.1.12")},
 		},
 		{
 			name: "node-specific peer for this node", self: "n1", nodes: []*api.Node{n1, n2},

@@ -258,7 +258,7 @@ func isLocal(p *gobgpapi.Path) bool {
 
 // Changes returns a channel that receives (without blocking the speaker, at most
 // one pending) whenever the best paths learned from peers may have changed. Read
-// BestPaths after each receive.
+// Paths after each receive.
 func (s *Speaker) Changes() <-chan struct{} { return s.changes }
 
 // Close stops the speaker: it sends CEASE to every peer, which then drop this
@@ -461,6 +461,12 @@ func (s *Speaker) gobgpPeer(p Peer) *gobgpapi.Peer {
 			MpGracefulRestart: &gobgpapi.MpGracefulRestart{Config: &gobgpapi.MpGracefulRestartConfig{Enabled: true}},
 		}},
 	}
+	if p.MaxPrefixes > 0 {
+		// GoBGP counts the peer's prefixes as they arrive: one over sends a
+		// Cease (maximum number of prefixes reached), closes the session and
+		// keeps it down (admin state PFX_CT) until the peer is re-added.
+		gp.AfiSafis[0].PrefixLimits = &gobgpapi.PrefixLimit{Family: ipv4Unicast, MaxPrefixes: p.MaxPrefixes}
+	}
 	if s.cfg.LocalAddress.IsValid() {
 		gp.Transport.LocalAddress = s.cfg.LocalAddress.String()
 	}
@@ -559,22 +565,19 @@ func localPath(p netip.Prefix) (*gobgpapi.Path, error) {
 	return &gobgpapi.Path{Family: ipv4Unicast, Nlri: nlri, Pattrs: []*anypb.Any{origin, nh}}, nil
 }
 
-// Path is a best route learned from a peer.
-type Path struct {
-	Prefix  netip.Prefix
-	NextHop netip.Addr
-}
-
-// BestPaths returns the best IPv4 unicast paths learned from peers, sorted by
-// prefix. Paths this speaker originates are left out. Paths a restarting peer
-// left behind (graceful restart) are included until they expire.
-func (s *Speaker) BestPaths(ctx context.Context) ([]Path, error) {
-	var out []Path
+// Paths returns every IPv4 unicast path learned from peers, best or not,
+// sorted by prefix with each prefix's best path first. Paths this speaker
+// originates are left out. Paths a restarting peer left behind (graceful
+// restart) are included until they expire. All paths, not just the best: the
+// data plane must skip a best path that does not lead to its prefix's owner
+// and take the next one that does (felix/calc).
+func (s *Speaker) Paths(ctx context.Context) ([]api.BGPPath, error) {
+	var out []api.BGPPath
 	var bad []error
 	err := s.srv.ListPath(ctx, &gobgpapi.ListPathRequest{TableType: gobgpapi.TableType_GLOBAL, Family: ipv4Unicast},
 		func(d *gobgpapi.Destination) {
 			for _, p := range d.Paths {
-				if !p.Best || p.IsWithdraw || isLocal(p) {
+				if p.IsWithdraw || isLocal(p) {
 					continue
 				}
 				path, err := toPath(d.Prefix, p)
@@ -587,24 +590,30 @@ func (s *Speaker) BestPaths(ctx context.Context) ([]Path, error) {
 		})
 	s.syncWithServer()
 	if err != nil {
-		return nil, fmt.Errorf("bgp: listing best paths: %w", err)
+		return nil, fmt.Errorf("bgp: listing paths: %w", err)
 	}
 	// ListPath stops early without an error when ctx ends.
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	if len(bad) > 0 {
-		s.log.Warn("skipped best paths that could not be read", "count", len(bad), "first", bad[0])
+		s.log.Warn("skipped paths that could not be read", "count", len(bad), "first", bad[0])
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Prefix.Compare(out[j].Prefix) < 0 })
+	sort.SliceStable(out, func(i, j int) bool {
+		if c := out[i].Prefix.Compare(out[j].Prefix); c != 0 {
+			return c < 0
+		}
+		return out[i].Best && !out[j].Best
+	})
 	return out, nil
 }
 
-func toPath(prefix string, p *gobgpapi.Path) (Path, error) {
+func toPath(prefix string, p *gobgpapi.Path) (api.BGPPath, error) {
 	pfx, err := netip.ParsePrefix(prefix)
 	if err != nil {
-		return Path{}, fmt.Errorf("prefix %q: %w", prefix, err)
+		return api.BGPPath{}, fmt.Errorf("prefix %q: %w", prefix, err)
 	}
+	peer, _ := netip.ParseAddr(p.NeighborIp)
 	for _, a := range p.Pattrs {
 		m, err := a.UnmarshalNew()
 		if err != nil {
@@ -623,11 +632,11 @@ func toPath(prefix string, p *gobgpapi.Path) (Path, error) {
 		}
 		addr, err := netip.ParseAddr(nh)
 		if err != nil {
-			return Path{}, fmt.Errorf("%s: next hop %q: %w", prefix, nh, err)
+			return api.BGPPath{}, fmt.Errorf("%s: next hop %q: %w", prefix, nh, err)
 		}
-		return Path{Prefix: pfx, NextHop: addr}, nil
+		return api.BGPPath{Prefix: pfx, NextHop: addr, Peer: peer, Best: p.Best}, nil
 	}
-	return Path{}, fmt.Errorf("%s: no next hop", prefix)
+	return api.BGPPath{}, fmt.Errorf("%s: no next hop", prefix)
 }
 
 // PeerStatus is the state of one configured session.
@@ -684,6 +693,8 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 		}
 		st.Type, st.Name, _ = ParseDescription(conf.GetDescription())
 		switch {
+		case state.GetAdminState() == gobgpapi.PeerState_PFX_CT:
+			st.Info = maxPrefixesReason(p)
 		case state.GetAdminState() == gobgpapi.PeerState_DOWN:
 			st.Info = "administratively shut down"
 		case p.GetTransport().GetPassiveMode() && st.State != "Established":
@@ -699,7 +710,7 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 	}
 	s.infoMu.Lock()
 	for i := range out {
-		if info := s.info[out[i].Address.String()]; info != "" {
+		if info := s.info[out[i].Address.String()]; info != "" && !strings.HasPrefix(out[i].Info, maxPrefixesText) {
 			out[i].Info = info
 		}
 	}

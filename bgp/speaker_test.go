@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/test/nstest"
 )
 
@@ -221,13 +222,30 @@ func peerStatus(t *testing.T, s *Speaker, ip string) PeerStatus {
 	return PeerStatus{}
 }
 
-func bestPaths(t *testing.T, s *Speaker) []Path {
+// route is a best path without its peer: what the tests compare.
+type route struct {
+	Prefix  netip.Prefix
+	NextHop netip.Addr
+}
+
+func bestPaths(t *testing.T, s *Speaker) []route {
+	t.Helper()
+	var out []route
+	for _, p := range allPaths(t, s) {
+		if p.Best {
+			out = append(out, route{p.Prefix, p.NextHop})
+		}
+	}
+	return out
+}
+
+func allPaths(t *testing.T, s *Speaker) []api.BGPPath {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	ps, err := s.BestPaths(ctx)
+	ps, err := s.Paths(ctx)
 	if err != nil {
-		t.Fatalf("BestPaths: %v", err)
+		t.Fatalf("Paths: %v", err)
 	}
 	return ps
 }
@@ -268,7 +286,7 @@ func waitEstablished(t *testing.T, sessions ...session) time.Duration {
 	})
 }
 
-func waitPaths(t *testing.T, s *Speaker, want ...Path) {
+func waitPaths(t *testing.T, s *Speaker, want ...route) {
 	t.Helper()
 	waitFor(t, sessionTimeout, fmt.Sprintf("best paths of %s are %v", s.cfg.RouterID, want), func() (bool, string) {
 		got := bestPaths(t, s)
@@ -276,7 +294,7 @@ func waitPaths(t *testing.T, s *Speaker, want ...Path) {
 	})
 }
 
-func path(p netip.Prefix, nh string) Path { return Path{Prefix: p, NextHop: netip.MustParseAddr(nh)} }
+func path(p netip.Prefix, nh string) route { return route{Prefix: p, NextHop: netip.MustParseAddr(nh)} }
 
 func drain(c <-chan struct{}) {
 	select {
@@ -386,7 +404,7 @@ func TestSpeakerExport(t *testing.T) {
 			waitPaths(t, b, path(prefixA, ipA))
 			waitPaths(t, c, path(prefixB, ipB))
 			time.Sleep(time.Second) // A's route would have come with B's
-			if got := bestPaths(t, c); !slices.Equal(got, []Path{path(prefixB, ipB)}) {
+			if got := bestPaths(t, c); !slices.Equal(got, []route{path(prefixB, ipB)}) {
 				t.Errorf("C's best paths = %v; want only B's own %v", got, prefixB)
 			}
 		})
@@ -516,7 +534,7 @@ func TestSpeakerSetPeers(t *testing.T) {
 	setPeers(t, b, toA, toC)
 	d := waitFor(t, sessionTimeout, "C learns A's route reflected by B", func() (bool, string) {
 		got := bestPaths(t, c)
-		return slices.Equal(got, []Path{path(prefixA, ipA)}), fmt.Sprint(got)
+		return slices.Equal(got, []route{path(prefixA, ipA)}), fmt.Sprint(got)
 	})
 	t.Logf("C's session reset and reflected routes arrived in %v", d.Round(time.Millisecond))
 	if st := peerStatus(t, b, ipC); st.Since.Equal(before[ipC].Since) {
@@ -636,11 +654,11 @@ func TestSpeakerGracefulRestart(t *testing.T) {
 		return st.State != "Established", st.State
 	})
 	down := time.Now()
-	if got := bestPaths(t, b); !slices.Equal(got, []Path{path(prefixA, ipA)}) {
+	if got := bestPaths(t, b); !slices.Equal(got, []route{path(prefixA, ipA)}) {
 		t.Fatalf("B dropped A's route when A's session went down: best paths %v", got)
 	}
 	time.Sleep(restart / 2)
-	if got := bestPaths(t, b); !slices.Equal(got, []Path{path(prefixA, ipA)}) {
+	if got := bestPaths(t, b); !slices.Equal(got, []route{path(prefixA, ipA)}) {
 		t.Fatalf("B dropped A's route %v after A went down, before the restart time %v: best paths %v", time.Since(down), restart, got)
 	}
 	waitPaths(t, b)
@@ -683,4 +701,85 @@ func TestSpeakerRestartHelper(t *testing.T) {
 	// The parent kills this process; the bound keeps a lost child from lingering.
 	time.Sleep(time.Minute)
 	t.Error("not killed within a minute")
+}
+
+// Paths lists every path to a prefix, with the peer that sent it, the best
+// first: calc needs the others when the best does not lead to the owner.
+func TestSpeakerAllPaths(t *testing.T) {
+	needNetNS(t)
+	a := startSpeaker(t, ipA, speakerOpts{})
+	b := startSpeaker(t, ipB, speakerOpts{})
+	c := startSpeaker(t, ipC, speakerOpts{})
+	setPeers(t, a, nodePeer(ipA, ipB, "node-b", Mesh), nodePeer(ipA, ipC, "node-c", Mesh))
+	setPeers(t, b, nodePeer(ipB, ipA, "node-a", Mesh))
+	setPeers(t, c, nodePeer(ipC, ipA, "node-a", Mesh))
+	waitEstablished(t, session{a, ipB}, session{a, ipC})
+	advertise(t, b, prefixB)
+	advertise(t, c, prefixB)
+	waitFor(t, sessionTimeout, "A has both paths to "+prefixB.String(), func() (bool, string) {
+		ps := allPaths(t, a)
+		if len(ps) != 2 || !ps[0].Best || ps[1].Best {
+			return false, fmt.Sprint(ps)
+		}
+		peers := []string{ps[0].Peer.String(), ps[1].Peer.String()}
+		slices.Sort(peers)
+		for _, p := range ps {
+			if p.Prefix != prefixB || p.NextHop != p.Peer {
+				return false, fmt.Sprint(ps)
+			}
+		}
+		return slices.Equal(peers, []string{ipB, ipC}), fmt.Sprint(ps)
+	})
+}
+
+// A peer that sends more than its maxPrefixes loses its session, which stays
+// down with a reason that names the limit; the other sessions carry on.
+func TestSpeakerMaxPrefixes(t *testing.T) {
+	needNetNS(t)
+	a := startSpeaker(t, ipA, speakerOpts{})
+	tor := startSpeaker(t, ipB, speakerOpts{as: asToR})
+	c := startSpeaker(t, ipC, speakerOpts{})
+	limited := extPeer(ipB, "tor", asToR)
+	limited.MaxPrefixes = 2
+	setPeers(t, a, limited, nodePeer(ipA, ipC, "node-c", Mesh))
+	// The ToR waits for A to connect: with both ends active, GoBGP's idle
+	// hold after a reset makes each close the other's attempts for a while.
+	fromToR := extPeer(ipA, "node-a", asNode)
+	fromToR.Passive = true
+	setPeers(t, tor, fromToR)
+	setPeers(t, c, nodePeer(ipC, ipA, "node-a", Mesh))
+	advertise(t, tor, prefixA, prefixA2)
+	waitEstablished(t, session{a, ipB}, session{a, ipC})
+	waitFor(t, sessionTimeout, "A learns the ToR's two prefixes", func() (bool, string) {
+		got := bestPaths(t, a)
+		return len(got) == 2, fmt.Sprint(got)
+	})
+
+	advertise(t, tor, prefixA, prefixA2, prefixB) // one over the limit
+	waitFor(t, sessionTimeout, "the ToR's session closed for maxPrefixes", func() (bool, string) {
+		st := peerStatus(t, a, ipB)
+		return st.State != "Established" && strings.Contains(st.Info, "maximum prefixes exceeded: the peer sent more than maxPrefixes 2"), fmt.Sprintf("%+v", st)
+	})
+	if got := bestPaths(t, a); len(got) != 0 {
+		t.Errorf("A still has the ToR's paths %v after closing its session", got)
+	}
+	// GoBGP would retry an ordinary session after 5 s: this one must stay down.
+	start := time.Now()
+	for time.Since(start) < 8*time.Second {
+		if st := peerStatus(t, a, ipB); st.State == "Established" {
+			t.Fatalf("the ToR's session came back after %v: %+v", time.Since(start).Round(time.Millisecond), st)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if st := peerStatus(t, a, ipC); st.State != "Established" {
+		t.Errorf("the mesh session went down with the ToR's: %+v", st)
+	}
+	// Raising the limit re-creates the session.
+	limited.MaxPrefixes = 10
+	setPeers(t, a, limited, nodePeer(ipA, ipC, "node-c", Mesh))
+	waitEstablished(t, session{a, ipB})
+	waitFor(t, sessionTimeout, "A learns the ToR's three prefixes", func() (bool, string) {
+		got := bestPaths(t, a)
+		return len(got) == 3, fmt.Sprint(got)
+	})
 }

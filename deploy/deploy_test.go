@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -308,21 +307,24 @@ func TestDaemonSet(t *testing.T) {
 		t.Error("MARGAY_DEFAULT_IPV4_POOL is not margay-config's default_ipv4_pool")
 	}
 
-	// Probes and ports. With hostNetwork kubelet probes the node's address, so
-	// health must not listen on loopback only.
+	// Probes and ports. Health listens on loopback only, and with hostNetwork
+	// kubelet probes it there.
 	health := agent.DefaultHealthAddr
 	if e := envValue(node, "MARGAY_HEALTH_LISTEN"); e != nil {
 		health = e.Value
 	}
-	if host, port, err := net.SplitHostPort(health); err != nil || port != "9099" || (host != "" && host != "0.0.0.0" && host != "::") {
-		t.Errorf("health listens on %q; kubelet probes the node's address on 9099", health)
+	if health != "127.0.0.1:9099" {
+		t.Errorf("health listens on %q; want 127.0.0.1:9099, where the probes look", health)
+	}
+	if slices.ContainsFunc(node.Ports, func(p corev1.ContainerPort) bool { return p.ContainerPort == 9099 }) {
+		t.Errorf("ports %+v list 9099, which listens on loopback only", node.Ports)
 	}
 	for _, p := range []struct {
 		probe *corev1.Probe
 		path  string
 	}{{node.LivenessProbe, "/livez"}, {node.ReadinessProbe, "/readyz"}} {
-		if p.probe == nil || p.probe.HTTPGet == nil || p.probe.HTTPGet.Path != p.path || p.probe.HTTPGet.Port.IntValue() != 9099 || p.probe.HTTPGet.Host != "" {
-			t.Errorf("probe %+v; want GET %s on port 9099", p.probe, p.path)
+		if p.probe == nil || p.probe.HTTPGet == nil || p.probe.HTTPGet.Path != p.path || p.probe.HTTPGet.Port.IntValue() != 9099 || p.probe.HTTPGet.Host != "127.0.0.1" {
+			t.Errorf("probe %+v; want GET %s on 127.0.0.1:9099", p.probe, p.path)
 		}
 	}
 	metrics := agent.DefaultMetricsAddr

@@ -24,8 +24,12 @@ type Input struct {
 	Nodes  []*api.Node // every node, this one included
 	// Blocks are this node's confirmed affine blocks.
 	Blocks    []netip.Prefix
-	Endpoints []Endpoint
-	Paths     []Path // best paths learned from BGP peers
+	Endpoints []Endpoint // this node's pods
+	// Owners are whose every block and pod address is, across the cluster:
+	// a path inside a pool is followed only towards its owner.
+	Owners Owners
+	// Paths are every path learned from BGP peers, best or not.
+	Paths []api.BGPPath
 	// RandomFully: iptables and the kernel support MASQUERADE --random-fully.
 	RandomFully bool
 	// UnderlayMTU is the MTU of the node's uplink; 0 means 1500.
@@ -44,10 +48,25 @@ type Endpoint struct {
 	IPs       []netip.Prefix // the pod's /32s
 }
 
-// Path is a BGP best path learned from a peer.
-type Path struct {
-	Prefix  netip.Prefix
-	NextHop netip.Addr
+// Owners says which node each pod prefix belongs to. This node's blocks and
+// pods count as its own whether or not they are listed here.
+type Owners struct {
+	Blocks map[netip.Prefix]string // confirmed block affinities: block -> node
+	Pods   map[netip.Addr]string   // WorkloadEndpoint addresses -> node
+}
+
+// IgnoredPath is a path inside a pool that does not lead to its prefix's
+// owner, and so is not routed: a hijack, a stale or misconfigured peer.
+type IgnoredPath struct {
+	Path api.BGPPath
+	// Owner is the node the prefix, or the block it falls in, belongs to; ""
+	// for none.
+	Owner  string
+	Reason string
+}
+
+func (p IgnoredPath) String() string {
+	return fmt.Sprintf("%s via %s from peer %s %s", p.Path.Prefix, p.Path.NextHop, p.Path.Peer, p.Reason)
 }
 
 // RouteKind says how a route leaves the node.
@@ -147,6 +166,9 @@ type Output struct {
 	VXLANPeers  []VXLANPeer
 	// Problems are what margay cannot do right and so leaves out or warns about.
 	Problems []string
+	// Ignored are the learned paths inside a pool that do not lead to their
+	// prefix's owner, sorted by prefix.
+	Ignored []IgnoredPath
 }
 
 // Compute decides the node's data plane.
@@ -171,31 +193,33 @@ func Compute(in Input) Output {
 			}
 		}
 	}
-	nodes := map[netip.Addr]*api.Node{}
-	var self *api.Node
+	nodes := map[string]*api.Node{}
 	for _, n := range in.Nodes {
-		if a, ok := nodeAddr(n); ok {
-			nodes[a.Addr()] = n
-		}
-		if n.Metadata.Name == in.Node {
-			self = n
-		}
+		nodes[n.Metadata.Name] = n
 	}
+	self := nodes[in.Node]
 	out.IPIP, out.VXLAN = tunnels(in, self)
 	out.PodMTU = PodMTU(underlayMTU(in), in.Pools)
 	if in.NodeIP.Bits() == 32 && usesCrossSubnet(in.Pools) {
 		out.Problems = append(out.Problems, fmt.Sprintf("this node's address %s has no subnet: with CrossSubnet every peer looks cross-subnet and all traffic is encapsulated; give the node's address with its subnet's prefix length (--ip)", in.NodeIP))
 	}
 	peers := map[string]VXLANPeer{}
-	for _, p := range in.Paths {
+	own := owners(in, local)
+	routed := map[netip.Prefix]bool{}
+	for _, p := range sortedPaths(in.Paths) {
 		dst := p.Prefix.Masked()
-		if local[dst] {
-			continue // ours: a peer reflected it back
-		}
 		pool := poolOf(dst, in.Pools)
 		if pool == nil {
 			continue // only pod addresses are margay's business
 		}
+		owner, ignored := own.follow(p, in.NodeIP.Addr())
+		if ignored != nil {
+			out.Ignored = append(out.Ignored, *ignored)
+		}
+		if owner == "" || routed[dst] {
+			continue // the first path that leads to the owner wins, best first
+		}
+		routed[dst] = true
 		if !p.NextHop.Is4() {
 			out.Problems = append(out.Problems, fmt.Sprintf("%s: next hop %s is not an IPv4 address", dst, p.NextHop))
 			continue
@@ -209,8 +233,7 @@ func Compute(in Input) Output {
 			}
 			out.Routes = append(out.Routes, r)
 		case encapsulates(pool.Spec.VXLANMode, cross):
-			n := nodes[p.NextHop]
-			peer, problem := vxlanPeer(n, p.NextHop)
+			peer, problem := vxlanPeer(nodes[owner], p.NextHop)
 			if problem != "" {
 				out.Problems = append(out.Problems, fmt.Sprintf("%s: %s; not routed", dst, problem))
 				continue
@@ -243,6 +266,107 @@ func Compute(in Input) Output {
 	out.IPSets = ipsets(in)
 	out.Chains, out.Jumps = rules(in)
 	return out
+}
+
+// sortedPaths is paths by prefix, each prefix's best path first.
+func sortedPaths(paths []api.BGPPath) []api.BGPPath {
+	out := slices.Clone(paths)
+	slices.SortStableFunc(out, func(a, b api.BGPPath) int {
+		if c := comparePrefix(a.Prefix.Masked(), b.Prefix.Masked()); c != 0 {
+			return c
+		}
+		switch {
+		case a.Best && !b.Best:
+			return -1
+		case b.Best && !a.Best:
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// ownership is who may be the next hop of each prefix inside a pool.
+type ownership struct {
+	self   string
+	blocks map[netip.Prefix]string
+	pods   map[netip.Addr]string
+	addrs  map[string]netip.Addr // node -> BGP address
+}
+
+// owners merges in.Owners with this node's own blocks and pods (local).
+func owners(in Input, local map[netip.Prefix]bool) ownership {
+	o := ownership{self: in.Node, blocks: maps.Clone(in.Owners.Blocks), pods: maps.Clone(in.Owners.Pods), addrs: map[string]netip.Addr{}}
+	if o.blocks == nil {
+		o.blocks = map[netip.Prefix]string{}
+	}
+	if o.pods == nil {
+		o.pods = map[netip.Addr]string{}
+	}
+	for _, b := range in.Blocks {
+		o.blocks[b] = in.Node
+	}
+	for p := range local {
+		if p.IsSingleIP() {
+			o.pods[p.Addr()] = in.Node
+		}
+	}
+	for _, n := range in.Nodes {
+		if a, ok := nodeAddr(n); ok {
+			o.addrs[n.Metadata.Name] = a.Addr()
+		}
+	}
+	return o
+}
+
+// owner is the node dst belongs to: for a /32, the node of the pod with that
+// address; for a block, its affine node. exact is false when dst is neither,
+// and owner then names the node whose block dst falls in, if any.
+func (o ownership) owner(dst netip.Prefix) (owner string, exact bool) {
+	if dst.IsSingleIP() {
+		if n, ok := o.pods[dst.Addr()]; ok {
+			return n, true
+		}
+	}
+	if n, ok := o.blocks[dst]; ok {
+		return n, true
+	}
+	for b, n := range o.blocks {
+		if b.Bits() <= dst.Bits() && b.Contains(dst.Addr()) {
+			return n, false
+		}
+	}
+	return "", false
+}
+
+// follow decides a path inside a pool: it is followed only when its prefix is
+// a block or pod address of another node and the next hop is that node,
+// whichever peer sent it; owner is then that node. Anything else is ignored,
+// with the reason, and owner is ""; this
+// node's own prefixes reflected back to it (next hop self) are dropped
+// silently, as BGP's normal echo.
+func (o ownership) follow(p api.BGPPath, selfAddr netip.Addr) (string, *IgnoredPath) {
+	dst := p.Prefix.Masked()
+	owner, exact := o.owner(dst)
+	addr, hasAddr := o.addrs[owner]
+	var reason string
+	switch {
+	case exact && owner == o.self && p.NextHop == selfAddr:
+		return "", nil
+	case exact && owner == o.self:
+		reason = "is this node's own"
+	case exact && !hasAddr:
+		reason = fmt.Sprintf("belongs to node %s, which has no BGP address", owner)
+	case exact && p.NextHop == addr:
+		return owner, nil
+	case exact:
+		reason = fmt.Sprintf("belongs to node %s at %s", owner, addr)
+	case owner != "":
+		reason = fmt.Sprintf("is no block or pod address; it falls in a block of node %s", owner)
+	default:
+		reason = "is no block or pod address of any node"
+	}
+	return "", &IgnoredPath{Path: p, Owner: owner, Reason: reason}
 }
 
 // encapsulates applies a pool's mode to one destination.
@@ -305,12 +429,9 @@ func tunnels(in Input, self *api.Node) (ipip, vxlan *TunnelDevice) {
 	return ipip, vxlan
 }
 
-// vxlanPeer is the remote end for a path through next hop nh, or why there is
-// none yet.
+// vxlanPeer is the remote end for a path to node n through next hop nh, its
+// address, or why there is none yet.
 func vxlanPeer(n *api.Node, nh netip.Addr) (VXLANPeer, string) {
-	if n == nil {
-		return VXLANPeer{}, fmt.Sprintf("next hop %s is no known node, so it has no VXLAN tunnel", nh)
-	}
 	addr, err := netip.ParseAddr(n.Spec.IPv4VXLANTunnelAddr)
 	if err != nil || n.Spec.VXLANTunnelMACAddr == "" {
 		return VXLANPeer{}, fmt.Sprintf("node %s has no VXLAN tunnel address and MAC yet", n.Metadata.Name)
@@ -319,11 +440,8 @@ func vxlanPeer(n *api.Node, nh netip.Addr) (VXLANPeer, string) {
 }
 
 func nodeAddr(n *api.Node) (netip.Prefix, bool) {
-	if n.Spec.BGP == nil {
-		return netip.Prefix{}, false
-	}
-	p, err := netip.ParsePrefix(n.Spec.BGP.IPv4Address)
-	return p, err == nil && p.Addr().Is4()
+	p, err := n.BGPAddress()
+	return p, err == nil && p.IsValid()
 }
 
 func inAny(p netip.Prefix, in []netip.Prefix) bool {

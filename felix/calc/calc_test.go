@@ -27,8 +27,16 @@ func node(name, addr string) *api.Node {
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
-func path(prefix, nh string) Path {
-	return Path{Prefix: pfx(prefix), NextHop: netip.MustParseAddr(nh)}
+// path is the best path to prefix, sent by the next hop itself.
+func path(prefix, nh string) api.BGPPath {
+	a := netip.MustParseAddr(nh)
+	return api.BGPPath{Prefix: pfx(prefix), NextHop: a, Peer: a, Best: true}
+}
+
+// relayed is path sent by peer instead of the next hop; best or not.
+func relayed(p api.BGPPath, peer string, best bool) api.BGPPath {
+	p.Peer, p.Best = netip.MustParseAddr(peer), best
+	return p
 }
 
 func routes(rs []Route) []string {
@@ -53,6 +61,11 @@ func TestComputeRoutes(t *testing.T) {
 		NodeIP: pfx("198.18.1.2/24"),
 		Pools:  []*api.IPPool{never, cross, vx},
 		Nodes:  []*api.Node{self, node("n2", "198.18.1.3/24"), n3},
+		Owners: Owners{Blocks: map[netip.Prefix]string{
+			pfx("10.244.2.0/26"): "n2", pfx("10.245.2.0/26"): "n2", pfx("10.246.2.0/26"): "n2",
+			pfx("10.244.3.0/26"): "n3", pfx("10.245.3.0/26"): "n3", pfx("10.246.3.0/26"): "n3",
+			pfx("10.244.4.0/26"): "gone",
+		}, Pods: map[netip.Addr]string{netip.MustParseAddr("10.244.1.5"): "n2"}},
 	}
 	tests := []struct {
 		name     string
@@ -60,6 +73,7 @@ func TestComputeRoutes(t *testing.T) {
 		want     []string
 		adv      []string
 		problems []string // substrings, one per problem
+		ignored  []string
 	}{
 		{
 			name: "nothing yet",
@@ -86,7 +100,7 @@ func TestComputeRoutes(t *testing.T) {
 		{
 			name: "same subnet: direct under Never and CrossSubnet, through the tunnel under Always",
 			mut: func(in *Input) {
-				in.Paths = []Path{path("10.244.2.0/26", "198.18.1.3"), path("10.245.2.0/26", "198.18.1.3"), path("10.246.2.0/26", "198.18.1.3")}
+				in.Paths = []api.BGPPath{path("10.244.2.0/26", "198.18.1.3"), path("10.245.2.0/26", "198.18.1.3"), path("10.246.2.0/26", "198.18.1.3")}
 			},
 			want:     []string{"10.244.2.0/26 via 198.18.1.3", "10.245.2.0/26 via 198.18.1.3"},
 			problems: []string{"10.246.2.0/26: node n2 has no VXLAN tunnel address and MAC yet; not routed"},
@@ -94,7 +108,7 @@ func TestComputeRoutes(t *testing.T) {
 		{
 			name: "cross subnet: Never via the gateway, IPIP CrossSubnet through tunl0, VXLAN Always through vxlan.margay",
 			mut: func(in *Input) {
-				in.Paths = []Path{path("10.244.3.0/26", "198.18.2.2"), path("10.245.3.0/26", "198.18.2.2"), path("10.246.3.0/26", "198.18.2.2")}
+				in.Paths = []api.BGPPath{path("10.244.3.0/26", "198.18.2.2"), path("10.245.3.0/26", "198.18.2.2"), path("10.246.3.0/26", "198.18.2.2")}
 				in.Gateways = map[netip.Addr]netip.Addr{netip.MustParseAddr("198.18.2.2"): netip.MustParseAddr("198.18.1.1")}
 			},
 			want: []string{"10.244.3.0/26 via 198.18.1.1", "10.245.3.0/26 via 198.18.2.2 dev tunl0 onlink src 10.245.1.1",
@@ -103,7 +117,7 @@ func TestComputeRoutes(t *testing.T) {
 		{
 			name: "cross subnet under Never with no route to the next hop is reported, not routed",
 			mut: func(in *Input) {
-				in.Paths = []Path{path("10.244.3.0/26", "198.18.2.2")}
+				in.Paths = []api.BGPPath{path("10.244.3.0/26", "198.18.2.2")}
 			},
 			problems: []string{"10.244.3.0/26: next hop 198.18.2.2 is outside this node's subnet 198.18.1.0/24 and the kernel has no route to it"},
 		},
@@ -111,24 +125,80 @@ func TestComputeRoutes(t *testing.T) {
 			name: "a /32 node address under Never reaches an on-link next hop directly",
 			mut: func(in *Input) {
 				in.NodeIP = pfx("198.18.1.2/32")
-				in.Paths = []Path{path("10.244.2.0/26", "198.18.1.3")}
+				in.Paths = []api.BGPPath{path("10.244.2.0/26", "198.18.1.3")}
 				in.Gateways = map[netip.Addr]netip.Addr{netip.MustParseAddr("198.18.1.3"): netip.MustParseAddr("198.18.1.3")}
 			},
 			want:     []string{"10.244.2.0/26 via 198.18.1.3"},
 			problems: []string{"198.18.1.2/32 has no subnet"},
 		},
 		{
-			name: "a VXLAN next hop that is no node is reported, not routed",
+			name: "a block of no node is not routed, whoever sends it",
 			mut: func(in *Input) {
-				in.Paths = []Path{path("10.246.9.0/26", "198.18.9.9")}
+				in.Paths = []api.BGPPath{path("10.246.9.0/26", "198.18.9.9"), path("10.244.9.0/26", "198.18.1.3")}
 			},
-			problems: []string{"10.246.9.0/26: next hop 198.18.9.9 is no known node"},
+			ignored: []string{"10.244.9.0/26 via 198.18.1.3 from peer 198.18.1.3 is no block or pod address of any node",
+				"10.246.9.0/26 via 198.18.9.9 from peer 198.18.9.9 is no block or pod address of any node"},
+		},
+		{
+			name: "a ToR's more specific prefix inside a block, the block itself, and a borrowed /32 are not followed; the owners' paths are",
+			mut: func(in *Input) {
+				tor := "198.18.1.1"
+				in.Paths = []api.BGPPath{
+					path("10.244.2.0/28", tor),
+					path("10.244.2.0/26", tor), relayed(path("10.244.2.0/26", "198.18.1.3"), "198.18.1.3", false),
+					path("10.244.1.5/32", tor), relayed(path("10.244.1.5/32", "198.18.1.3"), "198.18.1.3", false),
+					path("10.244.3.0/26", tor),
+				}
+			},
+			want: []string{"10.244.1.5/32 via 198.18.1.3", "10.244.2.0/26 via 198.18.1.3"},
+			ignored: []string{
+				"10.244.1.5/32 via 198.18.1.1 from peer 198.18.1.1 belongs to node n2 at 198.18.1.3",
+				"10.244.2.0/26 via 198.18.1.1 from peer 198.18.1.1 belongs to node n2 at 198.18.1.3",
+				"10.244.2.0/28 via 198.18.1.1 from peer 198.18.1.1 is no block or pod address; it falls in a block of node n2",
+				"10.244.3.0/26 via 198.18.1.1 from peer 198.18.1.1 belongs to node n3 at 198.18.2.2",
+			},
+		},
+		{
+			name: "a rogue node's best path to another node's block is passed over for the owner's",
+			mut: func(in *Input) {
+				in.Paths = []api.BGPPath{path("10.244.2.0/26", "198.18.2.2"), relayed(path("10.244.2.0/26", "198.18.1.3"), "198.18.1.3", false)}
+			},
+			want:    []string{"10.244.2.0/26 via 198.18.1.3"},
+			ignored: []string{"10.244.2.0/26 via 198.18.2.2 from peer 198.18.2.2 belongs to node n2 at 198.18.1.3"},
+		},
+		{
+			name: "a route reflector's path is followed when its next hop is the owner",
+			mut: func(in *Input) {
+				in.Paths = []api.BGPPath{relayed(path("10.244.3.0/26", "198.18.2.2"), "198.18.1.3", true)}
+				in.Gateways = map[netip.Addr]netip.Addr{netip.MustParseAddr("198.18.2.2"): netip.MustParseAddr("198.18.1.1")}
+			},
+			want: []string{"10.244.3.0/26 via 198.18.1.1"},
+		},
+		{
+			name: "the block of a node without an address is not routed",
+			mut: func(in *Input) {
+				in.Paths = []api.BGPPath{path("10.244.4.0/26", "198.18.1.9")}
+			},
+			ignored: []string{"10.244.4.0/26 via 198.18.1.9 from peer 198.18.1.9 belongs to node gone, which has no BGP address"},
+		},
+		{
+			name: "nothing overrides this node's own block, not even a more specific prefix",
+			mut: func(in *Input) {
+				in.Blocks = []netip.Prefix{pfx("10.244.1.0/26")}
+				in.Paths = []api.BGPPath{path("10.244.1.0/28", "198.18.1.1"), path("10.244.1.0/26", "198.18.1.1"), relayed(path("10.244.1.0/26", "198.18.1.2"), "198.18.1.3", false)}
+			},
+			want: []string{"blackhole 10.244.1.0/26"},
+			adv:  []string{"10.244.1.0/26"},
+			ignored: []string{
+				"10.244.1.0/26 via 198.18.1.1 from peer 198.18.1.1 is this node's own",
+				"10.244.1.0/28 via 198.18.1.1 from peer 198.18.1.1 is no block or pod address; it falls in a block of node n1",
+			},
 		},
 		{
 			name: "a /32 node address under CrossSubnet is warned about",
 			mut: func(in *Input) {
 				in.NodeIP = pfx("198.18.1.2/32")
-				in.Paths = []Path{path("10.245.2.0/26", "198.18.1.3")}
+				in.Paths = []api.BGPPath{path("10.245.2.0/26", "198.18.1.3")}
 			},
 			want:     []string{"10.245.2.0/26 via 198.18.1.3 dev tunl0 onlink src 10.245.1.1"},
 			problems: []string{"198.18.1.2/32 has no subnet"},
@@ -138,15 +208,29 @@ func TestComputeRoutes(t *testing.T) {
 			mut: func(in *Input) {
 				in.Blocks = []netip.Prefix{pfx("10.244.1.0/26")}
 				in.Endpoints = []Endpoint{{Name: "a", Interface: "mgya", IPs: []netip.Prefix{pfx("10.244.1.1/32")}}}
-				in.Paths = []Path{path("10.244.1.5/32", "198.18.1.3"), path("10.244.1.0/26", "198.18.1.3"), path("10.244.1.1/32", "198.18.1.3")}
+				in.Paths = []api.BGPPath{path("10.244.1.5/32", "198.18.1.3"), path("10.244.1.0/26", "198.18.1.3"), path("10.244.1.1/32", "198.18.1.3")}
 			},
 			want: []string{"blackhole 10.244.1.0/26", "10.244.1.1/32 dev mgya", "10.244.1.5/32 via 198.18.1.3"},
 			adv:  []string{"10.244.1.0/26"},
+			ignored: []string{
+				"10.244.1.0/26 via 198.18.1.3 from peer 198.18.1.3 is this node's own",
+				"10.244.1.1/32 via 198.18.1.3 from peer 198.18.1.3 is this node's own",
+			},
+		},
+		{
+			name: "our own prefixes reflected back with us as next hop are dropped silently",
+			mut: func(in *Input) {
+				in.Blocks = []netip.Prefix{pfx("10.244.1.0/26")}
+				in.Endpoints = []Endpoint{{Name: "b", Interface: "mgyb", IPs: []netip.Prefix{pfx("10.244.9.7/32")}}}
+				in.Paths = []api.BGPPath{relayed(path("10.244.1.0/26", "198.18.1.2"), "198.18.1.3", true), relayed(path("10.244.9.7/32", "198.18.1.2"), "198.18.1.3", true)}
+			},
+			want: []string{"blackhole 10.244.1.0/26", "10.244.9.7/32 dev mgyb"},
+			adv:  []string{"10.244.1.0/26", "10.244.9.7/32"},
 		},
 		{
 			name: "prefixes outside every pool are not margay's",
 			mut: func(in *Input) {
-				in.Paths = []Path{path("0.0.0.0/0", "198.18.1.1"), path("192.168.0.0/24", "198.18.1.3")}
+				in.Paths = []api.BGPPath{path("0.0.0.0/0", "198.18.1.1"), path("192.168.0.0/24", "198.18.1.3")}
 			},
 		},
 	}
@@ -175,6 +259,13 @@ func TestComputeRoutes(t *testing.T) {
 					t.Errorf("problem %q, want it to contain %q", out.Problems[i], p)
 				}
 			}
+			var ignored []string
+			for _, p := range out.Ignored {
+				ignored = append(ignored, p.String())
+			}
+			if !slices.Equal(ignored, tc.ignored) {
+				t.Errorf("ignored\n got %q\nwant %q", ignored, tc.ignored)
+			}
 		})
 	}
 }
@@ -185,8 +276,9 @@ func TestComputeTunnels(t *testing.T) {
 	n2 := node("n2", "198.18.2.2/24")
 	n2.Spec.IPv4VXLANTunnelAddr, n2.Spec.VXLANTunnelMACAddr = "10.246.2.1", "66:00:00:00:00:02"
 	in := Input{Node: "n1", NodeIP: pfx("198.18.1.2/24"), UnderlayMTU: 9000, Nodes: []*api.Node{self, n2},
-		Pools: []*api.IPPool{pool("vx", "10.246.0.0/16", func(s *api.IPPoolSpec) { s.VXLANMode = api.EncapCrossSubnet })},
-		Paths: []Path{path("10.246.2.0/26", "198.18.2.2"), path("10.246.2.64/26", "198.18.2.2")}}
+		Pools:  []*api.IPPool{pool("vx", "10.246.0.0/16", func(s *api.IPPoolSpec) { s.VXLANMode = api.EncapCrossSubnet })},
+		Owners: Owners{Blocks: map[netip.Prefix]string{pfx("10.246.2.0/26"): "n2", pfx("10.246.2.64/26"): "n2"}},
+		Paths:  []api.BGPPath{path("10.246.2.0/26", "198.18.2.2"), path("10.246.2.64/26", "198.18.2.2")}}
 	out := Compute(in)
 	if out.IPIP != nil || out.VXLAN == nil || out.VXLAN.MTU != 8950 || out.VXLAN.Addr.String() != "10.246.1.1" || out.VXLAN.MAC != "66:00:00:00:00:01" {
 		t.Errorf("tunnels: ipip %+v, vxlan %+v", out.IPIP, out.VXLAN)
