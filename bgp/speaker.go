@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"slices"
@@ -15,6 +16,7 @@ import (
 
 	gobgpapi "github.com/osrg/gobgp/v3/api"
 	"github.com/osrg/gobgp/v3/pkg/server"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/margay-dev/margay/api"
@@ -548,21 +550,31 @@ func (s *Speaker) SetAdvertised(ctx context.Context, prefixes []netip.Prefix) er
 }
 
 // localPath is p originated here: origin IGP, next hop 0.0.0.0, which GoBGP
-// replaces with each session's local address.
+// replaces with each session's local address, and the highest local
+// preference. A node originates only its own blocks and pods, and its path
+// must stay its best: a peer's path with a higher local preference would
+// otherwise win on this node, which then stops advertising its own prefix
+// (GoBGP exports best paths only) and leaves the others only the peer's path.
+// On a tie the local path wins. iBGP peers see the same preference; eBGP
+// peers are not sent it.
 func localPath(p netip.Prefix) (*gobgpapi.Path, error) {
 	nlri, err := anypb.New(&gobgpapi.IPAddressPrefix{Prefix: p.Addr().String(), PrefixLen: uint32(p.Bits())})
 	if err != nil {
 		return nil, err
 	}
-	origin, err := anypb.New(&gobgpapi.OriginAttribute{Origin: 0})
-	if err != nil {
-		return nil, err
+	var attrs []*anypb.Any
+	for _, m := range []proto.Message{
+		&gobgpapi.OriginAttribute{Origin: 0},
+		&gobgpapi.NextHopAttribute{NextHop: "0.0.0.0"},
+		&gobgpapi.LocalPrefAttribute{LocalPref: math.MaxUint32},
+	} {
+		a, err := anypb.New(m)
+		if err != nil {
+			return nil, err
+		}
+		attrs = append(attrs, a)
 	}
-	nh, err := anypb.New(&gobgpapi.NextHopAttribute{NextHop: "0.0.0.0"})
-	if err != nil {
-		return nil, err
-	}
-	return &gobgpapi.Path{Family: ipv4Unicast, Nlri: nlri, Pattrs: []*anypb.Any{origin, nh}}, nil
+	return &gobgpapi.Path{Family: ipv4Unicast, Nlri: nlri, Pattrs: attrs}, nil
 }
 
 // Paths returns every IPv4 unicast path learned from peers, best or not,

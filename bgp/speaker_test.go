@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -23,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/test/nstest"
@@ -782,4 +784,45 @@ func TestSpeakerMaxPrefixes(t *testing.T) {
 		got := bestPaths(t, a)
 		return len(got) == 3, fmt.Sprint(got)
 	})
+}
+
+// A peer that announces this node's prefix with the highest local preference
+// does not take it over: the node keeps its own path as best, and so goes on
+// advertising it, and its peers keep the owner's path beside the rogue one.
+func TestSpeakerOwnPathStaysBest(t *testing.T) {
+	needNetNS(t)
+	a := startSpeaker(t, ipA, speakerOpts{})
+	b := startSpeaker(t, ipB, speakerOpts{})
+	rogue := startSpeaker(t, ipC, speakerOpts{})
+	setPeers(t, a, nodePeer(ipA, ipB, "node-b", Mesh), nodePeer(ipA, ipC, "node-c", Mesh))
+	setPeers(t, b, nodePeer(ipB, ipA, "node-a", Mesh), nodePeer(ipB, ipC, "node-c", Mesh))
+	setPeers(t, rogue, nodePeer(ipC, ipA, "node-a", Mesh), nodePeer(ipC, ipB, "node-b", Mesh))
+	waitEstablished(t, session{a, ipB}, session{a, ipC}, session{b, ipC})
+	advertise(t, a, prefixA)
+	waitPaths(t, b, path(prefixA, ipA))
+
+	p, err := localPath(prefixA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lp, _ := anypb.New(&gobgpapi.LocalPrefAttribute{LocalPref: math.MaxUint32})
+	p.Pattrs = append(p.Pattrs[:2], lp)
+	if _, err := rogue.srv.AddPath(context.Background(), &gobgpapi.AddPathRequest{TableType: gobgpapi.TableType_GLOBAL, Path: p}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, sessionTimeout, "A and B see the rogue path", func() (bool, string) {
+		ok := true
+		var seen []string
+		for _, s := range []*Speaker{a, b} {
+			ps := allPaths(t, s)
+			seen = append(seen, fmt.Sprint(ps))
+			ok = ok && slices.ContainsFunc(ps, func(p api.BGPPath) bool { return p.Peer.String() == ipC })
+		}
+		return ok, strings.Join(seen, "; ")
+	})
+	// B still has A's own path: A did not withdraw it.
+	ps := allPaths(t, b)
+	if !slices.ContainsFunc(ps, func(p api.BGPPath) bool { return p.Peer.String() == ipA && p.NextHop.String() == ipA && p.Best }) {
+		t.Errorf("B lost A's path to %s, or it is not the best: %v", prefixA, ps)
+	}
 }

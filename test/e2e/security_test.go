@@ -3,8 +3,10 @@ package e2e
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -52,6 +54,23 @@ func TestTunnelPacketsOnlyFromNodes(t *testing.T) {
 	}
 	if got := dropsIn(l.Nodes[1], "MGY-FROM-WL", "VXLAN from a pod"); got < vxlan1+3 {
 		t.Errorf("VXLAN from a pod: DROP counted %d -> %d, want 3 more", vxlan1, got)
+	}
+}
+
+// With default flags the health port answers on loopback only, from the node
+// itself; metrics answer on the node's address, for Prometheus.
+func TestHealthOnLoopback(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 2})
+	waitReady(t, l) // through 127.0.0.1:9099 in each node
+	n1, n2 := l.Nodes[0], l.Nodes[1]
+	for _, from := range []*lab.Node{n1, n2} {
+		if out, err := from.HTTPGet(netip.AddrPortFrom(n1.IP.Addr(), 9099).String(), "/readyz"); err == nil {
+			t.Errorf("%s reached node1's health port on %s:\n%s", from.Name, n1.IP.Addr(), out)
+		}
+	}
+	out, err := n2.HTTPGet(netip.AddrPortFrom(n1.IP.Addr(), 9091).String(), "/metrics")
+	if err != nil || !strings.Contains(out, "margay_bgp_peers") {
+		t.Errorf("node2 cannot read node1's metrics on %s:9091: %v", n1.IP.Addr(), err)
 	}
 }
 

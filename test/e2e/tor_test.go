@@ -54,27 +54,11 @@ func TestToRFRR(t *testing.T) {
 		t.Skip("FRR's bgpd (package frr) is not installed")
 	}
 	l := up(t, lab.Options{Nodes: 3, Pools: torPeer, AgentArgs: []string{"--resync-interval", "2s"}})
-	// bgpd drops to the frr user, which must reach its files.
-	dir, err := os.MkdirTemp("", "margay-frr-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o777)
-	conf := fmt.Sprintf("router bgp %d\n bgp router-id 198.18.1.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n", lab.ToRAS)
-	for _, n := range l.Nodes {
-		conf += fmt.Sprintf(" neighbor %s remote-as 64512\n neighbor %s timers connect 2\n", n.IP.Addr(), n.IP.Addr())
-	}
-	confPath := filepath.Join(dir, "frr.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	startDaemon(t, l.Router.Name, "/usr/lib/frr/bgpd", "-f", confPath, "-Z",
-		"-i", filepath.Join(dir, "bgpd.pid"), "--vty_socket", dir, "-A", "127.0.0.1", "-P", "0")
+	vtysh := startFRR(t, l)
 	addPods(t, l, 1)
 	want := allBlocks(t, l)
-	err = lab.WaitFor(60*time.Second, func() error {
-		out, err := l.Router.Run("vtysh", "--vty_socket", dir, "-c", "show bgp ipv4 unicast json")
+	err := lab.WaitFor(60*time.Second, func() error {
+		out, err := vtysh("-c", "show bgp ipv4 unicast json")
 		if err != nil {
 			return fmt.Errorf("vtysh: %v: %s", err, out)
 		}
@@ -86,6 +70,40 @@ func TestToRFRR(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// startFRR runs FRR's bgpd in the router as every node's eBGP peer (AS
+// lab.ToRAS), and returns a vtysh to it. It sends the nodes only what it
+// announces of its own, none of the routes it learns.
+func startFRR(t *testing.T, l *lab.Lab) (vtysh func(args ...string) (string, error)) {
+	t.Helper()
+	// bgpd drops to the frr user, which must reach its files.
+	dir, err := os.MkdirTemp("", "margay-frr-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o777)
+	// Only routes of its own (an empty AS path) go out to the nodes.
+	conf := "bgp as-path access-list own permit ^$\nroute-map own permit 10\n match as-path own\nexit\n"
+	conf += fmt.Sprintf("router bgp %d\n bgp router-id 198.18.1.1\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n", lab.ToRAS)
+	for _, n := range l.Nodes {
+		conf += fmt.Sprintf(" neighbor %s remote-as 64512\n neighbor %s timers connect 2\n", n.IP.Addr(), n.IP.Addr())
+	}
+	conf += " address-family ipv4 unicast\n"
+	for _, n := range l.Nodes {
+		conf += fmt.Sprintf("  neighbor %s route-map own out\n", n.IP.Addr())
+	}
+	conf += " exit-address-family\n"
+	confPath := filepath.Join(dir, "frr.conf")
+	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startDaemon(t, l.Router.Name, "/usr/lib/frr/bgpd", "-f", confPath, "-Z",
+		"-i", filepath.Join(dir, "bgpd.pid"), "--vty_socket", dir, "-A", "127.0.0.1", "-P", "0")
+	return func(args ...string) (string, error) {
+		return l.Router.Run(append([]string{"vtysh", "--vty_socket", dir}, args...)...)
 	}
 }
 

@@ -28,25 +28,51 @@ func (l *Lab) torPeers() string {
 // BirdSocket is birdc's control socket for the BIRD ToR.
 func (l *Lab) BirdSocket() string { return filepath.Join(l.opts.Dir, "bird.ctl") }
 
-// startBird runs BIRD as the ToR in the router namespace: an eBGP session with
+func (l *Lab) birdConfPath() string { return filepath.Join(l.opts.Dir, "bird.conf") }
+
+// writeBirdConf writes the BIRD ToR's configuration: an eBGP session with
 // every node, from the router's address on the node's subnet. It imports the
 // nodes' routes into the router's kernel, so that the router forwards pod
-// traffic when no pool encapsulates, and exports nothing to the nodes.
+// traffic when no pool encapsulates, and exports to the nodes only the
+// prefixes it announces of its own (none but in a test of a rogue ToR).
+func (l *Lab) writeBirdConf(announce []netip.Prefix) error {
+	conf := "router id 198.18.1.1;\nprotocol device {}\nprotocol kernel { ipv4 { export where source != RTS_STATIC; }; }\n"
+	if len(announce) > 0 {
+		conf += "protocol static announced {\n  ipv4;\n"
+		for _, p := range announce {
+			conf += fmt.Sprintf("  route %s blackhole;\n", p)
+		}
+		conf += "}\n"
+	}
+	for _, n := range l.Nodes {
+		conf += fmt.Sprintf("protocol bgp %s {\n  local %s as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export where source = RTS_STATIC; };\n}\n",
+			n.Name, n.Gateway(), ToRAS, n.IP.Addr())
+	}
+	return os.WriteFile(l.birdConfPath(), []byte(conf), 0o644)
+}
+
+// BirdAnnounce makes the BIRD ToR announce exactly prefixes to every node, as
+// its own routes.
+func (l *Lab) BirdAnnounce(prefixes []netip.Prefix) error {
+	if err := l.writeBirdConf(prefixes); err != nil {
+		return err
+	}
+	if out, err := l.Router.Run("birdc", "-s", l.BirdSocket(), "configure"); err != nil || !strings.Contains(out, "Reconfigured") {
+		return fmt.Errorf("birdc configure: %v: %s", err, out)
+	}
+	return nil
+}
+
+// startBird runs BIRD as the ToR in the router namespace (writeBirdConf).
 func (l *Lab) startBird() error {
 	bird, err := exec.LookPath("bird")
 	if err != nil {
 		return fmt.Errorf("the BIRD ToR needs bird (apt-get install bird2)")
 	}
-	conf := "router id 198.18.1.1;\nprotocol device {}\nprotocol kernel { ipv4 { export all; }; }\n"
-	for _, n := range l.Nodes {
-		conf += fmt.Sprintf("protocol bgp %s {\n  local %s as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export none; };\n}\n",
-			n.Name, n.Gateway(), ToRAS, n.IP.Addr())
-	}
-	confPath := filepath.Join(l.opts.Dir, "bird.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+	if err := l.writeBirdConf(nil); err != nil {
 		return err
 	}
-	l.bird, err = startProc([]string{"ip", "netns", "exec", l.Router.Name, bird, "-f", "-c", confPath, "-s", l.BirdSocket(),
+	l.bird, err = startProc([]string{"ip", "netns", "exec", l.Router.Name, bird, "-f", "-c", l.birdConfPath(), "-s", l.BirdSocket(),
 		"-P", filepath.Join(l.opts.Dir, "bird.pid")}, filepath.Join(l.opts.Dir, "bird.log"), l.opts.Detach)
 	if err != nil {
 		return fmt.Errorf("start bird: %w", err)
