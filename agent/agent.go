@@ -245,7 +245,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		Endpoints: s.eps, Owners: s.owners, Paths: paths, RandomFully: a.ipt.RandomFully(), UnderlayMTU: a.underlayMTU()}
 	in.Gateways = a.gateways(in.Paths)
 	out := calc.Compute(in)
-	a.reportIgnored(out.Ignored)
+	a.reportIgnored(out.Ignored, time.Now())
 	// Advertise before adding peers: a session that comes up then sends our
 	// routes before its End-of-RIB, so a restarting node's peers never drop them.
 	if err := a.speaker.SetAdvertised(ctx, out.Advertise); err != nil {
@@ -351,8 +351,7 @@ type ignoredSince struct {
 // reportIgnored logs and counts, once each, the paths calc ignored for not
 // leading to their prefix's owner, once they have been ignored for
 // ignoredGrace. A path that goes and comes back is reported again.
-func (a *Agent) reportIgnored(ps []calc.IgnoredPath) {
-	now := time.Now()
+func (a *Agent) reportIgnored(ps []calc.IgnoredPath, now time.Time) {
 	next := make(map[ignoredKey]ignoredSince, len(ps))
 	current := map[string]int{}
 	waiting := false
@@ -366,7 +365,7 @@ func (a *Agent) reportIgnored(ps []calc.IgnoredPath) {
 			st.reported = true
 			a.metrics.ignoredPaths.WithLabelValues(k.peer.String()).Inc()
 			a.log.Warn("ignoring a BGP path that does not lead to its prefix's owner",
-				"prefix", k.prefix, "peer", k.peer, "nextHop", k.nextHop, "owner", p.Owner, "reason", p.Reason)
+				"prefix", k.prefix, "peer", k.peer, "nextHop", k.nextHop, "claimant", p.Claimant, "owner", p.Owner, "reason", p.Reason)
 		}
 		if st.reported {
 			current[k.peer.String()]++

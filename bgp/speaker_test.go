@@ -705,17 +705,22 @@ func TestSpeakerRestartHelper(t *testing.T) {
 	t.Error("not killed within a minute")
 }
 
+// fullMesh starts three node speakers at ipA, ipB and ipC, all peered.
+func fullMesh(t *testing.T) (a, b, c *Speaker) {
+	t.Helper()
+	a, b, c = startSpeaker(t, ipA, speakerOpts{}), startSpeaker(t, ipB, speakerOpts{}), startSpeaker(t, ipC, speakerOpts{})
+	setPeers(t, a, nodePeer(ipA, ipB, "node-b", Mesh), nodePeer(ipA, ipC, "node-c", Mesh))
+	setPeers(t, b, nodePeer(ipB, ipA, "node-a", Mesh), nodePeer(ipB, ipC, "node-c", Mesh))
+	setPeers(t, c, nodePeer(ipC, ipA, "node-a", Mesh), nodePeer(ipC, ipB, "node-b", Mesh))
+	waitEstablished(t, session{a, ipB}, session{a, ipC}, session{b, ipC})
+	return a, b, c
+}
+
 // Paths lists every path to a prefix, with the peer that sent it, the best
 // first: calc needs the others when the best does not lead to the owner.
 func TestSpeakerAllPaths(t *testing.T) {
 	needNetNS(t)
-	a := startSpeaker(t, ipA, speakerOpts{})
-	b := startSpeaker(t, ipB, speakerOpts{})
-	c := startSpeaker(t, ipC, speakerOpts{})
-	setPeers(t, a, nodePeer(ipA, ipB, "node-b", Mesh), nodePeer(ipA, ipC, "node-c", Mesh))
-	setPeers(t, b, nodePeer(ipB, ipA, "node-a", Mesh))
-	setPeers(t, c, nodePeer(ipC, ipA, "node-a", Mesh))
-	waitEstablished(t, session{a, ipB}, session{a, ipC})
+	a, b, c := fullMesh(t)
 	advertise(t, b, prefixB)
 	advertise(t, c, prefixB)
 	waitFor(t, sessionTimeout, "A has both paths to "+prefixB.String(), func() (bool, string) {
@@ -791,13 +796,7 @@ func TestSpeakerMaxPrefixes(t *testing.T) {
 // advertising it, and its peers keep the owner's path beside the rogue one.
 func TestSpeakerOwnPathStaysBest(t *testing.T) {
 	needNetNS(t)
-	a := startSpeaker(t, ipA, speakerOpts{})
-	b := startSpeaker(t, ipB, speakerOpts{})
-	rogue := startSpeaker(t, ipC, speakerOpts{})
-	setPeers(t, a, nodePeer(ipA, ipB, "node-b", Mesh), nodePeer(ipA, ipC, "node-c", Mesh))
-	setPeers(t, b, nodePeer(ipB, ipA, "node-a", Mesh), nodePeer(ipB, ipC, "node-c", Mesh))
-	setPeers(t, rogue, nodePeer(ipC, ipA, "node-a", Mesh), nodePeer(ipC, ipB, "node-b", Mesh))
-	waitEstablished(t, session{a, ipB}, session{a, ipC}, session{b, ipC})
+	a, b, rogue := fullMesh(t)
 	advertise(t, a, prefixA)
 	waitPaths(t, b, path(prefixA, ipA))
 

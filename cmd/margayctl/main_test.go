@@ -388,6 +388,7 @@ func TestApplyAndGet(t *testing.T) {
 			want [][]string
 		}{
 			{[]string{"get", "bgppeers"}, [][]string{{"NAME", "PEERIP", "NODE", "ASN"}, {"tor-1", "192.0.2.1", "(global)", "64513"}}},
+			{[]string{"get", "bgppeers", "-o", "wide"}, [][]string{{"NAME", "PEERIP", "NODE", "ASN", "PEERSELECTOR", "KEEPALIVE", "HOLD", "MAXPREFIXES"}, {"tor-1", "192.0.2.1", "(global)", "64513", "-", "-", "-", "-"}}},
 			{[]string{"get", "bgpconfigurations"}, [][]string{{"NAME", "ASN", "MESH"}, {"default", "64512", "false"}}},
 			{[]string{"get", "nodes"}, [][]string{{"NAME", "ASN", "IPV4"}, {"node1", "-", "198.18.1.2/24"}}},
 			{[]string{"get", "node", "node1", "-o", "wide"}, [][]string{{"NAME", "ASN", "IPV4", "IPIPADDR", "VXLANADDR", "RRCLUSTERID"}, {"node1", "-", "198.18.1.2/24", "-", "-", "-"}}},

@@ -119,6 +119,12 @@ func columnsFor(kind string) []column {
 			{name: "PEERSELECTOR", wide: true, value: func(r api.Resource) string { return p(r).PeerSelector }},
 			{name: "KEEPALIVE", wide: true, value: func(r api.Resource) string { return dur(p(r).KeepaliveTime) }},
 			{name: "HOLD", wide: true, value: func(r api.Resource) string { return dur(p(r).HoldTime) }},
+			{name: "MAXPREFIXES", wide: true, value: func(r api.Resource) string {
+				if m := p(r).MaxPrefixes; m != nil {
+					return strconv.Itoa(*m)
+				}
+				return ""
+			}},
 		}
 	case api.KindNode:
 		b := func(r api.Resource) *api.NodeBGPSpec {

@@ -60,9 +60,10 @@ type Owners struct {
 type IgnoredPath struct {
 	Path api.BGPPath
 	// Owner is the node the prefix, or the block it falls in, belongs to; ""
-	// for none.
-	Owner  string
-	Reason string
+	// for none. Claimant is the node at the path's next hop, the one the path
+	// claims owns the prefix; "" when the next hop is no node (a ToR).
+	Owner, Claimant string
+	Reason          string
 }
 
 func (p IgnoredPath) String() string {
@@ -292,11 +293,13 @@ type ownership struct {
 	blocks map[netip.Prefix]string
 	pods   map[netip.Addr]string
 	addrs  map[string]netip.Addr // node -> BGP address
+	names  map[netip.Addr]string // BGP address -> node
 }
 
 // owners merges in.Owners with this node's own blocks and pods (local).
 func owners(in Input, local map[netip.Prefix]bool) ownership {
-	o := ownership{self: in.Node, blocks: maps.Clone(in.Owners.Blocks), pods: maps.Clone(in.Owners.Pods), addrs: map[string]netip.Addr{}}
+	o := ownership{self: in.Node, blocks: maps.Clone(in.Owners.Blocks), pods: maps.Clone(in.Owners.Pods),
+		addrs: map[string]netip.Addr{}, names: map[netip.Addr]string{}}
 	if o.blocks == nil {
 		o.blocks = map[netip.Prefix]string{}
 	}
@@ -314,6 +317,7 @@ func owners(in Input, local map[netip.Prefix]bool) ownership {
 	for _, n := range in.Nodes {
 		if a, ok := nodeAddr(n); ok {
 			o.addrs[n.Metadata.Name] = a.Addr()
+			o.names[a.Addr()] = n.Metadata.Name
 		}
 	}
 	return o
@@ -366,7 +370,7 @@ func (o ownership) follow(p api.BGPPath, selfAddr netip.Addr) (string, *IgnoredP
 	default:
 		reason = "is no block or pod address of any node"
 	}
-	return "", &IgnoredPath{Path: p, Owner: owner, Reason: reason}
+	return "", &IgnoredPath{Path: p, Owner: owner, Claimant: o.names[p.NextHop], Reason: reason}
 }
 
 // encapsulates applies a pool's mode to one destination.

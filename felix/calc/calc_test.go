@@ -136,7 +136,7 @@ func TestComputeRoutes(t *testing.T) {
 			mut: func(in *Input) {
 				in.Paths = []api.BGPPath{path("10.246.9.0/26", "198.18.9.9"), path("10.244.9.0/26", "198.18.1.3")}
 			},
-			ignored: []string{"10.244.9.0/26 via 198.18.1.3 from peer 198.18.1.3 is no block or pod address of any node",
+			ignored: []string{"10.244.9.0/26 via 198.18.1.3 from peer 198.18.1.3 is no block or pod address of any node (claimed by n2)",
 				"10.246.9.0/26 via 198.18.9.9 from peer 198.18.9.9 is no block or pod address of any node"},
 		},
 		{
@@ -164,7 +164,7 @@ func TestComputeRoutes(t *testing.T) {
 				in.Paths = []api.BGPPath{path("10.244.2.0/26", "198.18.2.2"), relayed(path("10.244.2.0/26", "198.18.1.3"), "198.18.1.3", false)}
 			},
 			want:    []string{"10.244.2.0/26 via 198.18.1.3"},
-			ignored: []string{"10.244.2.0/26 via 198.18.2.2 from peer 198.18.2.2 belongs to node n2 at 198.18.1.3"},
+			ignored: []string{"10.244.2.0/26 via 198.18.2.2 from peer 198.18.2.2 belongs to node n2 at 198.18.1.3 (claimed by n3)"},
 		},
 		{
 			name: "a route reflector's path is followed when its next hop is the owner",
@@ -213,8 +213,8 @@ func TestComputeRoutes(t *testing.T) {
 			want: []string{"blackhole 10.244.1.0/26", "10.244.1.1/32 dev mgya", "10.244.1.5/32 via 198.18.1.3"},
 			adv:  []string{"10.244.1.0/26"},
 			ignored: []string{
-				"10.244.1.0/26 via 198.18.1.3 from peer 198.18.1.3 is this node's own",
-				"10.244.1.1/32 via 198.18.1.3 from peer 198.18.1.3 is this node's own",
+				"10.244.1.0/26 via 198.18.1.3 from peer 198.18.1.3 is this node's own (claimed by n2)",
+				"10.244.1.1/32 via 198.18.1.3 from peer 198.18.1.3 is this node's own (claimed by n2)",
 			},
 		},
 		{
@@ -261,7 +261,11 @@ func TestComputeRoutes(t *testing.T) {
 			}
 			var ignored []string
 			for _, p := range out.Ignored {
-				ignored = append(ignored, p.String())
+				s := p.String()
+				if p.Claimant != "" {
+					s += " (claimed by " + p.Claimant + ")"
+				}
+				ignored = append(ignored, s)
 			}
 			if !slices.Equal(ignored, tc.ignored) {
 				t.Errorf("ignored\n got %q\nwant %q", ignored, tc.ignored)

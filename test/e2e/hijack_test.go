@@ -145,7 +145,7 @@ func TestHijackMeshNode(t *testing.T) {
 	if out := owner.NS.MustRun(t, "ip", "-4", "route", "show", "proto", "77"); !strings.Contains(out, "blackhole "+victim.String()) {
 		t.Errorf("%s lost the blackhole of its own block:\n%s", owner.Name, out)
 	}
-	checkIgnoredLog(t, observer, peer, victim, owner.Name)
+	checkIgnoredLog(t, observer, peer, victim, rogue.Name, owner.Name)
 	allPairsTCP(t, l)
 }
 
@@ -170,7 +170,7 @@ func hijack(t *testing.T, l *lab.Lab, announce func([]netip.Prefix)) []netip.Pre
 		waitIgnored(t, n, "198.18.1.1", len(bogus))
 	}
 	checkNotFollowed(t, l, bogus)
-	checkIgnoredLog(t, n1, "198.18.1.1", borrowed, "node3")
+	checkIgnoredLog(t, n1, "198.18.1.1", borrowed, "", "node3")
 	allPairsTCP(t, l)
 	return bogus
 }
@@ -212,6 +212,23 @@ func waitIgnored(t *testing.T, n *lab.Node, peer string, want int) {
 	}
 }
 
+// noIgnored watches every node for window (longer than the agents' 5 s
+// grace) and fails if one reports an ignored path.
+func noIgnored(t *testing.T, l *lab.Lab, window time.Duration) {
+	t.Helper()
+	for start := time.Now(); time.Since(start) < window; time.Sleep(500 * time.Millisecond) {
+		for _, n := range l.Nodes {
+			body, err := n.HTTPGet("127.0.0.1:9091", "/metrics")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(body, "\nmargay_bgp_ignored_paths_total{") {
+				t.Fatalf("%s reports ignored paths after %v:\n%s", n.Name, time.Since(start).Round(time.Millisecond), body)
+			}
+		}
+	}
+}
+
 func metric(body, name string) int {
 	for _, line := range strings.Split(body, "\n") {
 		if v, ok := strings.CutPrefix(line, name+" "); ok {
@@ -222,8 +239,9 @@ func metric(body, name string) int {
 	return 0
 }
 
-// checkIgnoredLog: node n's log names the peer, the prefix and its owner.
-func checkIgnoredLog(t *testing.T, n *lab.Node, peer string, prefix netip.Prefix, owner string) {
+// checkIgnoredLog: node n's log names the peer, the prefix, the node the path
+// claims owns it ("" for none) and its real owner.
+func checkIgnoredLog(t *testing.T, n *lab.Node, peer string, prefix netip.Prefix, claimant, owner string) {
 	t.Helper()
 	b, err := os.ReadFile(n.LogPath())
 	if err != nil {
@@ -231,10 +249,10 @@ func checkIgnoredLog(t *testing.T, n *lab.Node, peer string, prefix netip.Prefix
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if strings.Contains(line, "ignoring a BGP path") && strings.Contains(line, `"prefix":"`+prefix.String()+`"`) &&
-			strings.Contains(line, `"peer":"`+peer+`"`) && strings.Contains(line, `"owner":"`+owner+`"`) {
+			strings.Contains(line, `"peer":"`+peer+`"`) && strings.Contains(line, `"claimant":"`+claimant+`"`) && strings.Contains(line, `"owner":"`+owner+`"`) {
 			t.Logf("%s: %s", n.Name, line)
 			return
 		}
 	}
-	t.Errorf("%s's log has no line ignoring %s from %s with owner %s", n.Name, prefix, peer, owner)
+	t.Errorf("%s's log has no line ignoring %s from %s, claimed by %q, with owner %s", n.Name, prefix, peer, claimant, owner)
 }

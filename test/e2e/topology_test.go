@@ -132,4 +132,7 @@ spec: {cidr: 10.244.0.0/26, blockSize: 26, natOutgoing: true}
 	if err != nil {
 		t.Error(err)
 	}
+	// The /32's path outlived its WorkloadEndpoint for a moment, and was not
+	// followed then: no node takes that for a hijack.
+	noIgnored(t, l, 8*time.Second)
 }
