@@ -54,8 +54,8 @@ func TestReportIgnored(t *testing.T) {
 			t.Errorf("step %d: %d log lines, want %d:\n%s", i, got, s.logLines, logs.String())
 		}
 	}
-	if !strings.Contains(logs.String(), "prefix=10.244.0.0/28 peer=198.18.1.1 nextHop=198.18.1.1 owner=node1") {
-		t.Errorf("the log does not name the prefix, peer, next hop and owner:\n%s", logs.String())
+	if !strings.Contains(logs.String(), `prefix=10.244.0.0/28 peer=198.18.1.1 nextHop=198.18.1.1 claimant="" owner=node1`) {
+		t.Errorf("the log does not name the prefix, peer, next hop, claimant and owner:\n%s", logs.String())
 	}
 }
 
