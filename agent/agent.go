@@ -354,12 +354,12 @@ type ignoredSince struct {
 func (a *Agent) reportIgnored(ps []calc.IgnoredPath, now time.Time) {
 	next := make(map[ignoredKey]ignoredSince, len(ps))
 	current := map[string]int{}
-	waiting := false
+	fresh := false
 	for _, p := range ps {
 		k := ignoredKey{p.Path.Prefix, p.Path.Peer, p.Path.NextHop}
 		st, seen := a.ignored[k]
 		if !seen {
-			st.since = now
+			st.since, fresh = now, true
 		}
 		if !st.reported && now.Sub(st.since) >= ignoredGrace {
 			st.reported = true
@@ -369,8 +369,6 @@ func (a *Agent) reportIgnored(ps []calc.IgnoredPath, now time.Time) {
 		}
 		if st.reported {
 			current[k.peer.String()]++
-		} else {
-			waiting = true
 		}
 		next[k] = st
 	}
@@ -379,8 +377,8 @@ func (a *Agent) reportIgnored(ps []calc.IgnoredPath, now time.Time) {
 	for peer, n := range current {
 		a.metrics.ignoredNow.WithLabelValues(peer).Set(float64(n))
 	}
-	if waiting {
-		// Look again once the grace is over, changes or not.
+	if fresh {
+		// Look again once the new paths' grace is over, changes or not.
 		time.AfterFunc(ignoredGrace, a.kick)
 	}
 }
