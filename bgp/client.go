@@ -80,7 +80,7 @@ func peerInfo(p *gobgpapi.Peer) string {
 		return fmt.Sprintf("%d routes received", rcv)
 	}
 	var why []string
-	if p.GetState().GetAdminState() == gobgpapi.PeerState_PFX_CT {
+	if closedForMaxPrefixes(p) {
 		return maxPrefixesReason(p)
 	}
 	if p.GetState().GetAdminState() != gobgpapi.PeerState_UP {
@@ -102,6 +102,18 @@ func remotePort(p *gobgpapi.Peer) uint32 {
 }
 
 const maxPrefixesText = "maximum prefixes exceeded"
+
+// closedForMaxPrefixes tells a session GoBGP closed for maxPrefixes: in admin
+// state PFX_CT until the speaker holds it down, then down with the held mark.
+func closedForMaxPrefixes(p *gobgpapi.Peer) bool {
+	switch p.GetState().GetAdminState() {
+	case gobgpapi.PeerState_PFX_CT:
+		return true
+	case gobgpapi.PeerState_DOWN:
+		return strings.HasSuffix(p.GetConf().GetDescription(), " "+heldMark)
+	}
+	return false
+}
 
 // maxPrefixesReason says why GoBGP keeps a peer down after it sent more
 // prefixes than its limit, and how to bring it back.

@@ -84,10 +84,15 @@ type Peer struct {
 // tools reading the gRPC API (margayctl node status, gobgp neighbor) can show them.
 func (p Peer) description() string { return p.Type.token() + " " + p.Name }
 
+// heldMark ends the description of a peer held down for maxPrefixes.
+const heldMark = "(held down: maxPrefixes exceeded)"
+
 // ParseDescription parses a GoBGP peer description written by this package,
-// "<mesh|global|node> <name>". ok is false for any other description.
+// "<mesh|global|node> <name>", perhaps followed by heldMark. ok is false for
+// any other description.
 func ParseDescription(desc string) (t PeerType, name string, ok bool) {
-	tok, name, _ := strings.Cut(desc, " ")
+	tok, rest, _ := strings.Cut(desc, " ")
+	name, _, _ = strings.Cut(rest, " ")
 	for _, c := range []PeerType{Mesh, Global, NodeSpecific} {
 		if tok == c.token() {
 			return c, name, true

@@ -394,6 +394,10 @@ func TestParseDescription(t *testing.T) {
 		if !ok || typ != p.Type || name != p.Name {
 			t.Errorf("ParseDescription(%q) = %v, %q, %v; want %v, %q, true", p.description(), typ, name, ok, p.Type, p.Name)
 		}
+		held := p.description() + " " + heldMark
+		if typ, name, ok := ParseDescription(held); !ok || typ != p.Type || name != p.Name {
+			t.Errorf("ParseDescription(%q) = %v, %q, %v; want %v, %q, true", held, typ, name, ok, p.Type, p.Name)
+		}
 	}
 	for _, d := range []string{"", "peer from the gobgp CLI", "meshy n2", "Mesh n2"} {
 		if typ, name, ok := ParseDescription(d); ok {

@@ -213,12 +213,14 @@ func (s *Speaker) start(ctx context.Context, port int, listen []string) error {
 	}
 
 	wctx, cancel := context.WithCancel(context.Background())
-	err = s.srv.WatchEvent(wctx, &gobgpapi.WatchEventRequest{Table: &gobgpapi.WatchEventRequest_Table{
-		Filters: []*gobgpapi.WatchEventRequest_Table_Filter{{Type: gobgpapi.WatchEventRequest_Table_Filter_BEST, Init: true}},
-	}}, s.onEvent)
+	err = s.srv.WatchEvent(wctx, &gobgpapi.WatchEventRequest{
+		Peer: &gobgpapi.WatchEventRequest_Peer{},
+		Table: &gobgpapi.WatchEventRequest_Table{
+			Filters: []*gobgpapi.WatchEventRequest_Table_Filter{{Type: gobgpapi.WatchEventRequest_Table_Filter_BEST, Init: true}},
+		}}, s.onEvent)
 	if err != nil {
 		cancel()
-		return fmt.Errorf("bgp: watching best paths: %w", err)
+		return fmt.Errorf("bgp: watching best paths and peers: %w", err)
 	}
 	s.stopWatch = cancel
 	return nil
@@ -226,9 +228,17 @@ func (s *Speaker) start(ctx context.Context, port int, listen []string) error {
 
 // onEvent kicks Changes when a best path learned from a peer changes. Our own
 // paths are skipped, so that advertising does not wake the consumer; a batch
-// can mix both, hence the loop runs to the end.
+// can mix both, hence the loop runs to the end. A peer that GoBGP closed for
+// maxPrefixes is held down.
 func (s *Speaker) onEvent(r *gobgpapi.WatchEventResponse) {
 	s.syncWithServer()
+	if p := r.GetPeer().GetPeer(); p.GetState().GetAdminState() == gobgpapi.PeerState_PFX_CT {
+		if addr, err := netip.ParseAddr(p.GetConf().GetNeighborAddress()); err == nil {
+			// Not in GoBGP's watcher goroutine: holding down calls its API.
+			go s.holdDown(addr)
+		}
+		return
+	}
 	t := r.GetTable()
 	if t == nil {
 		return
@@ -429,6 +439,45 @@ func (s *Speaker) deletePeer(ctx context.Context, old Peer, newPassword string) 
 	}
 	s.clearInfo(old.Address)
 	return nil
+}
+
+// holdDown replaces a peer that GoBGP closed for maxPrefixes (admin state
+// PFX_CT) with the same peer, administratively down and marked as held. GoBGP
+// alone is not enough: when the peer's TCP close wins the race against
+// GoBGP's own Cease, GoBGP takes it for a graceful restart and keeps the
+// peer's paths, as stale, for the peer's restart time (up to hours). Deleting
+// the peer drops them; re-adding it down keeps it from coming back, and the
+// mark keeps the reason visible (node status, gobgp neighbor).
+func (s *Speaker) holdDown(addr netip.Addr) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.peers[addr]
+	if s.closed || !ok {
+		return
+	}
+	pfxCt := false
+	if err := s.srv.ListPeer(ctx, &gobgpapi.ListPeerRequest{Address: addr.String()}, func(gp *gobgpapi.Peer) {
+		pfxCt = gp.GetState().GetAdminState() == gobgpapi.PeerState_PFX_CT
+	}); err != nil || !pfxCt {
+		return // gone, or held already: a stale event
+	}
+	log := s.log.With("peer", addr, "type", p.Type, "name", p.Name, "maxPrefixes", p.MaxPrefixes)
+	if err := s.deletePeer(ctx, p, p.Password); err != nil {
+		log.Error("BGP peer sent more than maxPrefixes, but deleting it to drop its paths failed", "err", err)
+		return
+	}
+	gp := s.gobgpPeer(p)
+	gp.Conf.AdminDown = true
+	gp.Conf.Description += " " + heldMark
+	if err := s.srv.AddPeer(ctx, &gobgpapi.AddPeerRequest{Peer: gp}); err != nil {
+		// The next SetPeers adds it again, up.
+		delete(s.peers, addr)
+		log.Error("BGP peer sent more than maxPrefixes and was deleted, but adding it back held down failed", "err", err)
+		return
+	}
+	log.Warn("BGP peer sent more than maxPrefixes: its paths are dropped and its session stays down until the BGPPeer changes")
 }
 
 // gobgpPeer is p as GoBGP's API wants it.
@@ -705,7 +754,7 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 		}
 		st.Type, st.Name, _ = ParseDescription(conf.GetDescription())
 		switch {
-		case state.GetAdminState() == gobgpapi.PeerState_PFX_CT:
+		case closedForMaxPrefixes(p):
 			st.Info = maxPrefixesReason(p)
 		case state.GetAdminState() == gobgpapi.PeerState_DOWN:
 			st.Info = "administratively shut down"

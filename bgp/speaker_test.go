@@ -771,11 +771,16 @@ func TestSpeakerMaxPrefixes(t *testing.T) {
 		got := bestPaths(t, a)
 		return len(got) == 0, fmt.Sprint(got)
 	})
-	// GoBGP would retry an ordinary session after 5 s: this one must stay down.
+	// GoBGP would retry an ordinary session after 5 s: this one must stay
+	// down, and keep saying why.
 	start := time.Now()
 	for time.Since(start) < 8*time.Second {
-		if st := peerStatus(t, a, ipB); st.State == "Established" {
-			t.Fatalf("the ToR's session came back after %v: %+v", time.Since(start).Round(time.Millisecond), st)
+		st := peerStatus(t, a, ipB)
+		if st.State == "Established" || !strings.Contains(st.Info, "maximum prefixes exceeded") {
+			t.Fatalf("after %v the ToR's session is %+v; want down for maxPrefixes", time.Since(start).Round(time.Millisecond), st)
+		}
+		if got := bestPaths(t, a); len(got) != 0 {
+			t.Fatalf("after %v A has the ToR's paths again: %v", time.Since(start).Round(time.Millisecond), got)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
