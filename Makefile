@@ -7,7 +7,7 @@ LDFLAGS := -X github.com/margay-dev/margay/api.Version=$(VERSION)
 # with a spurious "context deadline exceeded" (golang/go#75804, fixed in 1.27).
 FUZZTIME ?= 40000x
 
-.PHONY: all build lab lab-deps lab-down test deps vet unit integration test-vm fuzz bench clean
+.PHONY: all build lab lab-deps lab-down test deps vet unit integration test-k8s test-vm fuzz bench clean
 
 all: build
 
@@ -26,10 +26,13 @@ lab-deps:
 lab-down:
 	bin/margay-lab down
 
-test: deps vet unit integration test-vm fuzz
+test: deps vet unit integration test-k8s test-vm fuzz
 
+# deps also starts building kube-apiserver in the background, at low priority,
+# for test-k8s: the first build takes minutes, which the other tests overlap.
 deps:
 	test/deps.sh
+	test/k8s/build.sh --background
 
 vet:
 	$(GO) vet ./...
@@ -46,6 +49,12 @@ unit:
 integration:
 	$(GO) test -count=1 -run 'TestConcurrentAllocation|TestBinary|TestLab' ./ipam ./cmd/margayctl ./cmd/margay-lab
 	$(GO) test -count=1 ./test/e2e
+
+# margay-kube-controllers and the CNI plugin against a real kube-apiserver
+# (test/k8stest). MARGAY_K8S_REQUIRE turns a missing binary into a failure.
+test-k8s:
+	test/k8s/build.sh
+	MARGAY_K8S_REQUIRE=1 $(GO) test -count=1 -run 'TestController|TestPluginPodLabelsFromKubernetes' ./kube ./cni
 
 # The kernel VM runner (test/vm) and its tests: a pinned Debian kernel under
 # qemu TCG, for IPIP, which the hosts' kernel lacks. MARGAY_VM_REQUIRE turns

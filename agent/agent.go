@@ -28,8 +28,12 @@ import (
 
 // Config is margay-node's configuration.
 type Config struct {
-	NodeName  string
-	Datastore datastore.Config
+	NodeName string
+	// K8sNodeRef, when set, is the node's name in Kubernetes: the Node gets an
+	// orchRef to it, which lets margay-kube-controllers delete the Node (and
+	// release its blocks) once Kubernetes deletes that node.
+	K8sNodeRef string
+	Datastore  datastore.Config
 	// IP is the node's address as a CIDR, or "" / "autodetect" to find it with
 	// AutodetectMethod.
 	IP               string

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/margay-dev/margay/api"
@@ -80,11 +81,16 @@ func (a *Agent) putNode(ctx context.Context) error {
 		as := a.cfg.AS
 		n.Spec.BGP.ASNumber = &as
 	}
+	refChanged := a.cfg.K8sNodeRef != "" && n.K8sNodeName() != a.cfg.K8sNodeRef
+	if refChanged {
+		n.Spec.OrchRefs = slices.DeleteFunc(n.Spec.OrchRefs, func(r api.OrchRef) bool { return r.Orchestrator == api.OrchestratorK8s })
+		n.Spec.OrchRefs = append(n.Spec.OrchRefs, api.OrchRef{Orchestrator: api.OrchestratorK8s, NodeName: a.cfg.K8sNodeRef})
+	}
 	if create {
 		_, err = a.store.Create(ctx, n)
 		return err
 	}
-	if before.IPv4Address == n.Spec.BGP.IPv4Address && (a.cfg.AS == 0 || before.ASNumber != nil && *before.ASNumber == a.cfg.AS) {
+	if !refChanged && before.IPv4Address == n.Spec.BGP.IPv4Address && (a.cfg.AS == 0 || before.ASNumber != nil && *before.ASNumber == a.cfg.AS) {
 		return nil
 	}
 	_, err = a.store.Update(ctx, n)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -54,6 +55,22 @@ func TestRegister(t *testing.T) {
 	if n.Metadata.Labels["rack"] != "r1" || n.Spec.BGP.RouteReflectorClusterID != "224.0.0.1" || n.Spec.BGP.ASNumber == nil || *n.Spec.BGP.ASNumber != 65001 ||
 		n.Spec.BGP.IPv4Address != "198.18.1.2/24" {
 		t.Errorf("node after re-registering: %+v %+v", n.Metadata, n.Spec.BGP)
+	}
+	// Under Kubernetes the Node names its k8s node; another orchestrator's
+	// ref stays.
+	n.Spec.OrchRefs = []api.OrchRef{{Orchestrator: "other", NodeName: "x"}}
+	if _, err := store.Update(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	a.cfg.K8sNodeRef = "node1.example"
+	for range 2 { // the second pass finds it right
+		if err := a.register(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, _ = datastore.Get[*api.Node](ctx, store, "node1")
+	if want := []api.OrchRef{{Orchestrator: "other", NodeName: "x"}, {Orchestrator: api.OrchestratorK8s, NodeName: "node1.example"}}; !slices.Equal(n.Spec.OrchRefs, want) {
+		t.Errorf("orchRefs %+v, want %+v", n.Spec.OrchRefs, want)
 	}
 	if pools, _ := datastore.List[*api.IPPool](ctx, store); len(pools) != 1 {
 		t.Errorf("a second default pool: %d pools", len(pools))

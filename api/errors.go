@@ -71,14 +71,21 @@ func (e *errs) checkMeta(kind string, tm *TypeMeta, m *ObjectMeta) {
 		e.add("metadata.name", m.Name, "must be lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters")
 	}
 	for k, v := range m.Labels {
-		if !labelKeyRE.MatchString(k) {
+		if !ValidLabelKey(k) {
 			e.add("metadata.labels", k, "is not a valid label key (letters, digits, '-', '_', '.', optionally prefixed by a DNS name and '/')")
 		}
-		if len(v) > 63 || (v != "" && !labelValueRE.MatchString(v)) {
+		if !ValidLabelValue(v) {
 			e.add("metadata.labels."+k, v, "is not a valid label value (at most 63 letters, digits, '-', '_' or '.')")
 		}
 	}
 }
+
+// ValidLabelKey tells whether k may be a label key: a name of at most 63
+// letters, digits, '-', '_' and '.', perhaps after a DNS prefix and '/'.
+func ValidLabelKey(k string) bool { return labelKeyRE.MatchString(k) }
+
+// ValidLabelValue tells whether v may be a label value.
+func ValidLabelValue(v string) bool { return len(v) <= 63 && (v == "" || labelValueRE.MatchString(v)) }
 
 var (
 	labelKeyRE   = regexp.MustCompile(`^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$`)

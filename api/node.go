@@ -1,6 +1,7 @@
 package api
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 )
@@ -24,6 +25,28 @@ type NodeSpec struct {
 	BGP                 *NodeBGPSpec `json:"bgp,omitempty"`
 	IPv4VXLANTunnelAddr string       `json:"ipv4VXLANTunnelAddr,omitempty"`
 	VXLANTunnelMACAddr  string       `json:"vxlanTunnelMACAddr,omitempty"`
+	// OrchRefs names the node in its orchestrator. margay-kube-controllers
+	// deletes a Node whose k8s node is gone, and only such a Node.
+	OrchRefs []OrchRef `json:"orchRefs,omitempty"`
+}
+
+// OrchRef is a node's name in an orchestrator, as Calico's.
+type OrchRef struct {
+	Orchestrator string `json:"orchestrator"` // "k8s"
+	NodeName     string `json:"nodeName"`
+}
+
+// OrchestratorK8s is the orchestrator of Kubernetes nodes and pods.
+const OrchestratorK8s = "k8s"
+
+// K8sNodeName is the name of n's Kubernetes node, or "" if it names none.
+func (n *Node) K8sNodeName() string {
+	for _, r := range n.Spec.OrchRefs {
+		if r.Orchestrator == OrchestratorK8s {
+			return r.NodeName
+		}
+	}
+	return ""
 }
 
 // NodeBGPSpec is a node's BGP identity. IPv4Address is the node's address with the
@@ -84,6 +107,11 @@ func (n *Node) Validate() error {
 	if m := n.Spec.VXLANTunnelMACAddr; m != "" {
 		if _, err := net.ParseMAC(m); err != nil {
 			e.add("spec.vxlanTunnelMACAddr", m, "is not a MAC address such as 66:1f:3a:00:00:01")
+		}
+	}
+	for i, r := range n.Spec.OrchRefs {
+		if r.Orchestrator == "" || r.NodeName == "" {
+			e.add(fmt.Sprintf("spec.orchRefs[%d]", i), r, "needs both orchestrator (such as k8s) and nodeName")
 		}
 	}
 	return e.result(n)

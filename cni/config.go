@@ -37,6 +37,14 @@ type NetConf struct {
 	// TimeoutSeconds bounds each invocation (default 10).
 	TimeoutSeconds int      `json:"timeout_seconds,omitempty"`
 	IPAM           IPAMConf `json:"ipam"`
+	// Kubernetes, with a kubeconfig, lets ADD label the pod's endpoint from
+	// the API server, so that policy selects the pod from its first packet.
+	Kubernetes KubernetesConf `json:"kubernetes,omitzero"`
+}
+
+// KubernetesConf is the "kubernetes" section, as Calico's.
+type KubernetesConf struct {
+	Kubeconfig string `json:"kubeconfig,omitempty"`
 }
 
 // IPAMConf is the "ipam" section.
@@ -106,6 +114,8 @@ func ParseConf(stdin []byte, hostname func() (string, error)) (*NetConf, error) 
 		return nil, invalid("timeout_seconds", "%d must be positive", c.TimeoutSeconds)
 	case (c.EtcdCertFile == "") != (c.EtcdKeyFile == ""):
 		return nil, invalid("etcd_cert_file", "give both etcd_cert_file and etcd_key_file, or neither")
+	case c.Kubernetes.Kubeconfig != "" && !filepath.IsAbs(c.Kubernetes.Kubeconfig):
+		return nil, invalid("kubernetes.kubeconfig", "%q is not an absolute path", c.Kubernetes.Kubeconfig)
 	}
 	switch strings.ToLower(c.LogLevel) {
 	case "", "debug", "info", "warn", "error":

@@ -15,10 +15,13 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/ipam"
+	"github.com/margay-dev/margay/kube"
 )
 
 // DefaultMTUFile is where margay-node writes the pod MTU it detected, unless
@@ -132,6 +135,11 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 	if err != nil {
 		return types.NewError(types.ErrTryAgainLater, "no pod MTU", err.Error())
 	}
+	p := podOf(args.Args)
+	labels, err := podLabels(ctx, conf, p)
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater, "cannot read the pod's labels from the Kubernetes API", err.Error())
+	}
 	ipamResult, err := ss.ipamAssign(args)
 	if err != nil {
 		return err
@@ -166,7 +174,6 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 		networks = append(networks, n.String())
 	}
 
-	p := podOf(args.Args)
 	hostName := HostVethName(p.namespace, p.name, args.ContainerID)
 	w, err := wire(args.Netns, hostName, args.IfName, mtu, ips)
 	if err != nil {
@@ -179,6 +186,7 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 	}()
 
 	wep := api.NewWorkloadEndpoint(endpointName(conf.Nodename, p, args.ContainerID, args.IfName))
+	wep.Metadata.Labels = labels
 	wep.Spec = api.WorkloadEndpointSpec{Node: conf.Nodename, Namespace: p.namespace, Pod: p.name,
 		ContainerID: args.ContainerID, Endpoint: args.IfName, InterfaceName: hostName,
 		IPNetworks: networks, MAC: w.PodMAC.String()}
@@ -198,6 +206,25 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 	result.Routes = []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, GW: PodGateway}}
 	ok = true
 	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// podLabels are the labels of a pod's endpoint, read from the API server
+// with the conflist's kubeconfig; nil without one, or for a container that
+// is not a pod. margay-kube-controllers keeps them up to date after ADD.
+func podLabels(ctx context.Context, conf *NetConf, p pod) (map[string]string, error) {
+	if conf.Kubernetes.Kubeconfig == "" || p.name == "" {
+		return nil, nil
+	}
+	rc, err := clientcmd.BuildConfigFromFlags("", conf.Kubernetes.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes.kubeconfig %s: %w", conf.Kubernetes.Kubeconfig, err)
+	}
+	rc.UserAgent = "margay-cni/" + api.Version
+	k, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, err
+	}
+	return kube.PodLabels(ctx, k, p.namespace, p.name)
 }
 
 // putEndpoint creates the endpoint, or replaces one left by an earlier ADD of the

@@ -68,13 +68,18 @@ type Finding struct {
 	Handle   string       `json:"handle,omitempty"`
 	Node     string       `json:"node,omitempty"`
 	Sequence uint64       `json:"seq,omitempty"`
-	Reason   string       `json:"reason"`
-	rev      int64        // of the handle, the affinity or the block the finding is about
-	blockRev int64        // of the block, for affinity findings (0: no block)
+	// Pod is the namespace/name the CNI plugin recorded with the address.
+	Pod      string `json:"pod,omitempty"`
+	Reason   string `json:"reason"`
+	rev      int64  // of the handle, the affinity or the block the finding is about
+	blockRev int64  // of the block, for affinity findings (0: no block)
 	fix      fixKind
 	gone     string // the deleted node the finding is about, which must stay deleted for its fix
 	wep      wepRef // a leaked address's WorkloadEndpoint on a deleted node, to delete with it
 }
+
+// DeletedNode is the deleted node the finding is about, or "".
+func (f Finding) DeletedNode() string { return f.gone }
 
 // fixKind says how Repair mends an affinity finding.
 type fixKind int
@@ -124,6 +129,9 @@ func analyze(s *state, now time.Time, grace time.Duration) *Report {
 			ip := b.v.addr(ord)
 			held[ip] = holding{al.Sequence, al.Handle}
 			f := Finding{IP: ip, Block: b.v.CIDR, Handle: al.Handle, Node: al.Node, Sequence: al.Sequence}
+			if pod := al.Attrs["pod"]; pod != "" {
+				f.Pod = al.Attrs["namespace"] + "/" + pod
+			}
 			if !handleLists(s.handles[al.Handle], ip, al.Sequence) {
 				f.Reason = "allocated in its block but not listed in handle " + al.Handle
 				r.Unreferenced = append(r.Unreferenced, f)

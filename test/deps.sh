@@ -38,3 +38,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 go mod download
+# The tools module that builds kube-apiserver for the Kubernetes tests.
+if [ "${1:-}" != lab ]; then
+	(cd "$(dirname "$0")/k8s/tools" && go mod download)
+fi

@@ -88,6 +88,8 @@ func rootCmd() *cobra.Command {
 	}
 	f := root.Flags()
 	f.StringVar(&cfg.NodeName, "nodename", env("MARGAY_NODENAME", ""), "this node's name (env MARGAY_NODENAME; default the hostname)")
+	f.StringVar(&cfg.K8sNodeRef, "k8s-node-ref", env("MARGAY_K8S_NODE_REF", ""),
+		"the node's name in Kubernetes, recorded in the Node's orchRefs so that margay-kube-controllers cleans up after its deletion (env MARGAY_K8S_NODE_REF)")
 	f.StringVar(&endpoints, "etcd-endpoints", env("MARGAY_ETCD_ENDPOINTS", datastore.DefaultEndpoint), "comma-separated etcd URLs (env MARGAY_ETCD_ENDPOINTS)")
 	f.StringVar(&cfg.Datastore.CAFile, "etcd-ca-cert-file", env("MARGAY_ETCD_CA_CERT_FILE", ""), "CA certificate of etcd (env MARGAY_ETCD_CA_CERT_FILE)")
 	f.StringVar(&cfg.Datastore.CertFile, "etcd-cert-file", env("MARGAY_ETCD_CERT_FILE", ""), "client certificate for etcd (env MARGAY_ETCD_CERT_FILE)")

@@ -4,7 +4,9 @@
 package nstest
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -128,4 +130,17 @@ func (n *NS) Do(f func() error) error {
 		return err
 	}
 	return f()
+}
+
+// DialContext connects from inside the namespace: the socket is made on a
+// thread there and stays there. It is a dialer for clients (HTTP, gRPC) in
+// the test's own namespace that must reach a server in n.
+func (n *NS) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := n.Do(func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
 }
