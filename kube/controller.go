@@ -251,7 +251,18 @@ func (c *Controller) pass(ctx context.Context, gc bool) error {
 	if gc {
 		errs = append(errs, c.releaseLeaked(ctx, in))
 	}
-	return errors.Join(errs...)
+	// A resource changed since it was read (the CNI plugin rewrote an
+	// endpoint, say): not a failure, just a reason for another pass.
+	kept := errs[:0]
+	for _, err := range errs {
+		if errors.Is(err, datastore.ErrConflict) {
+			c.log.Debug("changed since read; another pass follows", "err", err)
+			c.wake()
+			continue
+		}
+		kept = append(kept, err)
+	}
+	return errors.Join(kept...)
 }
 
 // releaseLeaked runs the IPAM check and mends what SelectRepairs keeps.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -44,6 +45,7 @@ func RunElected(ctx context.Context, k kubernetes.Interface, c *Controller, e El
 		LockConfig: resourcelock.ResourceLockConfig{Identity: e.Identity},
 	}
 	ran := make(chan error, 1)
+	var led atomic.Bool
 	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
 		Lock: lock, Name: e.Name, ReleaseOnCancel: true,
 		LeaseDuration: e.LeaseDuration, RenewDeadline: e.RenewDeadline, RetryPeriod: e.RetryPeriod,
@@ -51,6 +53,7 @@ func RunElected(ctx context.Context, k kubernetes.Interface, c *Controller, e El
 			// client-go runs this in its own goroutine and does not wait for
 			// it: ran is how RunElected does.
 			OnStartedLeading: func(lctx context.Context) {
+				led.Store(true)
 				log.Info("leading: syncing etcd with the cluster")
 				c.cfg.Metrics.setLeader(true)
 				c.setLeading(true)
@@ -70,18 +73,19 @@ func RunElected(ctx context.Context, k kubernetes.Interface, c *Controller, e El
 	if err != nil {
 		return fmt.Errorf("leader election: %w", err)
 	}
-	le.Run(ctx) // returns when ctx is done or the lease is lost
-	select {
-	case err := <-ran:
-		if ctx.Err() == nil {
-			log.Error("lost the lease; stopped writing", "err", err)
-			return ErrLostLease
-		}
-		return nil
-	default:
-		// Never led.
+	// Run returns when ctx is done or the lease is lost, having cancelled the
+	// controller's context (and, on ctx, released the lease): no write starts
+	// after that. It does not wait for the controller, so this does.
+	le.Run(ctx)
+	if !led.Load() {
 		return nil
 	}
+	err = <-ran
+	if ctx.Err() == nil {
+		log.Error("lost the lease; stopped writing", "err", err)
+		return ErrLostLease
+	}
+	return nil
 }
 
 // Health serves /livez and /readyz for c. A replica standing by is live and
