@@ -15,7 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/margay-dev/margay/api"
-	"github.com/margay-dev/margay/kube"
+	"github.com/margay-dev/margay/kube/endpoint"
 	"github.com/margay-dev/margay/test/k8stest"
 	"github.com/margay-dev/margay/test/nstest"
 )
@@ -90,9 +90,9 @@ func TestPluginPodLabelsFromKubernetes(t *testing.T) {
 	if err != nil || json.Unmarshal([]byte(out), &wep) != nil {
 		t.Fatalf("WorkloadEndpoint: %v: %s", err, out)
 	}
-	want := map[string]string{"app": "web", kube.LabelNamespace: "prod", kube.LabelOrchestrator: "k8s",
-		kube.LabelServiceAccount: "web-sa", kube.NamespaceLabelPrefix + "team": "blue",
-		kube.NamespaceLabelPrefix + "kubernetes.io/metadata.name": "prod"}
+	want := map[string]string{"app": "web", endpoint.LabelNamespace: "prod", endpoint.LabelOrchestrator: "k8s",
+		endpoint.LabelServiceAccount: "web-sa", endpoint.NamespaceLabelPrefix + "team": "blue",
+		endpoint.NamespaceLabelPrefix + "kubernetes.io/metadata.name": "prod"}
 	if !maps.Equal(wep.Metadata.Labels, want) {
 		t.Errorf("endpoint labels at ADD = %v\nwant %v", wep.Metadata.Labels, want)
 	}

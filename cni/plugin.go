@@ -15,13 +15,11 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/ipam"
-	"github.com/margay-dev/margay/kube"
+	"github.com/margay-dev/margay/kube/endpoint"
 )
 
 // DefaultMTUFile is where margay-node writes the pod MTU it detected, unless
@@ -215,16 +213,7 @@ func podLabels(ctx context.Context, conf *NetConf, p pod) (map[string]string, er
 	if conf.Kubernetes.Kubeconfig == "" || p.name == "" {
 		return nil, nil
 	}
-	rc, err := clientcmd.BuildConfigFromFlags("", conf.Kubernetes.Kubeconfig)
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes.kubeconfig %s: %w", conf.Kubernetes.Kubeconfig, err)
-	}
-	rc.UserAgent = "margay-cni/" + api.Version
-	k, err := kubernetes.NewForConfig(rc)
-	if err != nil {
-		return nil, err
-	}
-	return kube.PodLabels(ctx, k, p.namespace, p.name)
+	return endpoint.Read(ctx, conf.Kubernetes.Kubeconfig, "margay-cni/"+api.Version, p.namespace, p.name)
 }
 
 // putEndpoint creates the endpoint, or replaces one left by an earlier ADD of the

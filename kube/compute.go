@@ -11,21 +11,7 @@ import (
 	"time"
 
 	"github.com/margay-dev/margay/api"
-)
-
-// Labels margay derives for every Kubernetes WorkloadEndpoint, as Calico's
-// projectcalico.org/namespace and friends. Pod labels under these prefixes
-// are dropped, so that a pod cannot pose as another namespace's.
-const (
-	LabelNamespace      = "margay.dev/namespace"
-	LabelOrchestrator   = "margay.dev/orchestrator"
-	LabelServiceAccount = "margay.dev/serviceaccount"
-	// NamespaceLabelPrefix carries the pod's namespace's labels, so that a
-	// policy's namespaceSelector is a selector on the endpoint. It has no
-	// '/', as Calico's pcns., so that a prefixed key such as
-	// kubernetes.io/metadata.name stays a valid key.
-	NamespaceLabelPrefix = "margay.ns."
-	reservedPrefix       = "margay.dev/"
+	"github.com/margay-dev/margay/kube/endpoint"
 )
 
 // DefaultGrace is how long a WorkloadEndpoint without its pod, or a Node
@@ -39,51 +25,11 @@ type PodKey struct{ Namespace, Name string }
 
 func (k PodKey) String() string { return k.Namespace + "/" + k.Name }
 
-// Pod is what margay needs of a Kubernetes pod.
-type Pod struct {
-	Node           string // spec.nodeName
-	ServiceAccount string
-	Labels         map[string]string
-}
-
-// EndpointLabels are the labels of a pod's WorkloadEndpoint: the pod's own,
-// then margay's, then its namespace's under NamespaceLabelPrefix. The CNI
-// plugin (at ADD) and the controller (on every change) both use it. A label
-// that would not be valid is left out (a namespace label whose key is too
-// long with the prefix, a service account name over 63 characters): an
-// endpoint must stay writable.
-func EndpointLabels(namespace string, p Pod, nsLabels map[string]string) map[string]string {
-	out := make(map[string]string, len(p.Labels)+len(nsLabels)+3)
-	set := func(k, v string) {
-		if api.ValidLabelKey(k) && api.ValidLabelValue(v) {
-			out[k] = v
-		}
-	}
-	for k, v := range p.Labels {
-		if !reserved(k) {
-			set(k, v)
-		}
-	}
-	set(LabelNamespace, namespace)
-	set(LabelOrchestrator, api.OrchestratorK8s)
-	if p.ServiceAccount != "" {
-		set(LabelServiceAccount, p.ServiceAccount)
-	}
-	for k, v := range nsLabels {
-		set(NamespaceLabelPrefix+k, v)
-	}
-	return out
-}
-
-func reserved(k string) bool {
-	return strings.HasPrefix(k, reservedPrefix) || strings.HasPrefix(k, NamespaceLabelPrefix)
-}
-
 // Input is both sides of the sync, read after the informers have synced.
 type Input struct {
 	Now        time.Time
 	Grace      time.Duration
-	Pods       map[PodKey]Pod
+	Pods       map[PodKey]endpoint.Pod
 	Namespaces map[string]map[string]string // name → labels
 	K8sNodes   map[string]bool
 	Endpoints  []*api.WorkloadEndpoint
@@ -143,7 +89,7 @@ func Compute(in Input) Output {
 			}
 			continue
 		}
-		want := EndpointLabels(key.Namespace, pod, in.Namespaces[key.Namespace])
+		want := endpoint.Labels(key.Namespace, pod, in.Namespaces[key.Namespace])
 		if !maps.Equal(want, w.Metadata.Labels) {
 			out.Relabel = append(out.Relabel, Relabel{w.Metadata.Name, w.Metadata.ResourceVersion, want})
 		}

@@ -3,12 +3,12 @@ package kube
 import (
 	"maps"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/ipam"
+	"github.com/margay-dev/margay/kube/endpoint"
 )
 
 var t0 = time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
@@ -31,35 +31,9 @@ func node(name, k8s string) *api.Node {
 	return n
 }
 
-func TestEndpointLabels(t *testing.T) {
-	got := EndpointLabels("prod", Pod{ServiceAccount: "web-sa", Labels: map[string]string{
-		"app": "web", LabelNamespace: "kube-system", "margay.dev/other": "x", NamespaceLabelPrefix + "team": "evil",
-	}}, map[string]string{"team": "blue", "kubernetes.io/metadata.name": "prod"})
-	want := map[string]string{
-		"app": "web", LabelNamespace: "prod", LabelOrchestrator: "k8s", LabelServiceAccount: "web-sa",
-		NamespaceLabelPrefix + "team": "blue", NamespaceLabelPrefix + "kubernetes.io/metadata.name": "prod",
-	}
-	if !maps.Equal(got, want) {
-		t.Errorf("EndpointLabels = %v\nwant %v", got, want)
-	}
-	long := "a-label-key-that-is-fifty-eight-characters-long-1234567890"
-	got = EndpointLabels("default", Pod{ServiceAccount: strings.Repeat("s", 64)}, map[string]string{long: "x", "ok": "y"})
-	if want := map[string]string{LabelNamespace: "default", LabelOrchestrator: "k8s", NamespaceLabelPrefix + "ok": "y"}; !maps.Equal(got, want) {
-		t.Errorf("EndpointLabels with labels too long = %v, want %v", got, want)
-	}
-	for k, v := range EndpointLabels("prod", Pod{}, map[string]string{"kubernetes.io/metadata.name": "prod"}) {
-		if !api.ValidLabelKey(k) || !api.ValidLabelValue(v) {
-			t.Errorf("label %s=%s is not valid", k, v)
-		}
-	}
-	if got := EndpointLabels("default", Pod{}, nil); !maps.Equal(got, map[string]string{LabelNamespace: "default", LabelOrchestrator: "k8s"}) {
-		t.Errorf("EndpointLabels of a bare pod = %v", got)
-	}
-}
-
 func TestCompute(t *testing.T) {
-	web := Pod{Node: "n1", Labels: map[string]string{"app": "web"}}
-	webLabels := EndpointLabels("prod", web, map[string]string{"team": "blue"})
+	web := endpoint.Pod{Node: "n1", Labels: map[string]string{"app": "web"}}
+	webLabels := endpoint.Labels("prod", web, map[string]string{"team": "blue"})
 	grace := time.Minute
 	cases := []struct {
 		name        string
@@ -71,11 +45,11 @@ func TestCompute(t *testing.T) {
 		wantReasons []string
 	}{{
 		name: "labels already right: nothing to do",
-		in: Input{K8sNodes: map[string]bool{"n1": true}, Pods: map[PodKey]Pod{{"prod", "web"}: web}, Namespaces: map[string]map[string]string{"prod": {"team": "blue"}},
+		in: Input{K8sNodes: map[string]bool{"n1": true}, Pods: map[PodKey]endpoint.Pod{{"prod", "web"}: web}, Namespaces: map[string]map[string]string{"prod": {"team": "blue"}},
 			Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", webLabels)}},
 	}, {
 		name: "a new endpoint, a relabelled pod and a relabelled namespace get labels",
-		in: Input{K8sNodes: map[string]bool{"n1": true}, Pods: map[PodKey]Pod{{"prod", "web"}: web, {"dev", "db"}: {Node: "n1"}},
+		in: Input{K8sNodes: map[string]bool{"n1": true}, Pods: map[PodKey]endpoint.Pod{{"prod", "web"}: web, {"dev", "db"}: {Node: "n1"}},
 			Namespaces: map[string]map[string]string{"prod": {"team": "red"}},
 			Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", webLabels),
 				wep("n1.dev.db.eth0", "n1", "dev", "db", nil)}},
@@ -94,13 +68,13 @@ func TestCompute(t *testing.T) {
 	}, {
 		name: "a pod that came back clears the count",
 		in: Input{K8sNodes: map[string]bool{"n1": true}, Now: t0.Add(grace), Orphans: map[string]time.Time{"wep/n1.prod.web.eth0": t0},
-			Pods:      map[PodKey]Pod{{"prod", "web"}: web},
+			Pods:      map[PodKey]endpoint.Pod{{"prod", "web"}: web},
 			Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", nil)}},
 		relabel: []string{"n1.prod.web.eth0"},
 	}, {
 		name: "a pod of the same name on another node orphans the old node's endpoint",
 		in: Input{K8sNodes: map[string]bool{"n1": true, "n2": true}, Now: t0.Add(2 * grace), Orphans: map[string]time.Time{"wep/n2.prod.web.eth0": t0},
-			Pods: map[PodKey]Pod{{"prod", "web"}: web}, Namespaces: map[string]map[string]string{"prod": {"team": "blue"}},
+			Pods: map[PodKey]endpoint.Pod{{"prod", "web"}: web}, Namespaces: map[string]map[string]string{"prod": {"team": "blue"}},
 			Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", webLabels),
 				wep("n2.prod.web.eth0", "n2", "prod", "web", webLabels)}},
 		delWEPs:     []string{"n2.prod.web.eth0"},
@@ -109,7 +83,7 @@ func TestCompute(t *testing.T) {
 	}, {
 		name: "a pod bound to a deleted node holds nothing",
 		in: Input{Now: t0.Add(grace), Orphans: map[string]time.Time{"wep/n1.prod.web.eth0": t0},
-			Pods:      map[PodKey]Pod{{"prod", "web"}: web},
+			Pods:      map[PodKey]endpoint.Pod{{"prod", "web"}: web},
 			Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", webLabels)}},
 		delWEPs:     []string{"n1.prod.web.eth0"},
 		orphans:     map[string]time.Time{"wep/n1.prod.web.eth0": t0},
@@ -145,7 +119,7 @@ func TestCompute(t *testing.T) {
 				for _, w := range tc.in.Endpoints {
 					if w.Metadata.Name == r.Name {
 						p := tc.in.Pods[PodKey{w.Spec.Namespace, w.Spec.Pod}]
-						if want := EndpointLabels(w.Spec.Namespace, p, tc.in.Namespaces[w.Spec.Namespace]); !maps.Equal(r.Labels, want) || r.ResourceVersion != "7" {
+						if want := endpoint.Labels(w.Spec.Namespace, p, tc.in.Namespaces[w.Spec.Namespace]); !maps.Equal(r.Labels, want) || r.ResourceVersion != "7" {
 							t.Errorf("relabel %s to %v at %s; want %v at 7", r.Name, r.Labels, r.ResourceVersion, want)
 						}
 					}
@@ -185,7 +159,7 @@ func TestSelectRepairs(t *testing.T) {
 	}
 	leaked = append(leaked, ipam.Finding{Handle: ipam.PodHandle("d"), Pod: "prod/stranded", Reason: "no WorkloadEndpoint has container d"})
 	got := SelectRepairs(&ipam.Report{Revision: 5, Leaked: leaked, BadAffinities: []ipam.Finding{{Node: "n1", Reason: "stale claim"}}},
-		Input{Pods: map[PodKey]Pod{{"prod", "web"}: {Node: "n1"}, {"prod", "stranded"}: {Node: "n9"}}, K8sNodes: map[string]bool{"n1": true}})
+		Input{Pods: map[PodKey]endpoint.Pod{{"prod", "web"}: {Node: "n1"}, {"prod", "stranded"}: {Node: "n9"}}, K8sNodes: map[string]bool{"n1": true}})
 	var pods []string
 	for _, f := range got.Leaked {
 		pods = append(pods, f.Pod)

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -17,6 +16,7 @@ import (
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/ipam"
+	"github.com/margay-dev/margay/kube/endpoint"
 )
 
 // Config configures a Controller.
@@ -170,7 +170,7 @@ func trimPod(obj any) (any, error) {
 // input reads both sides.
 func (c *Controller) input(ctx context.Context) (Input, error) {
 	in := Input{Now: c.cfg.Now(), Grace: c.cfg.Grace, Orphans: c.orphans,
-		Pods: map[PodKey]Pod{}, Namespaces: map[string]map[string]string{}, K8sNodes: map[string]bool{}}
+		Pods: map[PodKey]endpoint.Pod{}, Namespaces: map[string]map[string]string{}, K8sNodes: map[string]bool{}}
 	for _, o := range c.pods.GetStore().List() {
 		p := o.(*corev1.Pod)
 		if k, pod, ok := podOf(p); ok {
@@ -194,13 +194,10 @@ func (c *Controller) input(ctx context.Context) (Input, error) {
 	return in, nil
 }
 
-// podOf is a pod as Compute sees it. A pod that has finished (Succeeded or
-// Failed) holds no address: kubelet has torn its sandbox down.
-func podOf(p *corev1.Pod) (PodKey, Pod, bool) {
-	if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
-		return PodKey{}, Pod{}, false
-	}
-	return PodKey{p.Namespace, p.Name}, Pod{Node: p.Spec.NodeName, ServiceAccount: p.Spec.ServiceAccountName, Labels: p.Labels}, true
+// podOf is a pod as Compute sees it.
+func podOf(p *corev1.Pod) (PodKey, endpoint.Pod, bool) {
+	pod, ok := endpoint.FromPod(p)
+	return PodKey{p.Namespace, p.Name}, pod, ok
 }
 
 // pass runs Compute once and applies it; with gc, it also releases the
@@ -303,19 +300,4 @@ func (c *Controller) setLeading(on bool) {
 		c.synced = false
 	}
 	c.mu.Unlock()
-}
-
-// PodLabels reads a pod and its namespace from the API and returns its
-// endpoint's labels: the CNI plugin's view at ADD.
-func PodLabels(ctx context.Context, k kubernetes.Interface, namespace, name string) (map[string]string, error) {
-	p, err := k.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
-	if err != nil {
-		return nil, fmt.Errorf("reading pod %s/%s: %w", namespace, name, err)
-	}
-	ns, err := k.CoreV1().Namespaces().Get(ctx, namespace, metav1.GetOptions{})
-	if err != nil {
-		return nil, fmt.Errorf("reading namespace %s: %w", namespace, err)
-	}
-	_, pod, _ := podOf(p)
-	return EndpointLabels(namespace, pod, ns.Labels), nil
 }

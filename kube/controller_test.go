@@ -26,6 +26,7 @@ import (
 	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/ipam"
 	"github.com/margay-dev/margay/kube"
+	"github.com/margay-dev/margay/kube/endpoint"
 	"github.com/margay-dev/margay/test/etcdtest"
 	"github.com/margay-dev/margay/test/k8stest"
 	"github.com/margay-dev/margay/test/nstest"
@@ -287,9 +288,9 @@ func TestControllerLabels(t *testing.T) {
 	c.pod("prod", "web", "n1", map[string]string{"app": "web"}, true)
 	c.start("a", time.Minute, kube.Election{})
 	ep := "n1.prod.web.eth0"
-	want := map[string]string{"app": "web", kube.LabelNamespace: "prod", kube.LabelOrchestrator: "k8s",
-		kube.LabelServiceAccount: "web", kube.NamespaceLabelPrefix + "team": "blue",
-		kube.NamespaceLabelPrefix + "kubernetes.io/metadata.name": "prod"}
+	want := map[string]string{"app": "web", endpoint.LabelNamespace: "prod", endpoint.LabelOrchestrator: "k8s",
+		endpoint.LabelServiceAccount: "web", endpoint.NamespaceLabelPrefix + "team": "blue",
+		endpoint.NamespaceLabelPrefix + "kubernetes.io/metadata.name": "prod"}
 	c.waitLabels(ep, want, 60*time.Second)
 
 	ctx := context.Background()
@@ -313,7 +314,7 @@ func TestControllerLabels(t *testing.T) {
 	if _, err := c.admin.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	want[kube.NamespaceLabelPrefix+"team"] = "red"
+	want[endpoint.NamespaceLabelPrefix+"team"] = "red"
 	d = c.waitLabels(ep, want, 2*time.Second)
 	t.Logf("namespace relabelled: endpoint followed in %s", d.Round(time.Millisecond))
 }
@@ -422,14 +423,14 @@ func TestControllerLeaderElection(t *testing.T) {
 	}
 	// The leader works: a new pod's endpoint gets labels.
 	c.pod("prod", "one", "n1", map[string]string{"n": "1"}, true)
-	c.waitLabels("n1.prod.one.eth0", kube.EndpointLabels("prod", kube.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "1"}}, prodLabels), 10*time.Second)
+	c.waitLabels("n1.prod.one.eth0", endpoint.Labels("prod", endpoint.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "1"}}, prodLabels), 10*time.Second)
 	first.stop()
 	d := waitFor(t, 20*time.Second, "the standby leads", func() (bool, string) {
 		return standby.readyz() == "ok: leading", standby.readyz()
 	})
 	t.Logf("standby took over %s after the leader stopped", d.Round(time.Millisecond))
 	c.pod("prod", "two", "n1", map[string]string{"n": "2"}, true)
-	c.waitLabels("n1.prod.two.eth0", kube.EndpointLabels("prod", kube.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "2"}}, prodLabels), 10*time.Second)
+	c.waitLabels("n1.prod.two.eth0", endpoint.Labels("prod", endpoint.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "2"}}, prodLabels), 10*time.Second)
 	close(stopWatch)
 	<-watched
 	if n := both.Load(); n > 0 {
@@ -453,7 +454,7 @@ func TestControllerSurvivesRestarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.pod("prod", "after-api", "n1", map[string]string{"n": "1"}, true)
-	c.waitLabels("n1.prod.after-api.eth0", kube.EndpointLabels("prod", kube.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "1"}}, prodLabels), 30*time.Second)
+	c.waitLabels("n1.prod.after-api.eth0", endpoint.Labels("prod", endpoint.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "1"}}, prodLabels), 30*time.Second)
 
 	c.etcd.Stop()
 	time.Sleep(2 * time.Second)
@@ -461,7 +462,7 @@ func TestControllerSurvivesRestarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.pod("prod", "after-etcd", "n1", map[string]string{"n": "2"}, true)
-	c.waitLabels("n1.prod.after-etcd.eth0", kube.EndpointLabels("prod", kube.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "2"}}, prodLabels), 30*time.Second)
+	c.waitLabels("n1.prod.after-etcd.eth0", endpoint.Labels("prod", endpoint.Pod{ServiceAccount: "web", Labels: map[string]string{"n": "2"}}, prodLabels), 30*time.Second)
 	select {
 	case err := <-r.done:
 		t.Fatalf("the controller stopped: %v", err)
