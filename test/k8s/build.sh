@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver from the Go module proxy (the tools module beside this
 # script pins Kubernetes v1.37.2), or finds it in the go command's build cache:
-# only the first run on a machine compiles it, about 8 minutes on 2 cores.
+# only the first run on a machine compiles it (13 minutes of CPU time here).
 #   build.sh               build, waiting for a background build if one runs
 #   build.sh --background  start the build at low priority and return: make test
 #                          does this first, so that it overlaps the other tests
