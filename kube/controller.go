@@ -162,7 +162,7 @@ func trimPod(obj any) (any, error) {
 	meta.ManagedFields, meta.Annotations = nil, nil
 	return &corev1.Pod{
 		ObjectMeta: meta,
-		Spec:       corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName, HostNetwork: p.Spec.HostNetwork},
+		Spec:       corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName},
 		Status:     corev1.PodStatus{Phase: p.Status.Phase},
 	}, nil
 }
