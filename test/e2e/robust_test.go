@@ -35,6 +35,17 @@ func TestDriftRepair(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The pod's own rules come in a later pass than its route: the state to
+	// restore is the one with them.
+	err = lab.WaitFor(30*time.Second, func() error {
+		if rules, _ := n.NS.Run("iptables-save"); !strings.Contains(rules, "-A MGY-TO-WL -o mgy") {
+			return fmt.Errorf("no rules for the pod yet:\n%s", rules)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	state := func() string {
 		rules, _ := n.NS.Run("iptables-save")
 		var keep []string
