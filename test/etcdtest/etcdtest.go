@@ -7,10 +7,12 @@ package etcdtest
 import (
 	"bufio"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -71,23 +73,35 @@ func Start(opts Options) (*Server, error) {
 	if opts.Host != "" {
 		s.clientURL = fmt.Sprintf("%s://%s", scheme, net.JoinHostPort(opts.Host, "2379"))
 		s.peerURL = "http://127.0.0.1:2380"
-	} else {
-		cp, err := freePort()
-		if err != nil {
+		if err := s.Restart(); err != nil {
+			s.Close()
 			return nil, err
 		}
-		pp, err := freePort()
-		if err != nil {
-			return nil, err
+		return s, nil
+	}
+	// Another listener may still take a port between the check and etcd's
+	// bind; then try other ports.
+	var err error
+	for range 3 {
+		var cp, pp int
+		if cp, err = FreePort(); err != nil {
+			break
+		}
+		if pp, err = FreePort(); err != nil {
+			break
 		}
 		s.clientURL = fmt.Sprintf("%s://127.0.0.1:%d", scheme, cp)
 		s.peerURL = fmt.Sprintf("http://127.0.0.1:%d", pp)
+		if err = s.Restart(); err == nil {
+			return s, nil
+		}
+		if !strings.Contains(err.Error(), "address already in use") || !s.ownDir {
+			break
+		}
+		os.RemoveAll(filepath.Join(s.opts.Dir, "data"))
 	}
-	if err := s.Restart(); err != nil {
-		s.Close()
-		return nil, err
-	}
-	return s, nil
+	s.Close()
+	return nil, err
 }
 
 // StartT starts a server for a test and stops it when the test ends.
@@ -101,13 +115,31 @@ func StartT(t testing.TB) *Server {
 	return s
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+// FreePort returns a loopback TCP port that is free now and lies below the
+// kernel's ephemeral range. A port from that range (what listening on :0
+// gives) can be taken by any outgoing connection between the check and the
+// server's bind, or while a stopped server waits for Restart; one below it can
+// only be taken by another listener.
+func FreePort() (int, error) {
+	lo := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 12000 {
+				lo = n
+			}
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	const base = 10000
+	for range 100 {
+		port := base + rand.IntN(lo-base)
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		return port, nil
+	}
+	return 0, fmt.Errorf("no free loopback port in [%d, %d)", base, lo)
 }
 
 var (

@@ -12,7 +12,6 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -118,12 +117,11 @@ func StartAPIServer(t testing.TB, ns *nstest.NS) *APIServer {
 	s := &APIServer{NS: ns, Dir: t.TempDir(), bin: bin, tokens: map[string]string{}, port: 6443}
 	if ns == nil {
 		s.Etcd = etcdtest.StartT(t)
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		port, err := etcdtest.FreePort()
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.port = l.Addr().(*net.TCPAddr).Port
-		l.Close()
+		s.port = port
 	} else {
 		e, err := etcdtest.Start(etcdtest.Options{NetNS: ns.Name})
 		if err != nil {
