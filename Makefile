@@ -28,8 +28,9 @@ lab-down:
 
 test: deps vet unit integration test-k8s test-vm fuzz
 
-# deps also starts building kube-apiserver in the background, at low priority,
-# for test-k8s: the first build takes minutes, which the other tests overlap.
+# deps also starts building Kubernetes and containerd in the background, at low
+# priority, for test-k8s: the first build takes minutes, which the other tests
+# overlap.
 deps:
 	test/deps.sh
 	test/k8s/build.sh --background
@@ -51,10 +52,12 @@ integration:
 	$(GO) test -count=1 ./test/e2e
 
 # margay-kube-controllers and the CNI plugin against a real kube-apiserver
-# (test/k8stest). MARGAY_K8S_REQUIRE turns a missing binary into a failure.
+# (test/k8stest), then margay under real kubelets and containerd in the lab
+# (test/k8s). MARGAY_K8S_REQUIRE turns a missing binary into a failure.
 test-k8s:
 	test/k8s/build.sh
 	MARGAY_K8S_REQUIRE=1 $(GO) test -count=1 -run 'TestController|TestPluginPodLabelsFromKubernetes' ./kube ./cni
+	MARGAY_K8S_REQUIRE=1 $(GO) test -count=1 ./test/k8s
 
 # The kernel VM runner (test/vm) and its tests: a pinned Debian kernel under
 # qemu TCG, for IPIP, which the hosts' kernel lacks. MARGAY_VM_REQUIRE turns

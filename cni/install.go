@@ -251,7 +251,8 @@ var placeholder = regexp.MustCompile(`__[A-Z0-9]+(?:_[A-Z0-9]+)*__`)
 // RenderTemplate fills the placeholders of a configuration list template, as
 // Calico's install-cni does with CNI_NETWORK_CONFIG, from c: __ETCD_ENDPOINTS__,
 // __ETCD_CA_CERT_FILE__, __ETCD_CERT_FILE__, __ETCD_KEY_FILE__, __NODENAME__,
-// __MTU_FILE__, __LOG_LEVEL__ and __LOG_FILE_PATH__ go inside JSON strings and are escaped for
+// __MTU_FILE__, __LOG_LEVEL__, __LOG_FILE_PATH__ and __KUBECONFIG_FILEPATH__ (as
+// Calico's) go inside JSON strings and are escaped for
 // them; __MTU__ is a bare number ("mtu": __MTU__). Any other __WORD__ is an error.
 // The result is not checked: see CheckConfList.
 func RenderTemplate(tmpl []byte, c NetConf) ([]byte, error) {
@@ -260,15 +261,16 @@ func RenderTemplate(tmpl []byte, c NetConf) ([]byte, error) {
 		return b[1 : len(b)-1]
 	}
 	values := map[string][]byte{
-		"__ETCD_ENDPOINTS__":    str(c.EtcdEndpoints),
-		"__ETCD_CA_CERT_FILE__": str(c.EtcdCACertFile),
-		"__ETCD_CERT_FILE__":    str(c.EtcdCertFile),
-		"__ETCD_KEY_FILE__":     str(c.EtcdKeyFile),
-		"__NODENAME__":          str(c.Nodename),
-		"__MTU__":               []byte(strconv.Itoa(c.MTU)),
-		"__MTU_FILE__":          str(c.MTUFile),
-		"__LOG_LEVEL__":         str(c.LogLevel),
-		"__LOG_FILE_PATH__":     str(c.LogFilePath),
+		"__ETCD_ENDPOINTS__":      str(c.EtcdEndpoints),
+		"__ETCD_CA_CERT_FILE__":   str(c.EtcdCACertFile),
+		"__ETCD_CERT_FILE__":      str(c.EtcdCertFile),
+		"__ETCD_KEY_FILE__":       str(c.EtcdKeyFile),
+		"__NODENAME__":            str(c.Nodename),
+		"__MTU__":                 []byte(strconv.Itoa(c.MTU)),
+		"__MTU_FILE__":            str(c.MTUFile),
+		"__LOG_LEVEL__":           str(c.LogLevel),
+		"__LOG_FILE_PATH__":       str(c.LogFilePath),
+		"__KUBECONFIG_FILEPATH__": str(c.Kubernetes.Kubeconfig),
 	}
 	var unknown []string
 	out := placeholder.ReplaceAllFunc(tmpl, func(m []byte) []byte {

@@ -91,6 +91,7 @@ func logLevel(s string) slog.Level {
 // verb runs one plugin verb in a session, logging its outcome.
 func verb(name string, f func(*session, *skel.CmdArgs) error) func(*skel.CmdArgs) error {
 	return func(args *skel.CmdArgs) error {
+		start := time.Now()
 		if name == "ADD" || name == "DEL" {
 			if err := refuseOwnNetNS(args); err != nil {
 				return err
@@ -102,10 +103,11 @@ func verb(name string, f func(*session, *skel.CmdArgs) error) func(*skel.CmdArgs
 		}
 		defer done()
 		if err := f(s, args); err != nil {
-			s.log.Error(name+" failed", "netns", args.Netns, "ifname", args.IfName, "err", err)
+			s.log.Error(name+" failed", "netns", args.Netns, "ifname", args.IfName,
+				"duration", time.Since(start), "err", err)
 			return err
 		}
-		s.log.Info(name, "netns", args.Netns, "ifname", args.IfName)
+		s.log.Info(name, "netns", args.Netns, "ifname", args.IfName, "duration", time.Since(start))
 		return nil
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"maps"
 	"net/http/httptest"
 	"net/netip"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,10 +16,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
-	"sigs.k8s.io/yaml"
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/datastore"
@@ -61,64 +58,12 @@ func newCluster(t *testing.T) *cluster {
 	}
 	t.Cleanup(func() { s.Close() })
 	c.store, c.alloc = s, ipam.New(s, ipam.Options{})
-	c.namespace("margay-system", nil)
-	c.applyRBAC()
+	// The controller runs with exactly the manifest's rights.
+	c.api.ApplyRoles(t, "../deploy/kubernetes/margay-kube-controllers.yaml", "margay-kube-controllers")
 	pool := api.NewIPPool("pool")
 	pool.Spec.CIDR = "10.244.0.0/16"
 	c.create(pool)
 	return c
-}
-
-// applyRBAC creates the manifest's ClusterRole and Role, bound to the test's
-// margay-kube-controllers user instead of the service account: the
-// controller then runs with exactly the manifest's rights.
-func (c *cluster) applyRBAC() {
-	data, err := os.ReadFile("../deploy/kubernetes/margay-kube-controllers.yaml")
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	user := []rbacv1.Subject{{Kind: rbacv1.UserKind, APIGroup: rbacv1.GroupName, Name: "margay-kube-controllers"}}
-	for _, doc := range bytes.Split(data, []byte("\n---\n")) {
-		var tm metav1.TypeMeta
-		if err := yaml.Unmarshal(doc, &tm); err != nil {
-			c.t.Fatal(err)
-		}
-		switch tm.Kind {
-		case "ClusterRole":
-			var r rbacv1.ClusterRole
-			c.decode(doc, &r)
-			c.kubeCreate("ClusterRole", func(ctx context.Context) error {
-				_, err := c.admin.RbacV1().ClusterRoles().Create(ctx, &r, metav1.CreateOptions{})
-				return err
-			})
-			c.kubeCreate("ClusterRoleBinding", func(ctx context.Context) error {
-				_, err := c.admin.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
-					ObjectMeta: metav1.ObjectMeta{Name: r.Name}, Subjects: user,
-					RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: r.Name}}, metav1.CreateOptions{})
-				return err
-			})
-		case "Role":
-			var r rbacv1.Role
-			c.decode(doc, &r)
-			c.kubeCreate("Role", func(ctx context.Context) error {
-				_, err := c.admin.RbacV1().Roles(r.Namespace).Create(ctx, &r, metav1.CreateOptions{})
-				return err
-			})
-			c.kubeCreate("RoleBinding", func(ctx context.Context) error {
-				_, err := c.admin.RbacV1().RoleBindings(r.Namespace).Create(ctx, &rbacv1.RoleBinding{
-					ObjectMeta: metav1.ObjectMeta{Name: r.Name, Namespace: r.Namespace}, Subjects: user,
-					RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: r.Name}}, metav1.CreateOptions{})
-				return err
-			})
-		}
-	}
-}
-
-func (c *cluster) decode(doc []byte, into any) {
-	c.t.Helper()
-	if err := yaml.UnmarshalStrict(doc, into); err != nil {
-		c.t.Fatal(err)
-	}
 }
 
 func (c *cluster) kubeCreate(what string, f func(context.Context) error) {

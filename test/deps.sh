@@ -6,8 +6,9 @@ set -euo pipefail
 # of the interop tests, run only inside lab namespaces; iperf3 for make bench;
 # qemu-system-x86 for the kernel VM runner (test/vm), whose kernel has IPIP;
 # tcpdump to see what crosses the lab router; openssl for the example etcd
-# cluster's certificate script. `deps.sh lab` installs only what margay-lab needs.
-packages=(ca-certificates iproute2 iputils-ping iptables bird2 frr iperf3 qemu-system-x86 tcpdump openssl)
+# cluster's certificate script; runc for containerd in the kubelet lab
+# (test/k8s). `deps.sh lab` installs only what margay-lab needs.
+packages=(ca-certificates iproute2 iputils-ping iptables bird2 frr iperf3 qemu-system-x86 tcpdump openssl runc)
 if [ "${1:-}" = lab ]; then
 	packages=(ca-certificates iproute2 iputils-ping iptables)
 fi
@@ -38,7 +39,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 go mod download
-# The tools module that builds kube-apiserver for the Kubernetes tests.
+# The tools modules that build Kubernetes and containerd for the Kubernetes
+# tests.
 if [ "${1:-}" != lab ]; then
-	(cd "$(dirname "$0")/k8s/tools" && go mod download)
+	for m in tools containerd; do
+		(cd "$(dirname "$0")/k8s/$m" && go mod download)
+	done
 fi

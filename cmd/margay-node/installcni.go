@@ -86,6 +86,8 @@ func installCNICmd() *cobra.Command {
 	f.StringVar(&o.Conf.MTUFile, "mtu-file", env("MARGAY_MTU_FILE", ""), "where margay-node writes the pod MTU, if not "+cni.DefaultMTUFile+" (env MARGAY_MTU_FILE, as for margay-node)")
 	f.StringVar(&o.Conf.LogLevel, "log-level", "info", "plugin log level")
 	f.StringVar(&o.Conf.LogFilePath, "log-file", "/var/log/margay/cni.log", "plugin log file")
+	f.StringVar(&o.Conf.Kubernetes.Kubeconfig, "kubeconfig", env("MARGAY_CNI_KUBECONFIG", ""),
+		"kubeconfig the plugin reads pod and namespace labels with at ADD (conflist kubernetes.kubeconfig); empty: labels come from margay-kube-controllers only (env MARGAY_CNI_KUBECONFIG)")
 	f.StringVar(&pools, "ipv4-pools", "", "comma-separated pools the plugin may assign from; empty: every pool for the node")
 	return cmd
 }

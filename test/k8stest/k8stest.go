@@ -12,10 +12,13 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -31,7 +34,7 @@ import (
 	"github.com/margay-dev/margay/test/nstest"
 )
 
-// BinEnv names a directory holding prebuilt kube-apiserver and kubelet.
+// BinEnv names a directory holding the prebuilt commands Binary names.
 const BinEnv = "MARGAY_K8S_BIN"
 
 // RequireEnv, when "1", turns a missing binary into a failure, not a skip.
@@ -42,9 +45,15 @@ var (
 	bins  = map[string]string{}
 )
 
-// Binary returns the path of a Kubernetes command (kube-apiserver, kubelet):
-// from MARGAY_K8S_BIN, or built by `go tool -n` in the tools module, which the
-// go command caches by content so that only the first run builds it.
+// toolModules are the modules under test/k8s whose go.mod names a command as
+// a tool; a command not listed is in "tools" (Kubernetes').
+var toolModules = map[string]string{"containerd": "containerd", "containerd-shim-runc-v2": "containerd", "ctr": "containerd"}
+
+// Binary returns the path of a command of the Kubernetes tests
+// (kube-apiserver, kubelet, kubectl, containerd, containerd-shim-runc-v2,
+// ctr): from MARGAY_K8S_BIN, or built by `go tool -n` in its tools module
+// under test/k8s, which the go command caches by content so that only the
+// first run builds it.
 func Binary(name string) (string, error) {
 	if d := os.Getenv(BinEnv); d != "" {
 		return filepath.Join(d, name), nil
@@ -56,7 +65,11 @@ func Binary(name string) (string, error) {
 	}
 	_, here, _, _ := runtime.Caller(0)
 	cmd := exec.Command("go", "tool", "-n", name)
-	cmd.Dir = filepath.Join(filepath.Dir(here), "..", "k8s", "tools")
+	module := toolModules[name]
+	if module == "" {
+		module = "tools"
+	}
+	cmd.Dir = filepath.Join(filepath.Dir(here), "..", "k8s", module)
 	out, err := cmd.Output()
 	if err != nil {
 		var stderr []byte
@@ -96,7 +109,9 @@ type APIServer struct {
 	URL     string
 	Dir     string
 	bin     string
+	addr    string
 	port    int
+	nodes   []string
 	tokens  map[string]string // user → bearer token
 	cmd     *exec.Cmd
 	exited  chan struct{}
@@ -107,15 +122,41 @@ type APIServer struct {
 // group, which tests bind to the roles under test.
 var Users = []string{"admin", "margay-kube-controllers", "margay-cni"}
 
+// Options place a kube-apiserver.
+type Options struct {
+	// NS, when set, is the namespace kube-apiserver and its etcd run in;
+	// without, they run on the test's loopback (which should be a namespace of
+	// its own: nstest.MainInNetNS).
+	NS *nstest.NS
+	// Addr, with NS, is the address kube-apiserver serves and advertises on
+	// port 6443, for kubelets in other namespaces; empty means 127.0.0.1.
+	Addr string
+	// Nodes get a static token each, as user system:node:<name> in group
+	// system:nodes, which the Node authorizer serves (NodeUser).
+	Nodes []string
+}
+
 // StartAPIServer starts etcd and kube-apiserver on loopback, with RBAC
 // authorization, and stops both when t ends. With ns they run inside it, on
-// its loopback; without, on the test's (which should be a namespace of its
-// own: nstest.MainInNetNS).
+// its loopback; without, on the test's.
 func StartAPIServer(t testing.TB, ns *nstest.NS) *APIServer {
 	t.Helper()
+	return Start(t, Options{NS: ns})
+}
+
+// Start starts etcd and kube-apiserver as o says, with Node and RBAC
+// authorization, and stops both when t ends.
+func Start(t testing.TB, o Options) *APIServer {
+	t.Helper()
 	bin := NeedBinary(t, "kube-apiserver")
-	s := &APIServer{NS: ns, Dir: t.TempDir(), bin: bin, tokens: map[string]string{}, port: 6443}
-	if ns == nil {
+	s := &APIServer{NS: o.NS, Dir: t.TempDir(), bin: bin, tokens: map[string]string{}, port: 6443, addr: "127.0.0.1", nodes: o.Nodes}
+	if o.Addr != "" {
+		if o.NS == nil {
+			t.Fatal("k8stest: Options.Addr needs Options.NS")
+		}
+		s.addr = o.Addr
+	}
+	if o.NS == nil {
 		s.Etcd = etcdtest.StartT(t)
 		port, err := etcdtest.FreePort()
 		if err != nil {
@@ -123,14 +164,14 @@ func StartAPIServer(t testing.TB, ns *nstest.NS) *APIServer {
 		}
 		s.port = port
 	} else {
-		e, err := etcdtest.Start(etcdtest.Options{NetNS: ns.Name})
+		e, err := etcdtest.Start(etcdtest.Options{NetNS: o.NS.Name})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(e.Close)
 		s.Etcd = e
 	}
-	s.URL = fmt.Sprintf("https://127.0.0.1:%d", s.port)
+	s.URL = fmt.Sprintf("https://%s", net.JoinHostPort(s.addr, strconv.Itoa(s.port)))
 	if err := s.writeFiles(); err != nil {
 		t.Fatal(err)
 	}
@@ -143,13 +184,20 @@ func StartAPIServer(t testing.TB, ns *nstest.NS) *APIServer {
 
 func (s *APIServer) writeFiles() error {
 	var csv strings.Builder
-	for i, u := range Users {
+	users := slices.Clone(Users)
+	for _, n := range s.nodes {
+		users = append(users, NodeUser(n))
+	}
+	for i, u := range users {
 		b := make([]byte, 16)
 		rand.Read(b)
 		s.tokens[u] = hex.EncodeToString(b)
 		fmt.Fprintf(&csv, "%s,%s,%d", s.tokens[u], u, 1000+i)
-		if u == "admin" {
+		switch {
+		case u == "admin":
 			csv.WriteString(`,"system:masters"`)
+		case strings.HasPrefix(u, "system:node:"):
+			csv.WriteString(`,"system:nodes"`)
 		}
 		csv.WriteString("\n")
 	}
@@ -177,10 +225,10 @@ func (s *APIServer) Start() error {
 	}
 	args := []string{
 		"--etcd-servers=" + strings.Join(s.Etcd.Endpoints(), ","),
-		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", s.port),
+		"--bind-address=" + s.addr, "--advertise-address=" + s.addr, fmt.Sprintf("--secure-port=%d", s.port),
 		"--cert-dir=" + filepath.Join(s.Dir, "certs"),
 		"--token-auth-file=" + filepath.Join(s.Dir, "tokens.csv"),
-		"--authorization-mode=RBAC",
+		"--authorization-mode=Node,RBAC",
 		"--service-account-issuer=https://kubernetes.default.svc",
 		"--service-account-key-file=" + filepath.Join(s.Dir, "sa.pub"),
 		"--service-account-signing-key-file=" + filepath.Join(s.Dir, "sa.key"),
@@ -188,8 +236,8 @@ func (s *APIServer) Start() error {
 		// No kube-controller-manager creates the default service accounts.
 		"--disable-admission-plugins=ServiceAccount",
 		"--enable-priority-and-fairness=false",
-		// The advertised address is loopback, which the kubernetes Service may not
-		// point at; nothing in the tests uses that Service.
+		// The advertised address may be loopback, which the kubernetes Service may
+		// not point at; nothing in the tests uses that Service.
 		"--endpoint-reconciler-type=none",
 	}
 	f, err := os.OpenFile(filepath.Join(s.Dir, "kube-apiserver.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
@@ -261,7 +309,10 @@ func (s *APIServer) LogTail(lines int) string {
 	return strings.Join(l[max(0, len(l)-lines):], "\n")
 }
 
-// Config is a client config for user (one of Users).
+// NodeUser is the user a kubelet on node authenticates as.
+func NodeUser(node string) string { return "system:node:" + node }
+
+// Config is a client config for user (one of Users, or a NodeUser).
 func (s *APIServer) Config(user string) *rest.Config {
 	c := &rest.Config{Host: s.URL, BearerToken: s.tokens[user],
 		TLSClientConfig: rest.TLSClientConfig{CAFile: filepath.Join(s.Dir, "certs", "apiserver.crt")}}
@@ -274,24 +325,32 @@ func (s *APIServer) Config(user string) *rest.Config {
 // Client is a clientset for user.
 func (s *APIServer) Client(t testing.TB, user string) kubernetes.Interface {
 	t.Helper()
-	k, err := kubernetes.NewForConfig(s.Config(user))
+	k, err := s.clientset(user)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return k
 }
 
+func (s *APIServer) clientset(user string) (kubernetes.Interface, error) {
+	return kubernetes.NewForConfig(s.Config(user))
+}
+
 // Kubeconfig writes a kubeconfig file for user and returns its path.
 func (s *APIServer) Kubeconfig(t testing.TB, user string) string {
 	t.Helper()
+	p := filepath.Join(s.Dir, user+".kubeconfig")
+	if err := s.writeKubeconfig(p, user); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (s *APIServer) writeKubeconfig(path, user string) error {
 	c := clientcmdapi.NewConfig()
 	c.Clusters["lab"] = &clientcmdapi.Cluster{Server: s.URL, CertificateAuthority: filepath.Join(s.Dir, "certs", "apiserver.crt")}
 	c.AuthInfos[user] = &clientcmdapi.AuthInfo{Token: s.tokens[user]}
 	c.Contexts["lab"] = &clientcmdapi.Context{Cluster: "lab", AuthInfo: user}
 	c.CurrentContext = "lab"
-	p := filepath.Join(s.Dir, user+".kubeconfig")
-	if err := clientcmd.WriteToFile(*c, p); err != nil {
-		t.Fatal(err)
-	}
-	return p
+	return clientcmd.WriteToFile(*c, path)
 }

@@ -51,6 +51,9 @@ type Options struct {
 	// ToR "bird" runs BIRD in the router as every node's eBGP peer (AS ToRAS),
 	// with a BGPPeer per node to the router's address on its subnet.
 	ToR string
+	// K8sNodeRefs registers each node's Node with a Kubernetes node of the
+	// same name (margay-node --k8s-node-ref), for a lab with kubelets.
+	K8sNodeRefs bool
 	// Detach lets the lab's processes outlive this one (margay-lab); otherwise
 	// they die with it.
 	Detach bool
@@ -300,6 +303,9 @@ func (n *Node) Start() error {
 	args := append([]string{"ip", "netns", "exec", n.NS.Name, filepath.Join(l.opts.Bin, "margay-node"),
 		"--nodename", n.Name, "--etcd-endpoints", l.Endpoint(), "--default-ipv4-pool", "",
 		"--mtu-file", n.MTUFile()}, l.opts.AgentArgs...)
+	if l.opts.K8sNodeRefs {
+		args = append(args, "--k8s-node-ref", n.Name)
+	}
 	// ip execs the agent in place, so the process is margay-node itself.
 	p, err := startProc(args, n.LogPath(), l.opts.Detach)
 	if err != nil {

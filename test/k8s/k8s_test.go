@@ -1,0 +1,167 @@
+package k8s_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/test/lab"
+)
+
+// TestKubeletPods: pods made through the Kubernetes API on two kubelet nodes
+// in two subnets get margay addresses, with their labels on the endpoint from
+// ADD on; reach each other and the internet host; are relabelled by the
+// controller; and leave nothing behind when deleted.
+func TestKubeletPods(t *testing.T) {
+	c := newCluster(t, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	n1, n2 := c.lab.Nodes[0], c.lab.Nodes[1]
+	if _, err := c.admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{
+		ObjectMeta: metav1.ObjectMeta{Name: "prod", Labels: map[string]string{"team": "blue"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c.pod(ctx, "prod", "web-1", n1.Name, map[string]string{"app": "web"})
+	c.pod(ctx, "prod", "web-2", n2.Name, map[string]string{"app": "web"})
+	pods := c.waitReady(ctx, "prod", "web-1", "web-2")
+
+	// Addresses from the pool, as kubectl shows them.
+	out, err := c.kubectl("get", "pods", "-n", "prod", "-o", "wide")
+	if err != nil {
+		t.Fatalf("kubectl get pods: %v: %s", err, out)
+	}
+	t.Logf("kubectl get pods -n prod -o wide:\n%s", out)
+	for _, p := range pods {
+		ip, err := netip.ParseAddr(p.Status.PodIP)
+		if err != nil || !podCIDR.Contains(ip) {
+			t.Errorf("pod %s has IP %q, not from the pool %s", p.Name, p.Status.PodIP, podCIDR)
+		}
+		if !strings.Contains(out, p.Status.PodIP) || !strings.Contains(out, p.Spec.NodeName) {
+			t.Errorf("kubectl does not show %s on %s", p.Status.PodIP, p.Spec.NodeName)
+		}
+	}
+
+	// The labels were written at ADD: no controller runs yet.
+	for _, p := range pods {
+		w := c.endpoint(p)
+		if w == nil {
+			t.Fatalf("no WorkloadEndpoint for %s", p.Name)
+		}
+		if w.Metadata.Labels["app"] != "web" || w.Metadata.Labels["margay.ns.team"] != "blue" || w.Metadata.Labels["margay.dev/namespace"] != "prod" {
+			t.Errorf("endpoint of %s has labels %v; want the pod's and its namespace's from ADD", p.Name, w.Metadata.Labels)
+		}
+		if got := strings.Join(w.Spec.IPNetworks, ","); got != p.Status.PodIP+"/32" {
+			t.Errorf("endpoint of %s has %s, the pod %s", p.Name, got, p.Status.PodIP)
+		}
+	}
+
+	// Pod to pod across the subnets, and out to the internet host.
+	for _, from := range pods {
+		for _, to := range pods {
+			if from != to {
+				if out, err := c.inPod(from, "ping", "-c", "3", "-i", "0.2", "-W", "2", to.Status.PodIP); err != nil {
+					t.Errorf("%s → %s: %v: %s", from.Name, to.Name, err, out)
+				}
+			}
+		}
+		if out, err := c.inPod(from, "ping", "-c", "3", "-i", "0.2", "-W", "2", lab.InternetAddr.String()); err != nil {
+			t.Errorf("%s → internet %s: %v: %s", from.Name, lab.InternetAddr, err, out)
+		}
+	}
+
+	// Relabelled through the API, the endpoint follows within 2 s.
+	c.startControllers(10 * time.Second)
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"labels": map[string]string{"app": "api", "tier": "1"}}})
+	start := time.Now()
+	if _, err := c.admin.CoreV1().Pods("prod").Patch(ctx, "web-1", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		w := c.endpoint(pods["web-1"])
+		if w != nil && w.Metadata.Labels["app"] == "api" && w.Metadata.Labels["tier"] == "1" {
+			break
+		}
+		if time.Since(start) > 2*time.Second {
+			t.Fatalf("2 s after the relabel, the endpoint has %v", w.Metadata.Labels)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("the endpoint had the new labels %v after the patch", time.Since(start).Round(time.Millisecond))
+
+	// Deleted through the API: no address, veth or endpoint is left.
+	for name := range pods {
+		if err := c.admin.CoreV1().Pods("prod").Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The API forgets a pod once its containers stopped; the sandbox's CNI DEL
+	// may come just after.
+	start = time.Now()
+	err = lab.WaitFor(time.Minute, func() error {
+		l, err := c.admin.CoreV1().Pods("prod").List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return err
+		}
+		if len(l.Items) > 0 {
+			return fmt.Errorf("%d pods still in the API", len(l.Items))
+		}
+		for _, n := range c.lab.Nodes {
+			if v := podVeths(n); len(v) > 0 {
+				return fmt.Errorf("%s still has pod veths %v", n.Name, v)
+			}
+		}
+		for _, p := range pods {
+			if c.endpoint(p) != nil {
+				return fmt.Errorf("the endpoint of %s is still there", p.Name)
+			}
+			if out, err := c.lab.Ctl(n1, "ipam", "show", "--ip", p.Status.PodIP); err != nil || !strings.Contains(out, " is free ") {
+				return fmt.Errorf("%s's address %s: %v: %s", p.Name, p.Status.PodIP, err, out)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%v after the deletes, no pod, veth, endpoint or address was left", time.Since(start).Round(time.Millisecond))
+	if out, err := c.lab.Ctl(n1, "ipam", "check"); err != nil || !strings.Contains(out, "No problems found") {
+		t.Errorf("margayctl ipam check: %v: %s", err, out)
+	}
+}
+
+// podVeths are the host ends of pod veths on node n.
+func podVeths(n *lab.Node) []string {
+	out, _ := n.NS.Run("ip", "-o", "link", "show", "type", "veth")
+	var v []string
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], "mgy") {
+			v = append(v, strings.TrimSuffix(f[1], ":"))
+		}
+	}
+	return v
+}
+
+// endpoint reads the pod's WorkloadEndpoint from etcd with margayctl; nil if
+// there is none.
+func (c *cluster) endpoint(p *corev1.Pod) *api.WorkloadEndpoint {
+	c.t.Helper()
+	name := strings.ToLower(strings.Join([]string{p.Spec.NodeName, p.Namespace, p.Name, "eth0"}, "."))
+	out, err := c.lab.Ctl(c.lab.Nodes[0], "get", "workloadendpoint", name, "-o", "json")
+	if err != nil {
+		return nil
+	}
+	var w api.WorkloadEndpoint
+	if err := json.Unmarshal([]byte(out), &w); err != nil {
+		c.t.Fatalf("endpoint %s: %v: %s", name, err, out)
+	}
+	return &w
+}
