@@ -12,6 +12,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 )
 
 // InstallOptions say what to install where.
@@ -29,8 +32,49 @@ type InstallOptions struct {
 	// Template, if set, is the configuration list to write, with the placeholders
 	// of RenderTemplate filled in from Conf; otherwise ConfList(Conf) is written.
 	Template []byte
+	// Kubeconfig, if set, gives the plugin on the host the installer's API
+	// access: Install writes a kubeconfig with it to ConfDir/margay-kubeconfig,
+	// which the configuration names (kubernetes.kubeconfig).
+	Kubeconfig *KubeconfigSource
 	// Conf is the margay plugin's configuration; Type and CNIVersion are filled in.
 	Conf NetConf
+}
+
+// KubeconfigSource is what the plugin's kubeconfig is made of: the API
+// server's URL, and a directory with a service account's token and the
+// cluster's CA (token and ca.crt, as in a service-account-token Secret or a
+// pod's /var/run/secrets/kubernetes.io/serviceaccount).
+type KubeconfigSource struct {
+	Server   string
+	TokenDir string
+}
+
+// KubeconfigName is the file Install writes a KubeconfigSource to, in ConfDir.
+const KubeconfigName = "margay-kubeconfig"
+
+// kubeconfig renders the kubeconfig, with the token and CA inline.
+func (k *KubeconfigSource) kubeconfig() ([]byte, error) {
+	if k.Server == "" {
+		return nil, errors.New("no API server URL for the plugin's kubeconfig: set KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT or --kubernetes-server")
+	}
+	token, err := os.ReadFile(filepath.Join(k.TokenDir, "token"))
+	if err != nil {
+		return nil, fmt.Errorf("the plugin's kubeconfig: %w", err)
+	}
+	ca, err := os.ReadFile(filepath.Join(k.TokenDir, "ca.crt"))
+	if err != nil {
+		return nil, fmt.Errorf("the plugin's kubeconfig: %w", err)
+	}
+	// An unfilled Secret mounts as empty files (see Install).
+	if len(bytes.TrimSpace(token)) == 0 || len(ca) == 0 {
+		return nil, fmt.Errorf("the plugin's kubeconfig: %s has an empty token or ca.crt", k.TokenDir)
+	}
+	c := clientcmdapi.NewConfig()
+	c.Clusters["kubernetes"] = &clientcmdapi.Cluster{Server: k.Server, CertificateAuthorityData: ca}
+	c.AuthInfos["margay-cni"] = &clientcmdapi.AuthInfo{Token: string(bytes.TrimSpace(token))}
+	c.Contexts["margay-cni"] = &clientcmdapi.Context{Cluster: "kubernetes", AuthInfo: "margay-cni"}
+	c.CurrentContext = "margay-cni"
+	return clientcmd.Write(*c)
 }
 
 // fileCopy is one file Install copies: a plugin, or an etcd TLS file.
@@ -43,6 +87,9 @@ type fileCopy struct {
 // TLS files to copy for that.
 func (o InstallOptions) plan() (NetConf, []fileCopy) {
 	c := o.Conf
+	if o.Kubeconfig != nil {
+		c.Kubernetes.Kubeconfig = filepath.Join(o.ConfDir, KubeconfigName)
+	}
 	if o.TLSDir == "" {
 		return c, nil
 	}
@@ -120,6 +167,20 @@ func Install(o InstallOptions) ([]string, error) {
 		}
 		if did {
 			changed = append(changed, c.dst)
+		}
+	}
+	if o.Kubeconfig != nil {
+		data, err := o.Kubeconfig.kubeconfig()
+		if err != nil {
+			return changed, err
+		}
+		dst := filepath.Join(o.ConfDir, KubeconfigName)
+		did, err := writeAtomic(dst, data, 0o600)
+		if err != nil {
+			return changed, err
+		}
+		if did {
+			changed = append(changed, dst)
 		}
 	}
 	// The configuration goes last: the container runtime reports the node's

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/libcni"
+	"k8s.io/client-go/tools/clientcmd"
 )
 
 func TestInstall(t *testing.T) {
@@ -193,5 +194,53 @@ func TestCheckConfList(t *testing.T) {
 				t.Errorf("err = %v, want %q", err, tc.err)
 			}
 		})
+	}
+}
+
+// With a KubeconfigSource, Install writes the plugin's kubeconfig, token and CA
+// inline and readable by root only, before the conflist that names it; an
+// empty token (an unfilled Secret) writes nothing.
+func TestInstallKubeconfig(t *testing.T) {
+	src, bin, conf, tokens := t.TempDir(), filepath.Join(t.TempDir(), "bin"), filepath.Join(t.TempDir(), "net.d"), t.TempDir()
+	for _, p := range []string{"margay", "margay-ipam"} {
+		os.WriteFile(filepath.Join(src, p), []byte("#!/bin/sh\n"), 0o700)
+	}
+	os.WriteFile(filepath.Join(tokens, "token"), nil, 0o600)
+	os.WriteFile(filepath.Join(tokens, "ca.crt"), []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), 0o600)
+	o := InstallOptions{SrcDir: src, BinDir: bin, ConfDir: conf,
+		Kubeconfig: &KubeconfigSource{Server: "https://10.96.0.1:443", TokenDir: tokens},
+		Conf:       NetConf{EtcdEndpoints: "https://10.0.0.1:2379", Nodename: "node-a"}}
+	if _, err := Install(o); err == nil || !strings.Contains(err.Error(), "empty token") {
+		t.Errorf("install with an empty token: %v; want a refusal naming it", err)
+	}
+	if _, err := os.Stat(filepath.Join(conf, "10-margay.conflist")); err == nil {
+		t.Error("the conflist was written although the kubeconfig was not")
+	}
+
+	os.WriteFile(filepath.Join(tokens, "token"), []byte("sa-token\n"), 0o600)
+	if _, err := Install(o); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(conf, KubeconfigName)
+	st, err := os.Stat(path)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("kubeconfig: %v, mode %v; want 0600", err, st.Mode())
+	}
+	kc, err := clientcmd.LoadFromFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := kc.Contexts[kc.CurrentContext]
+	if ctx == nil || kc.Clusters[ctx.Cluster].Server != "https://10.96.0.1:443" || kc.AuthInfos[ctx.AuthInfo].Token != "sa-token" ||
+		!strings.Contains(string(kc.Clusters[ctx.Cluster].CertificateAuthorityData), "BEGIN CERTIFICATE") {
+		t.Errorf("kubeconfig %+v: want the server, the token and the CA", kc)
+	}
+	list, err := libcni.ConfListFromFile(filepath.Join(conf, "10-margay.conflist"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ParseConf(list.Plugins[0].Bytes, hostname)
+	if err != nil || c.Kubernetes.Kubeconfig != path {
+		t.Errorf("conflist names kubeconfig %q (%v); want %s", c.Kubernetes.Kubeconfig, err, path)
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +21,8 @@ func installCNICmd() *cobra.Command {
 	var (
 		o             cni.InstallOptions
 		pools, tmpl   string
+		tokenDir      string
+		server        string
 		usage         = func(err error) error { return usageError{fmt.Errorf("install-cni: %w", err)} }
 		templateError = func(err error) error { return usage(fmt.Errorf("--conf-template %s: %w", tmpl, err)) }
 	)
@@ -37,6 +40,15 @@ func installCNICmd() *cobra.Command {
 				if p = strings.TrimSpace(p); p != "" {
 					o.Conf.IPAM.IPv4Pools = append(o.Conf.IPAM.IPv4Pools, p)
 				}
+			}
+			if tokenDir != "" {
+				if o.Conf.Kubernetes.Kubeconfig != "" {
+					return usage(fmt.Errorf("give --kubeconfig or --kubeconfig-token-dir, not both"))
+				}
+				if server == "" {
+					return usage(fmt.Errorf("--kubeconfig-token-dir needs the API server: set --kubernetes-server, or KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT"))
+				}
+				o.Kubeconfig = &cni.KubeconfigSource{Server: server, TokenDir: tokenDir}
 			}
 			if tmpl != "" {
 				if o.Conf.IPAM.IPv4Pools != nil {
@@ -88,6 +100,20 @@ func installCNICmd() *cobra.Command {
 	f.StringVar(&o.Conf.LogFilePath, "log-file", "/var/log/margay/cni.log", "plugin log file")
 	f.StringVar(&o.Conf.Kubernetes.Kubeconfig, "kubeconfig", env("MARGAY_CNI_KUBECONFIG", ""),
 		"kubeconfig the plugin reads pod and namespace labels with at ADD (conflist kubernetes.kubeconfig); empty: labels come from margay-kube-controllers only (env MARGAY_CNI_KUBECONFIG)")
+	f.StringVar(&tokenDir, "kubeconfig-token-dir", env("MARGAY_CNI_TOKEN_DIR", ""),
+		"write the plugin a kubeconfig ("+cni.KubeconfigName+" in --conf-dir) from the token and ca.crt in this directory, a service account token Secret's mount, instead of --kubeconfig (env MARGAY_CNI_TOKEN_DIR)")
+	f.StringVar(&server, "kubernetes-server", defaultServer(),
+		"API server URL for --kubeconfig-token-dir; default from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT")
 	f.StringVar(&pools, "ipv4-pools", "", "comma-separated pools the plugin may assign from; empty: every pool for the node")
 	return cmd
+}
+
+// defaultServer is the API server as a pod sees it, from the environment
+// kubelet gives every pod; empty outside a pod.
+func defaultServer() string {
+	host, port := os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT")
+	if host == "" || port == "" {
+		return ""
+	}
+	return "https://" + net.JoinHostPort(host, port)
 }

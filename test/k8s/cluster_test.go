@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -64,7 +65,7 @@ var podCIDR = netip.MustParsePrefix("10.244.0.0/16")
 
 // cluster is the lab with Kubernetes on it.
 type cluster struct {
-	t        *testing.T
+	t        testing.TB
 	lab      *lab.Lab
 	api      *k8stest.APIServer
 	admin    kubernetes.Interface
@@ -75,7 +76,7 @@ type cluster struct {
 // newCluster brings up a lab of nodes in two subnets, the API server, and a
 // kubelet on every node, after install-cni. The controller is not started:
 // see startControllers.
-func newCluster(t *testing.T, nodes int) *cluster {
+func newCluster(t testing.TB, nodes int) *cluster {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
@@ -121,8 +122,7 @@ func newCluster(t *testing.T, nodes int) *cluster {
 	}
 	c.api = k8stest.Start(t, k8stest.Options{NS: l.EtcdHost, Addr: lab.EtcdAddr.String(), Nodes: names})
 	c.admin = c.api.Client(t, "admin")
-	c.bindCNIRole()
-	cniKubeconfig := c.api.Kubeconfig(t, "margay-cni")
+	tokenDir := c.cniTokenDir()
 	for _, n := range l.Nodes {
 		dir := filepath.Join(l.Dir(), n.Name)
 		bin, conf := filepath.Join(dir, "cni", "bin"), filepath.Join(dir, "cni", "net.d")
@@ -134,7 +134,8 @@ func newCluster(t *testing.T, nodes int) *cluster {
 		}
 		if out, err := n.NS.Run(filepath.Join(binDir, "margay-node"), "install-cni", "--src-dir", binDir,
 			"--bin-dir", bin, "--conf-dir", conf, "--etcd-endpoints", l.Endpoint(), "--nodename", n.Name,
-			"--mtu-file", n.MTUFile(), "--log-file", c.cniLogs[n.Name], "--kubeconfig", cniKubeconfig); err != nil {
+			"--mtu-file", n.MTUFile(), "--log-file", c.cniLogs[n.Name],
+			"--kubeconfig-token-dir", tokenDir, "--kubernetes-server", c.api.URL); err != nil {
 			t.Fatalf("install-cni on %s: %v: %s", n.Name, err, out)
 		}
 		c.kubelets[n.Name] = k8stest.StartKubelet(t, c.api, k8stest.KubeletOptions{Name: n.Name, NS: n.NS,
@@ -143,21 +144,51 @@ func newCluster(t *testing.T, nodes int) *cluster {
 	return c
 }
 
-// bindCNIRole gives the plugin's user what it reads at ADD.
-func (c *cluster) bindCNIRole() {
+// cniTokenDir makes the plugin's service account, bound to what it reads at
+// ADD, and writes a token of it and the cluster's CA where a service account
+// token Secret would be mounted, for install-cni --kubeconfig-token-dir.
+func (c *cluster) cniTokenDir() string {
+	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "margay-cni"},
+	const ns, sa = "margay-system", "margay-cni"
+	if _, err := c.admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+	if _, err := c.admin.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+		c.t.Fatal(err)
+	}
+	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: sa},
 		Rules: []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods", "namespaces"}, Verbs: []string{"get"}}}}
 	if _, err := c.admin.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
 		c.t.Fatal(err)
 	}
-	binding := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "margay-cni"},
-		Subjects: []rbacv1.Subject{{Kind: rbacv1.UserKind, APIGroup: rbacv1.GroupName, Name: "margay-cni"}},
-		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "margay-cni"}}
+	binding := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: sa},
+		Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: sa, Namespace: ns}},
+		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: sa}}
 	if _, err := c.admin.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil {
 		c.t.Fatal(err)
 	}
+	tok, err := c.admin.CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authnv1.TokenRequest{
+		Spec: authnv1.TokenRequestSpec{ExpirationSeconds: new(int64(3600))}}, metav1.CreateOptions{})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	dir := filepath.Join(c.lab.Dir(), "cni-token")
+	ca, err := os.ReadFile(c.api.CAFile())
+	if err == nil {
+		err = os.MkdirAll(dir, 0o700)
+	}
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "token"), []byte(tok.Status.Token), 0o600)
+	}
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "ca.crt"), ca, 0o600)
+	}
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return dir
 }
 
 // startControllers runs margay-kube-controllers in the etcd host, with the
@@ -194,15 +225,19 @@ func (c *cluster) startControllers(grace time.Duration) {
 // scheduler; the kubelet acts the same on a pod the scheduler bound).
 func (c *cluster) pod(ctx context.Context, ns, name, node string, labels map[string]string) *corev1.Pod {
 	c.t.Helper()
-	p, err := c.admin.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
-		Spec: corev1.PodSpec{NodeName: node, TerminationGracePeriodSeconds: new(int64(2)),
-			Containers: []corev1.Container{{Name: "main", Image: k8stest.PauseImage, ImagePullPolicy: corev1.PullNever}}},
-	}, metav1.CreateOptions{})
+	p, err := c.admin.CoreV1().Pods(ns).Create(ctx, podSpec(ns, name, node, labels), metav1.CreateOptions{})
 	if err != nil {
 		c.t.Fatalf("create pod %s/%s: %v", ns, name, err)
 	}
 	return p
+}
+
+func podSpec(ns, name, node string, labels map[string]string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
+		Spec: corev1.PodSpec{NodeName: node, TerminationGracePeriodSeconds: new(int64(2)),
+			Containers: []corev1.Container{{Name: "main", Image: k8stest.PauseImage, ImagePullPolicy: corev1.PullNever}}},
+	}
 }
 
 // waitReady waits until every named pod in ns is Ready and returns them.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/test/lab"
 )
 
@@ -164,4 +166,77 @@ func (c *cluster) endpoint(p *corev1.Pod) *api.WorkloadEndpoint {
 		c.t.Fatalf("endpoint %s: %v: %s", name, err, out)
 	}
 	return &w
+}
+
+// TestDeleteNode: when a node dies and Kubernetes deletes it, the controller
+// deletes its Node and frees its blocks and its pods' addresses within the
+// grace period (and the dead agent's TTL), while a pod running on another node keeps its address the
+// whole time.
+func TestDeleteNode(t *testing.T) {
+	c := newCluster(t, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	n1, n2 := c.lab.Nodes[0], c.lab.Nodes[1]
+	const grace = 5 * time.Second
+	c.startControllers(grace)
+	c.pod(ctx, "default", "keep", n1.Name, map[string]string{"app": "keep"})
+	c.pod(ctx, "default", "lost", n2.Name, map[string]string{"app": "lost"})
+	pods := c.waitReady(ctx, "default", "keep", "lost")
+	keep, lost := pods["keep"], pods["lost"]
+
+	// node2 dies: its kubelet, containers and agent stop without a CNI DEL.
+	c.kubelets[n2.Name].Stop()
+	n2.Stop(syscall.SIGKILL)
+	start := time.Now()
+	if err := c.admin.CoreV1().Nodes().Delete(ctx, n2.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Until node2's things are gone, keep's address must stay allocated to it.
+	var checks int
+	var waiting string
+	err := lab.WaitFor(grace+30*time.Second, func() (err error) {
+		checks++
+		defer func() {
+			if err != nil && err.Error() != waiting {
+				waiting = err.Error()
+				t.Logf("%v: %v", time.Since(start).Round(100*time.Millisecond), err)
+			}
+		}()
+		if out, err := c.lab.Ctl(n1, "ipam", "show", "--ip", keep.Status.PodIP); err != nil || strings.Contains(out, " is free ") {
+			t.Fatalf("the running pod's address %s was freed: %v: %s", keep.Status.PodIP, err, out)
+		}
+		if out, _ := c.lab.Ctl(n1, "get", "nodes"); strings.Contains(out, n2.Name) {
+			return fmt.Errorf("node %s is still in etcd", n2.Name)
+		}
+		if out, _ := c.lab.Ctl(n1, "ipam", "show", "--show-blocks"); strings.Contains(out, n2.Name) {
+			return fmt.Errorf("blocks still name %s:\n%s", n2.Name, out)
+		}
+		if c.endpoint(lost) != nil {
+			return fmt.Errorf("the endpoint of the lost pod is still there")
+		}
+		if out, err := c.lab.Ctl(n1, "ipam", "show", "--ip", lost.Status.PodIP); err != nil || !strings.Contains(out, " is free ") {
+			return fmt.Errorf("the lost pod's address %s: %v: %s", lost.Status.PodIP, err, out)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	t.Logf("%v after the node's deletion (grace %v), its Node, blocks, endpoint and address were gone; the running pod's address held in %d checks",
+		took.Round(time.Millisecond), grace, checks)
+	if took < grace {
+		t.Errorf("the controller acted after %v, before its grace period of %v", took, grace)
+	}
+	// The blocks wait also for the killed agent's key in etcd to expire: IPAM
+	// frees a node's blocks only once no agent can still be using them.
+	if limit := max(grace, datastore.AgentTTL) + 5*time.Second; took > limit {
+		t.Errorf("the node's things were freed after %v; want within %v (the longer of the grace period and the agent TTL, plus two passes)", took, limit)
+	}
+	if out, err := c.inPod(keep, "ping", "-c", "2", "-i", "0.2", "-W", "2", lab.InternetAddr.String()); err != nil {
+		t.Errorf("the running pod lost its network: %v: %s", err, out)
+	}
+	if out, err := c.lab.Ctl(n1, "ipam", "check"); err != nil || !strings.Contains(out, "No problems found") {
+		t.Errorf("margayctl ipam check: %v: %s", err, out)
+	}
 }

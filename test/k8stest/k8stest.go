@@ -309,13 +309,16 @@ func (s *APIServer) LogTail(lines int) string {
 	return strings.Join(l[max(0, len(l)-lines):], "\n")
 }
 
+// CAFile is the certificate clients verify the API server with.
+func (s *APIServer) CAFile() string { return filepath.Join(s.Dir, "certs", "apiserver.crt") }
+
 // NodeUser is the user a kubelet on node authenticates as.
 func NodeUser(node string) string { return "system:node:" + node }
 
 // Config is a client config for user (one of Users, or a NodeUser).
 func (s *APIServer) Config(user string) *rest.Config {
 	c := &rest.Config{Host: s.URL, BearerToken: s.tokens[user],
-		TLSClientConfig: rest.TLSClientConfig{CAFile: filepath.Join(s.Dir, "certs", "apiserver.crt")}}
+		TLSClientConfig: rest.TLSClientConfig{CAFile: s.CAFile()}}
 	if s.NS != nil {
 		c.Dial = s.NS.DialContext
 	}
@@ -348,7 +351,7 @@ func (s *APIServer) Kubeconfig(t testing.TB, user string) string {
 
 func (s *APIServer) writeKubeconfig(path, user string) error {
 	c := clientcmdapi.NewConfig()
-	c.Clusters["lab"] = &clientcmdapi.Cluster{Server: s.URL, CertificateAuthority: filepath.Join(s.Dir, "certs", "apiserver.crt")}
+	c.Clusters["lab"] = &clientcmdapi.Cluster{Server: s.URL, CertificateAuthority: s.CAFile()}
 	c.AuthInfos[user] = &clientcmdapi.AuthInfo{Token: s.tokens[user]}
 	c.Contexts["lab"] = &clientcmdapi.Context{Cluster: "lab", AuthInfo: user}
 	c.CurrentContext = "lab"
