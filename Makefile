@@ -70,11 +70,14 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseSelector$$' -fuzztime $(FUZZTIME) ./api
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConf$$' -fuzztime $(FUZZTIME) ./cni
 
-# cnibench and nodebench need root: they make network namespaces.
+# cnibench, nodebench and the pod startup benchmark need root: they make network
+# namespaces.
 bench: deps
 	$(GO) run ./test/bench/ipambench
 	$(GO) run ./test/bench/cnibench
 	$(GO) run ./test/bench/nodebench
+	test/k8s/build.sh
+	MARGAY_K8S_REQUIRE=1 $(GO) test -count=1 -run '^$$' -bench PodStartup -benchtime 3x ./test/k8s
 
 clean:
 	rm -rf $(BIN)
