@@ -108,3 +108,38 @@ func TestInstallCNIRefuses(t *testing.T) {
 		t.Errorf("a refused install wrote the conf dir (stat: %v)", err)
 	}
 }
+
+// The plugin's kubeconfig: from a token directory, with the API server from
+// the pod's environment; refused, with nothing written, when it is ambiguous or
+// has no server.
+func TestInstallCNIKubeconfig(t *testing.T) {
+	src, dir, tokens := t.TempDir(), t.TempDir(), t.TempDir()
+	for _, p := range []string{"margay", "margay-ipam"} {
+		os.WriteFile(filepath.Join(src, p), []byte(p), 0o755)
+	}
+	os.WriteFile(filepath.Join(tokens, "token"), []byte("t0ken"), 0o600)
+	os.WriteFile(filepath.Join(tokens, "ca.crt"), []byte("ca"), 0o600)
+	conf := filepath.Join(dir, "net.d")
+	args := []string{"--src-dir", src, "--bin-dir", filepath.Join(dir, "bin"), "--conf-dir", conf,
+		"--etcd-endpoints", "https://10.0.0.11:2379", "--kubeconfig-token-dir", tokens}
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	if code, _, errs := installCNI(t, args...); code != 2 || !strings.Contains(errs, "KUBERNETES_SERVICE_HOST") {
+		t.Errorf("no API server: exit %d, %s; want a usage error naming the variables", code, errs)
+	}
+	if code, _, errs := installCNI(t, append(args, "--kubernetes-server", "https://10.96.0.1:443", "--kubeconfig", "/etc/k")...); code != 2 || !strings.Contains(errs, "not both") {
+		t.Errorf("--kubeconfig and --kubeconfig-token-dir: exit %d, %s; want a usage error", code, errs)
+	}
+	if _, err := os.Stat(conf); err == nil {
+		t.Error("a refused install wrote into the conf dir")
+	}
+	t.Setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+	t.Setenv("KUBERNETES_SERVICE_PORT", "443")
+	if code, out, errs := installCNI(t, args...); code != 0 || !strings.Contains(out, cni.KubeconfigName) {
+		t.Fatalf("install: exit %d, %q, %s", code, out, errs)
+	}
+	kc, _ := os.ReadFile(filepath.Join(conf, cni.KubeconfigName))
+	list, _ := os.ReadFile(filepath.Join(conf, "10-margay.conflist"))
+	if !strings.Contains(string(kc), "server: https://10.96.0.1:443") || !strings.Contains(string(list), filepath.Join(conf, cni.KubeconfigName)) {
+		t.Errorf("kubeconfig:\n%s\nconflist:\n%s", kc, list)
+	}
+}
