@@ -84,7 +84,7 @@ func newCluster(t testing.TB, nodes int) *cluster {
 	if testing.Short() {
 		t.Skip("starts kube-apiserver, containerd and kubelets")
 	}
-	for _, b := range []string{"kube-apiserver", "kubelet", "kubectl", "containerd", "containerd-shim-runc-v2", "ctr"} {
+	for _, b := range []string{"kube-apiserver", "kube-scheduler", "kube-controller-manager", "kubelet", "kubectl", "containerd", "containerd-shim-runc-v2", "ctr"} {
 		k8stest.NeedBinary(t, b)
 	}
 	opts := lab.Options{Nodes: nodes, Subnets: 2, Pools: pool, Bin: binDir, K8sNodeRefs: true,
@@ -221,8 +221,7 @@ func (c *cluster) startControllers(grace time.Duration) {
 	})
 }
 
-// pod creates a pod of the pause image bound to node (the lab runs no
-// scheduler; the kubelet acts the same on a pod the scheduler bound).
+// pod creates a pod of the pause image (see podSpec).
 func (c *cluster) pod(ctx context.Context, ns, name, node string, labels map[string]string) *corev1.Pod {
 	c.t.Helper()
 	p, err := c.admin.CoreV1().Pods(ns).Create(ctx, podSpec(ns, name, node, labels), metav1.CreateOptions{})
@@ -232,12 +231,19 @@ func (c *cluster) pod(ctx context.Context, ns, name, node string, labels map[str
 	return p
 }
 
+// podSpec is a pod bound to node or, with node "", one for kube-scheduler,
+// spread one per node among the pods of its labels.
 func podSpec(ns, name, node string, labels map[string]string) *corev1.Pod {
-	return &corev1.Pod{
+	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
 		Spec: corev1.PodSpec{NodeName: node, TerminationGracePeriodSeconds: new(int64(2)),
 			Containers: []corev1.Container{{Name: "main", Image: k8stest.PauseImage, ImagePullPolicy: corev1.PullNever}}},
 	}
+	if node == "" {
+		p.Spec.TopologySpreadConstraints = []corev1.TopologySpreadConstraint{{MaxSkew: 1, TopologyKey: corev1.LabelHostname,
+			WhenUnsatisfiable: corev1.DoNotSchedule, LabelSelector: &metav1.LabelSelector{MatchLabels: labels}}}
+	}
+	return p
 }
 
 // waitReady waits until every named pod in ns is Ready and returns them.

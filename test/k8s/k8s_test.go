@@ -19,8 +19,8 @@ import (
 	"github.com/margay-dev/margay/test/lab"
 )
 
-// TestKubeletPods: pods made through the Kubernetes API on two kubelet nodes
-// in two subnets get margay addresses, with their labels on the endpoint from
+// TestKubeletPods: pods made through the Kubernetes API and placed by
+// kube-scheduler on two kubelet nodes in two subnets get margay addresses, with their labels on the endpoint from
 // ADD on; reach each other and the internet host; are relabelled by the
 // controller; and leave nothing behind when deleted.
 func TestKubeletPods(t *testing.T) {
@@ -32,9 +32,16 @@ func TestKubeletPods(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Name: "prod", Labels: map[string]string{"team": "blue"}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	c.pod(ctx, "prod", "web-1", n1.Name, map[string]string{"app": "web"})
-	c.pod(ctx, "prod", "web-2", n2.Name, map[string]string{"app": "web"})
+	// kube-scheduler places them, one per node, once kube-controller-manager
+	// has lifted the not-ready taint the kubelets registered with.
+	c.api.StartControllerManager(t)
+	c.api.StartScheduler(t)
+	c.pod(ctx, "prod", "web-1", "", map[string]string{"app": "web"})
+	c.pod(ctx, "prod", "web-2", "", map[string]string{"app": "web"})
 	pods := c.waitReady(ctx, "prod", "web-1", "web-2")
+	if a, b := pods["web-1"].Spec.NodeName, pods["web-2"].Spec.NodeName; a == b || a == "" || b == "" {
+		t.Fatalf("scheduled to %q and %q; want one pod on each of %s and %s", a, b, n1.Name, n2.Name)
+	}
 
 	// Addresses from the pool, as kubectl shows them.
 	out, err := c.kubectl("get", "pods", "-n", "prod", "-o", "wide")

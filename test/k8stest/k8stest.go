@@ -118,9 +118,10 @@ type APIServer struct {
 	logFile *os.File
 }
 
-// Users with a static token: an admin (system:masters) and users with no
+// Users with a static token: an admin (system:masters), kube-scheduler's user
+// (bound to its role by the API server's bootstrap RBAC) and users with no
 // group, which tests bind to the roles under test.
-var Users = []string{"admin", "margay-kube-controllers", "margay-cni"}
+var Users = []string{"admin", "system:kube-scheduler", "margay-kube-controllers", "margay-cni"}
 
 // Options place a kube-apiserver.
 type Options struct {
@@ -304,7 +305,12 @@ func (s *APIServer) Stop() {
 
 // LogTail is the end of kube-apiserver's log.
 func (s *APIServer) LogTail(lines int) string {
-	b, _ := os.ReadFile(filepath.Join(s.Dir, "kube-apiserver.log"))
+	return tailFile(filepath.Join(s.Dir, "kube-apiserver.log"), lines)
+}
+
+// tailFile is the last lines of a file.
+func tailFile(path string, lines int) string {
+	b, _ := os.ReadFile(path)
 	l := strings.Split(strings.TrimSpace(string(b)), "\n")
 	return strings.Join(l[max(0, len(l)-lines):], "\n")
 }

@@ -117,9 +117,7 @@ func (k *Kubelet) Socket() string { return k.path("containerd.sock") }
 
 // LogTail is the end of the kubelet's (or "containerd"'s) log.
 func (k *Kubelet) LogTail(daemon string, lines int) string {
-	b, _ := os.ReadFile(k.path(daemon + ".log"))
-	l := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return strings.Join(l[max(0, len(l)-lines):], "\n")
+	return tailFile(k.path(daemon+".log"), lines)
 }
 
 func (k *Kubelet) start(bins map[string]string) error {
