@@ -380,6 +380,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.bt
   # lacks: keep containers' scores at or above containerd's own (0), instead
   # of the sandbox's -998, which runc could not set.
   restrict_oom_score_adj = true
+  # Pin pod network namespaces in the node's state directory: under the host's
+  # /var/run/netns their bind mounts would go with the mount namespace, but the
+  # files would stay.
+  netns_mounts_under_state_dir = true
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = [%[6]q]
     conf_dir = %[7]q
