@@ -22,13 +22,19 @@ var docSeparator = regexp.MustCompile(`(?m)^---[ \t]*(#.*)?\r?$`)
 // "---"; a document of kind List contributes its items) into resources. Unknown
 // fields are errors, so a typo in a field name does not pass silently. Defaults are
 // applied; validation is left to the caller.
-func Decode(data []byte) ([]Resource, error) {
+func Decode(data []byte) ([]Resource, error) { return DecodeWith(data, DecodeOne) }
+
+// DecodeWith is Decode with one in place of DecodeOne for every object (a
+// document, a List's item, an object of a JSON stream), so that a caller can
+// accept objects of other APIs (Kubernetes' NetworkPolicy) in the same files,
+// with the same document splitting and the same error positions.
+func DecodeWith(data []byte, one func(js []byte) (Resource, error)) ([]Resource, error) {
 	var out []Resource
 	for i, doc := range docSeparator.Split(string(data), -1) {
 		if len(bytes.TrimSpace(stripComments([]byte(doc)))) == 0 {
 			continue
 		}
-		rs, err := decodeDoc([]byte(doc))
+		rs, err := decodeDoc([]byte(doc), one)
 		if err != nil {
 			return nil, fmt.Errorf("document %d: %w", i+1, err)
 		}
@@ -46,12 +52,15 @@ func stripComments(b []byte) []byte { return commentLine.ReplaceAll(b, nil) }
 
 type listDoc struct {
 	TypeMeta `json:",inline"`
+	// Metadata is ignored: kubectl's lists carry one ({resourceVersion: ""}),
+	// and `kubectl get ... -o yaml` is input margayctl reads.
+	Metadata json.RawMessage   `json:"metadata,omitempty"`
 	Items    []json.RawMessage `json:"items"`
 }
 
-func decodeDoc(doc []byte) ([]Resource, error) {
+func decodeDoc(doc []byte, one func([]byte) (Resource, error)) ([]Resource, error) {
 	if trimmed := bytes.TrimSpace(doc); len(trimmed) > 0 && trimmed[0] == '{' {
-		rs, err := decodeJSONStream(trimmed)
+		rs, err := decodeJSONStream(trimmed, one)
 		if se := new(json.SyntaxError); !errors.As(err, &se) {
 			return rs, err
 		}
@@ -64,13 +73,13 @@ func decodeDoc(doc []byte) ([]Resource, error) {
 			}
 			return nil, err
 		}
-		return decodeObject(js)
+		return decodeObject(js, one)
 	}
 	js, err := yamlToJSON(doc)
 	if err != nil {
 		return nil, fmt.Errorf("not valid YAML or JSON: %v", err)
 	}
-	return decodeObject(js)
+	return decodeObject(js, one)
 }
 
 // yamlToJSON converts one YAML document. yaml.YAMLToJSON converts the first
@@ -92,7 +101,7 @@ func yamlToJSON(doc []byte) ([]byte, error) {
 }
 
 // decodeObject decodes one JSON object: a List's items, or a single resource.
-func decodeObject(js []byte) ([]Resource, error) {
+func decodeObject(js []byte, one func([]byte) (Resource, error)) ([]Resource, error) {
 	var tm TypeMeta
 	if err := json.Unmarshal(js, &tm); err != nil {
 		return nil, fmt.Errorf("expected an object with apiVersion and kind: %v", err)
@@ -107,7 +116,7 @@ func decodeObject(js []byte) ([]Resource, error) {
 		}
 		var out []Resource
 		for i, item := range l.Items {
-			r, err := DecodeOne(item)
+			r, err := one(item)
 			if err != nil {
 				return nil, fmt.Errorf("item %d: %w", i+1, err)
 			}
@@ -115,7 +124,7 @@ func decodeObject(js []byte) ([]Resource, error) {
 		}
 		return out, nil
 	}
-	r, err := DecodeOne(js)
+	r, err := one(js)
 	if err != nil {
 		return nil, err
 	}
@@ -124,7 +133,7 @@ func decodeObject(js []byte) ([]Resource, error) {
 
 // decodeJSONStream decodes one or more concatenated JSON objects (as `jq -c` prints
 // them); YAMLToJSON would silently keep only the first.
-func decodeJSONStream(data []byte) ([]Resource, error) {
+func decodeJSONStream(data []byte, one func([]byte) (Resource, error)) ([]Resource, error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	var out []Resource
 	for dec.More() {
@@ -132,7 +141,7 @@ func decodeJSONStream(data []byte) ([]Resource, error) {
 		if err := dec.Decode(&raw); err != nil {
 			return nil, fmt.Errorf("not valid JSON: %w", err)
 		}
-		rs, err := decodeObject(raw)
+		rs, err := decodeObject(raw, one)
 		if err != nil {
 			return nil, err
 		}

@@ -226,8 +226,8 @@ func TestDecodeErrors(t *testing.T) {
 	}{
 		{"unknown spec field", "apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: p}\nspec:\n  cidrr: 10.244.0.0/16\n",
 			[]string{"document 1", "IPPool", `spec.cidrr: unknown field; did you mean "cidr"?`}},
-		{"unknown metadata field", "apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: node-1, namespace: x}\n",
-			[]string{`metadata.namespace: unknown field`}},
+		{"unknown metadata field", "apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: node-1, uid: x}\n",
+			[]string{`metadata.uid: unknown field`}},
 		{"unknown top-level field", "apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: node-1}\nstatus: {}\n",
 			[]string{`status: unknown field`}},
 		{"unknown field in json", `{"apiVersion": "margay.dev/v1", "kind": "BGPPeer", "metadata": {"name": "p"}, "spec": {"peerIp": "1.2.3.4", "peerAS": 1}}`,

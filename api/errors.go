@@ -70,6 +70,18 @@ func (e *errs) checkMeta(kind string, tm *TypeMeta, m *ObjectMeta) {
 	case len(m.Name) > 253 || !nameRE.MatchString(m.Name):
 		e.add("metadata.name", m.Name, "must be lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters")
 	}
+	namespaced := false
+	for _, k := range kinds {
+		namespaced = namespaced || k.Kind == kind && k.Namespaced
+	}
+	switch {
+	case namespaced && m.Namespace == "":
+		e.add("metadata.namespace", nil, "is required")
+	case namespaced && (len(m.Namespace) > 63 || !labelValueRE.MatchString(m.Namespace) || !nameRE.MatchString(m.Namespace) || strings.Contains(m.Namespace, ".")):
+		e.add("metadata.namespace", m.Namespace, "must be lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters")
+	case !namespaced && m.Namespace != "":
+		e.add("metadata.namespace", m.Namespace, "must not be set: %s is not namespaced", kind)
+	}
 	for k, v := range m.Labels {
 		if !ValidLabelKey(k) {
 			e.add("metadata.labels", k, "is not a valid label key (letters, digits, '-', '_', '.', optionally prefixed by a DNS name and '/')")

@@ -15,6 +15,9 @@ func FuzzDecode(f *testing.F) {
 		"apiVersion: margay.dev/v1\nkind: Node\nmetadata: {name: n1}\nspec:\n  bgp: {ipv4Address: 198.18.1.2/24, asNumber: 65001, routeReflectorClusterID: 224.0.0.1}\n  vxlanTunnelMACAddr: \"66:1f:3a:00:00:01\"\n",
 		`{"apiVersion": "margay.dev/v1", "kind": "WorkloadEndpoint", "metadata": {"name": "w"}, "spec": {"node": "n", "containerID": "c", "interfaceName": "mgy1", "ipNetworks": ["10.244.0.5/32"], "mac": "ee:ee:ee:ee:ee:ee"}}`,
 		`{"apiVersion": "margay.dev/v1", "kind": "List", "items": [{"apiVersion": "margay.dev/v1", "kind": "IPAMConfiguration", "metadata": {"name": "default"}, "spec": {"strictAffinity": true, "maxBlocksPerHost": 0}}]}`,
+		"apiVersion: margay.dev/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: web}\nspec:\n  order: 10\n  selector: app == 'web'\n  ingress:\n  - action: Allow\n    protocol: TCP\n    source: {selector: app == 'front', namespaceSelector: all(), nets: [10.0.0.0/8], notNets: [10.1.0.0/16]}\n    destination: {ports: [80, \"8000:8080\", http], notPorts: [8001]}\n  egress:\n  - {action: Pass, notProtocol: 17}\n",
+		"apiVersion: margay.dev/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: g}\nspec: {tier: security, namespaceSelector: has(team), types: [Egress], egress: [{action: Deny, protocol: 1}]}\n",
+		"apiVersion: margay.dev/v1\nkind: Tier\nmetadata: {name: security}\nspec: {order: 100}\n",
 		"# comment\n---\n--- # x\n",
 		"",
 	}

@@ -20,8 +20,10 @@ type TypeMeta struct {
 
 // ObjectMeta is the metadata every resource carries.
 type ObjectMeta struct {
-	Name   string            `json:"name"`
-	Labels map[string]string `json:"labels,omitempty"`
+	Name string `json:"name"`
+	// Namespace is set on namespaced kinds (NetworkPolicy) only.
+	Namespace string            `json:"namespace,omitempty"`
+	Labels    map[string]string `json:"labels,omitempty"`
 	// ResourceVersion is the etcd ModRevision of the stored object. It is set by the
 	// datastore on read and checked on update and delete.
 	ResourceVersion string `json:"resourceVersion,omitempty"`
@@ -46,8 +48,11 @@ type KindInfo struct {
 	Kind    string
 	Plural  string   // the etcd key segment and the canonical CLI name
 	Aliases []string // other names accepted on the command line
-	New     func() Resource
-	goType  reflect.Type
+	// Namespaced kinds are stored, and named on the command line, by
+	// namespace and name.
+	Namespaced bool
+	New        func() Resource
+	goType     reflect.Type
 }
 
 var kinds = []KindInfo{
@@ -56,6 +61,9 @@ var kinds = []KindInfo{
 	{Kind: KindBGPPeer, Plural: "bgppeers", Aliases: []string{"bgppeer", "peer", "peers"}, New: func() Resource { return NewBGPPeer("") }},
 	{Kind: KindNode, Plural: "nodes", Aliases: []string{"node", "no"}, New: func() Resource { return NewNode("") }},
 	{Kind: KindWorkloadEndpoint, Plural: "workloadendpoints", Aliases: []string{"workloadendpoint", "wep", "weps"}, New: func() Resource { return NewWorkloadEndpoint("") }},
+	{Kind: KindNetworkPolicy, Plural: "networkpolicies", Aliases: []string{"networkpolicy", "netpol", "np", "policy", "policies"}, Namespaced: true, New: func() Resource { return NewNetworkPolicy("", "") }},
+	{Kind: KindGlobalNetworkPolicy, Plural: "globalnetworkpolicies", Aliases: []string{"globalnetworkpolicy", "gnp", "gnps"}, New: func() Resource { return NewGlobalNetworkPolicy("") }},
+	{Kind: KindTier, Plural: "tiers", Aliases: []string{"tier"}, New: func() Resource { return NewTier("") }},
 	{Kind: KindIPAMConfiguration, Plural: "ipamconfigurations", Aliases: []string{"ipamconfiguration", "ipamconfig"}, New: func() Resource { return NewIPAMConfiguration() }},
 }
 
@@ -101,9 +109,21 @@ func KindOf(r Resource) KindInfo {
 	panic(fmt.Sprintf("api: %T is not a registered kind", r))
 }
 
-// Ref names a resource in messages: `IPPool "default"`.
+// DefaultNamespace is the namespace of a namespaced resource that names none.
+const DefaultNamespace = "default"
+
+// StorageName is the name a resource is stored and looked up by: its name,
+// after "namespace/" for a namespaced kind.
+func StorageName(m *ObjectMeta) string {
+	if m.Namespace != "" {
+		return m.Namespace + "/" + m.Name
+	}
+	return m.Name
+}
+
+// Ref names a resource in messages: `IPPool "default"`, `NetworkPolicy "ns/name"`.
 func Ref(r Resource) string {
-	return fmt.Sprintf("%s %q", r.GetTypeMeta().Kind, r.GetMetadata().Name)
+	return fmt.Sprintf("%s %q", r.GetTypeMeta().Kind, StorageName(r.GetMetadata()))
 }
 
 func typeMeta(kind string) TypeMeta { return TypeMeta{APIVersion: APIVersion, Kind: kind} }

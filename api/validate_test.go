@@ -690,3 +690,96 @@ func TestIPPoolSelects(t *testing.T) {
 		t.Errorf("Prefix = %s", got)
 	}
 }
+
+func validPolicy() *NetworkPolicy {
+	p := NewNetworkPolicy("web", "allow-front")
+	p.Spec.Selector = "app == 'web'"
+	p.Spec.Ingress = []Rule{{Action: ActionAllow, Protocol: &Protocol{Name: "TCP"},
+		Source:      EntityRule{Selector: "app == 'front'", NamespaceSelector: "all()"},
+		Destination: EntityRule{Ports: []Port{{Min: 80, Max: 80}, {Min: 8000, Max: 8080}, {Name: "http"}}}}}
+	p.SetDefaults()
+	return p
+}
+
+func TestValidatePolicy(t *testing.T) {
+	if err := validPolicy().Validate(); err != nil {
+		t.Fatalf("valid policy: %v", err)
+	}
+	if got := validPolicy().Spec.Types; len(got) != 1 || got[0] != PolicyIngress {
+		t.Errorf("default types %v, want [Ingress]", got)
+	}
+	cases := []struct {
+		name, field, frag string
+		edit              func(p *NetworkPolicy)
+	}{
+		{"no namespace", "metadata.namespace", "required", func(p *NetworkPolicy) { p.Metadata.Namespace = "" }},
+		{"bad namespace", "metadata.namespace", "lower-case", func(p *NetworkPolicy) { p.Metadata.Namespace = "a.b" }},
+		{"bad selector", "spec.selector", "", func(p *NetworkPolicy) { p.Spec.Selector = "app ==" }},
+		{"namespaceSelector on a namespaced policy", "spec.namespaceSelector", "GlobalNetworkPolicy", func(p *NetworkPolicy) { p.Spec.NamespaceSelector = "all()" }},
+		{"bad type", "spec.types", "Ingress or Egress", func(p *NetworkPolicy) { p.Spec.Types = []PolicyType{"Both"} }},
+		{"rules without their type", "spec.ingress", "lacks Ingress", func(p *NetworkPolicy) { p.Spec.Types = []PolicyType{PolicyEgress} }},
+		{"no action", "spec.ingress[0].action", "required", func(p *NetworkPolicy) { p.Spec.Ingress[0].Action = "" }},
+		{"bad action", "spec.ingress[0].action", "Allow, Deny", func(p *NetworkPolicy) { p.Spec.Ingress[0].Action = "Accept" }},
+		{"ports without protocol", "spec.ingress[0].destination.ports", "needs protocol", func(p *NetworkPolicy) { p.Spec.Ingress[0].Protocol = nil }},
+		{"ports with ICMP", "spec.ingress[0].destination.ports", "needs protocol", func(p *NetworkPolicy) { p.Spec.Ingress[0].Protocol = &Protocol{Name: "ICMP"} }},
+		{"named source port", "spec.ingress[0].source.ports", "destination port", func(p *NetworkPolicy) { p.Spec.Ingress[0].Source.Ports = []Port{{Name: "http"}} }},
+		{"bad net", "spec.ingress[0].source.nets", "CIDR", func(p *NetworkPolicy) { p.Spec.Ingress[0].Source.Nets = []string{"10.0.0.300/8"} }},
+		{"host bits", "spec.ingress[0].source.notNets", "write 10.0.0.0/8", func(p *NetworkPolicy) { p.Spec.Ingress[0].Source.NotNets = []string{"10.1.0.0/8"} }},
+		{"protocol equals notProtocol", "spec.ingress[0].notProtocol", "never match", func(p *NetworkPolicy) { p.Spec.Ingress[0].NotProtocol = &Protocol{Number: 6} }},
+		{"doNotTrack", "spec.doNotTrack", "not supported", func(p *NetworkPolicy) { p.Spec.DoNotTrack = true }},
+		{"bad tier", "spec.tier", "Tier", func(p *NetworkPolicy) { p.Spec.Tier = "Not_A_Name" }},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := validPolicy()
+			c.edit(p)
+			wantFieldErr(t, p.Validate(), c.field, c.frag)
+		})
+	}
+	g := NewGlobalNetworkPolicy("g")
+	g.Spec.NamespaceSelector = "team == 'a'"
+	g.Spec.Egress = []Rule{{Action: ActionDeny}}
+	g.SetDefaults()
+	if err := g.Validate(); err != nil || len(g.Spec.Types) != 1 || g.Spec.Types[0] != PolicyEgress {
+		t.Errorf("egress-only global policy: err %v, types %v (want [Egress])", err, g.Spec.Types)
+	}
+	g.Metadata.Namespace = "x"
+	wantFieldErr(t, g.Validate(), "metadata.namespace", "not namespaced")
+	tier := NewTier(DefaultTier)
+	wantFieldErr(t, tier.Validate(), "metadata.name", "implicit default tier")
+	wantFieldErr(t, NewTier("t").Validate(), "spec.order", "required")
+}
+
+func TestDecodePortsAndProtocols(t *testing.T) {
+	doc := `apiVersion: margay.dev/v1
+kind: GlobalNetworkPolicy
+metadata: {name: g}
+spec:
+  ingress:
+  - action: Allow
+    protocol: 132
+    destination: {ports: [80, "90:99", "metrics"], notPorts: ["95"]}
+  - action: Deny
+    protocol: udplite
+`
+	r, err := DecodeOne([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := r.(*GlobalNetworkPolicy).Spec.Ingress
+	d := in[0].Destination
+	if in[0].Protocol.Num() != 132 || in[1].Protocol.String() != "UDPLite" || len(d.Ports) != 3 ||
+		d.Ports[0] != (Port{Min: 80, Max: 80}) || d.Ports[1] != (Port{Min: 90, Max: 99}) || d.Ports[2].Name != "metrics" || d.NotPorts[0].Min != 95 {
+		t.Errorf("decoded %+v", in)
+	}
+	for _, bad := range []struct{ value, frag string }{
+		{`protocol: 256`, "out of range"}, {`protocol: Tcpp`, "use TCP"}, {`protocol: 0`, "out of range"},
+		{`destination: {ports: ["99:90"]}`, "must not be above"}, {`destination: {ports: [70000]}`, "0 to 65535"},
+		{`destination: {ports: ["Http"]}`, "port name"}, {`destination: {ports: ["a--b"]}`, "port name"},
+	} {
+		_, err := DecodeOne([]byte("apiVersion: margay.dev/v1\nkind: GlobalNetworkPolicy\nmetadata: {name: g}\nspec:\n  ingress:\n  - action: Allow\n    " + bad.value + "\n"))
+		if err == nil || !strings.Contains(err.Error(), bad.frag) {
+			t.Errorf("%s: error %v, want one containing %q", bad.value, err, bad.frag)
+		}
+	}
+}
