@@ -94,7 +94,7 @@ func (s *Store) Create(ctx context.Context, r api.Resource) (api.Resource, error
 // at; if the stored one differs the update fails with a ConflictError.
 func (s *Store) Update(ctx context.Context, r api.Resource) (api.Resource, error) {
 	k := api.KindOf(r)
-	name := r.GetMetadata().Name
+	name := api.StorageName(r.GetMetadata())
 	rv := r.GetMetadata().ResourceVersion
 	if rv == "" {
 		return nil, fmt.Errorf("%s: update needs metadata.resourceVersion; get the resource first", describe(k, name))
@@ -122,7 +122,7 @@ func (s *Store) Update(ctx context.Context, r api.Resource) (api.Resource, error
 // update guarded by r's resourceVersion.
 func (s *Store) write(ctx context.Context, r api.Resource, old api.Resource) (api.Resource, error) {
 	k := api.KindOf(r)
-	name := r.GetMetadata().Name
+	name := api.StorageName(r.GetMetadata())
 	r.SetDefaults()
 	if err := r.Validate(); err != nil {
 		return nil, err

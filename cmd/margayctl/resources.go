@@ -115,7 +115,8 @@ func (a *app) each(rs []api.Resource, f func(api.Resource) (string, error)) erro
 // write creates, updates or replaces one resource and says what it did.
 func write(ctx context.Context, s *datastore.Store, verb string, r api.Resource) (string, error) {
 	k := api.KindOf(r)
-	name := r.GetMetadata().Name
+	r.SetDefaults() // a namespaced resource's namespace is part of its name
+	name := api.StorageName(r.GetMetadata())
 	if verb == "create" {
 		_, err := s.Create(ctx, r)
 		return "created", err
@@ -192,7 +193,8 @@ func (a *app) deleteCmd() *cobra.Command {
 				if api.KindOf(r).Kind == api.KindNode {
 					return a.deleteNode(cmd.Context(), store, r)
 				}
-				_, err := store.Delete(cmd.Context(), api.KindOf(r), m.Name, m.ResourceVersion)
+				r.SetDefaults()
+				_, err := store.Delete(cmd.Context(), api.KindOf(r), api.StorageName(m), m.ResourceVersion)
 				return "deleted", err
 			})
 		},
