@@ -246,7 +246,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		a.log.Error("BGP paths", "err", err)
 	}
 	in := calc.Input{Node: a.cfg.NodeName, NodeIP: a.addr, Pools: s.pools, Nodes: s.nodes, Blocks: s.blocks,
-		Endpoints: s.eps, Owners: s.owners, Paths: paths, RandomFully: a.ipt.RandomFully(), UnderlayMTU: a.underlayMTU()}
+		Endpoints: s.eps, Owners: s.owners, Paths: paths, RandomFully: a.ipt.RandomFully(), UnderlayMTU: a.underlayMTU(), Policy: s.policy}
 	in.Gateways = a.gateways(in.Paths)
 	out := calc.Compute(in)
 	a.reportIgnored(out.Ignored, time.Now())

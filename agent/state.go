@@ -24,6 +24,9 @@ type view struct {
 	peers    map[string]*api.BGPPeer
 	eps      map[string]*api.WorkloadEndpoint // every node's
 	blocks   map[netip.Prefix]string          // confirmed affinities: block -> node
+	policies map[string]*api.NetworkPolicy
+	globals  map[string]*api.GlobalNetworkPolicy
+	tiers    map[string]*api.Tier
 	synced   map[string]bool
 	watchers int
 	kick     func()
@@ -34,6 +37,7 @@ func newView(node string, kick func(), log *slog.Logger) *view {
 	return &view{node: node, pools: map[string]*api.IPPool{}, nodes: map[string]*api.Node{},
 		configs: map[string]*api.BGPConfiguration{}, peers: map[string]*api.BGPPeer{},
 		eps: map[string]*api.WorkloadEndpoint{}, blocks: map[netip.Prefix]string{},
+		policies: map[string]*api.NetworkPolicy{}, globals: map[string]*api.GlobalNetworkPolicy{}, tiers: map[string]*api.Tier{},
 		synced: map[string]bool{}, kick: kick, log: log}
 }
 
@@ -91,8 +95,12 @@ func (v *view) handlers() []*handler {
 		resourceHandler(v, v.configs, nil),
 		resourceHandler(v, v.peers, nil),
 		// Every node's endpoints and affinities: a path inside a pool is
-		// followed only towards the node that owns its prefix.
+		// followed only towards the node that owns its prefix, and policy
+		// selectors match endpoints on any node.
 		resourceHandler(v, v.eps, nil),
+		resourceHandler(v, v.policies, nil),
+		resourceHandler(v, v.globals, nil),
+		resourceHandler(v, v.tiers, nil),
 	}
 	v.watchers++
 	hs = append(hs, &handler{v: v, prefix: datastore.AffinitiesPrefix, event: func(ev datastore.Event) {
@@ -127,6 +135,7 @@ type snapshot struct {
 	eps     []calc.Endpoint // this node's
 	blocks  []netip.Prefix  // this node's
 	owners  calc.Owners
+	policy  calc.Policy
 }
 
 func (v *view) snapshot() snapshot {
@@ -140,7 +149,9 @@ func (v *view) snapshot() snapshot {
 		s.configs[k] = c
 	}
 	s.owners = calc.Owners{Blocks: make(map[netip.Prefix]string, len(v.blocks)), Pods: make(map[netip.Addr]string, len(v.eps))}
-	for _, w := range sortedValues(v.eps) {
+	s.policy = calc.Policy{Tiers: sortedValues(v.tiers), Policies: sortedValues(v.policies), Globals: sortedValues(v.globals)}
+	s.policy.Endpoints = sortedValues(v.eps)
+	for _, w := range s.policy.Endpoints {
 		ep := calc.Endpoint{Name: w.Metadata.Name, Interface: w.Spec.InterfaceName}
 		for _, n := range w.Spec.IPNetworks {
 			if p, err := netip.ParsePrefix(n); err == nil {

@@ -1,9 +1,11 @@
 package felix
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
+	"os/exec"
 	"slices"
 	"strings"
 
@@ -20,31 +22,52 @@ const ChainPrefix = "MGY-"
 var tables = []string{"filter", "nat"}
 
 // IPTables keeps margay's iptables chains and the jumps into them equal to the
-// desired ones. It runs the iptables binary, which inherits the network
-// namespace of the calling thread: call Apply and Cleanup on a thread in the
-// target namespace (runtime.LockOSThread). It is not safe for concurrent use.
+// desired ones. It reads a table with iptables-save and writes every change to
+// it in one iptables-restore --noflush transaction, so no chain is ever seen
+// empty or half-written, and a policy change has no window. It runs the
+// iptables binaries, which inherit the network namespace of the calling
+// thread: call Apply and Cleanup on a thread in the target namespace
+// (runtime.LockOSThread). It is not safe for concurrent use.
 type IPTables struct {
-	log *slog.Logger
-	ipt *iptables.IPTables
+	log           *slog.Logger
+	ipt           *iptables.IPTables
+	save, restore string
 }
 
-// NewIPTables finds the iptables binary and its version.
+// NewIPTables finds the iptables binaries and their version.
 func NewIPTables(log *slog.Logger) (*IPTables, error) {
 	ipt, err := iptables.New()
 	if err != nil {
 		return nil, fmt.Errorf("iptables: %w", err)
 	}
-	return &IPTables{log: log, ipt: ipt}, nil
+	t := &IPTables{log: log, ipt: ipt}
+	for _, b := range []struct {
+		path *string
+		name string
+	}{{&t.save, "iptables-save"}, {&t.restore, "iptables-restore"}} {
+		if *b.path, err = exec.LookPath(b.name); err != nil {
+			return nil, fmt.Errorf("%s: %w (install the iptables package)", b.name, err)
+		}
+	}
+	return t, nil
 }
 
 // RandomFully reports whether iptables supports MASQUERADE --random-fully.
 func (t *IPTables) RandomFully() bool { return t.ipt.HasRandomFully() }
 
+// table is what iptables-save printed of one table: its chains, each with
+// its rules as argument lists after `-A <chain>`.
+type table struct {
+	chains map[string][][]string
+	order  []string // chains in the order listed
+}
+
 // Apply makes margay's chains hold exactly the desired rules, puts each jump
 // once at the top of its base chain, and removes margay's chains that are no
-// longer desired together with every rule that jumps to them. Chains must come
-// in dependency order, referenced ones first. A chain is rewritten only when its rules differ, so a
-// second Apply with the same input runs only listings and reports no change.
+// longer desired together with every rule that jumps to them. Only the chains
+// whose rules differ are rewritten, each table in one transaction, so a
+// second Apply with the same input runs only iptables-save and reports no
+// change.
 func (t *IPTables) Apply(chains []calc.Chain, jumps []calc.Jump) (changed bool, err error) {
 	tabs := slices.Clone(tables)
 	for _, c := range chains {
@@ -52,126 +75,160 @@ func (t *IPTables) Apply(chains []calc.Chain, jumps []calc.Jump) (changed bool, 
 			tabs = append(tabs, c.Table)
 		}
 	}
-	have := map[string]map[string]bool{} // table → margay chains present
-	for _, tab := range tabs {
-		names, err := t.ipt.ListChains(tab)
-		if err != nil {
-			return false, fmt.Errorf("list chains of table %s: %w", tab, err)
-		}
-		have[tab] = map[string]bool{}
-		for _, n := range names {
-			if strings.HasPrefix(n, ChainPrefix) {
-				have[tab][n] = true
-			}
-		}
-	}
 	var errs []error
-	want := map[string]map[string]bool{}
-	for _, c := range chains {
-		if !strings.HasPrefix(c.Name, ChainPrefix) {
-			errs = append(errs, fmt.Errorf("chain %s/%s: margay's chains must start with %s", c.Table, c.Name, ChainPrefix))
-			continue
-		}
-		if want[c.Table] == nil {
-			want[c.Table] = map[string]bool{}
-		}
-		want[c.Table][c.Name] = true
-		c2, err := t.syncChain(c, have[c.Table][c.Name])
-		changed = changed || c2
-		if err != nil {
-			errs = append(errs, fmt.Errorf("chain %s/%s: %w", c.Table, c.Name, err))
-		}
-	}
-	for _, j := range jumps {
-		if !strings.HasPrefix(j.To, ChainPrefix) {
-			errs = append(errs, fmt.Errorf("jump %s/%s -> %s: target is not a margay chain", j.Table, j.From, j.To))
-			continue
-		}
-		c2, err := t.syncJump(j)
-		changed = changed || c2
-		if err != nil {
-			errs = append(errs, fmt.Errorf("jump %s/%s -> %s: %w", j.Table, j.From, j.To, err))
-		}
-	}
 	for _, tab := range tabs {
-		var stale []string
-		for n := range have[tab] {
-			if !want[tab][n] {
-				stale = append(stale, n)
+		var want []calc.Chain
+		for _, c := range chains {
+			if c.Table != tab {
+				continue
 			}
+			if !strings.HasPrefix(c.Name, ChainPrefix) {
+				errs = append(errs, fmt.Errorf("chain %s/%s: margay's chains must start with %s", c.Table, c.Name, ChainPrefix))
+				continue
+			}
+			want = append(want, c)
 		}
-		if len(stale) == 0 {
-			continue
+		var js []calc.Jump
+		for _, j := range jumps {
+			if j.Table != tab {
+				continue
+			}
+			if !strings.HasPrefix(j.To, ChainPrefix) {
+				errs = append(errs, fmt.Errorf("jump %s/%s -> %s: target is not a margay chain", j.Table, j.From, j.To))
+				continue
+			}
+			js = append(js, j)
 		}
-		slices.Sort(stale)
-		changed = true
-		if err := t.removeChains(tab, stale); err != nil {
+		c, err := t.applyTable(tab, want, js)
+		changed = changed || c
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return changed, errors.Join(errs...)
 }
 
-// Cleanup removes every rule that jumps into a margay chain, then flushes and
-// deletes margay's chains in the filter and nat tables.
+func (t *IPTables) applyTable(tab string, want []calc.Chain, jumps []calc.Jump) (bool, error) {
+	cur, err := t.read(tab)
+	if err != nil {
+		return false, err
+	}
+	var b restoreBuilder
+	desired := map[string]bool{}
+	for _, c := range want {
+		desired[c.Name] = true
+		have, exists := cur.chains[c.Name]
+		if exists && slices.EqualFunc(have, c.Rules, slices.Equal) {
+			continue
+		}
+		if exists {
+			t.log.Info("iptables chain differs; rewriting", "table", tab, "chain", c.Name, "have", len(have), "want", len(c.Rules))
+		} else {
+			t.log.Info("iptables chain created", "table", tab, "chain", c.Name, "rules", len(c.Rules))
+		}
+		b.chain(c.Name, c.Rules)
+	}
+	for _, j := range jumps {
+		spec := []string{"-j", j.To}
+		rules := cur.chains[j.From]
+		n := 0
+		for _, r := range rules {
+			if slices.Equal(r, spec) {
+				n++
+			}
+		}
+		if n == 1 && slices.Equal(rules[0], spec) {
+			continue
+		}
+		// One transaction: the base chain is never without the jump.
+		for range n {
+			b.line(append([]string{"-D", j.From}, spec...)...)
+		}
+		b.line("-I", j.From, "1", "-j", j.To)
+		t.log.Info("iptables jump placed first", "table", tab, "chain", j.From, "to", j.To, "had", n)
+	}
+	var stale []string
+	for _, name := range cur.order {
+		if strings.HasPrefix(name, ChainPrefix) && !desired[name] {
+			stale = append(stale, name)
+		}
+	}
+	t.removeChains(&b, cur, stale)
+	if b.empty() {
+		return false, nil
+	}
+	if err := t.run(tab, b.String()); err != nil {
+		return true, err
+	}
+	// A rule iptables prints differently from how calc writes it would be
+	// rewritten on every Apply: say which, so calc's canonical form gets fixed.
+	after, err := t.read(tab)
+	if err != nil {
+		return true, err
+	}
+	for _, c := range want {
+		have := after.chains[c.Name]
+		for i := range max(len(have), len(c.Rules)) {
+			if i >= len(have) || i >= len(c.Rules) || !slices.Equal(have[i], c.Rules[i]) {
+				t.log.Warn("iptables lists a rule differently from how it was written; the chain will be rewritten on every Apply",
+					"table", tab, "chain", c.Name, "rule", i+1, "written", ruleText(c.Rules, i), "listed", ruleText(have, i))
+				break
+			}
+		}
+	}
+	return true, nil
+}
+
+// removeChains adds to b the deletion of the rules in other chains that jump
+// to one of chains, then of the chains themselves (flushed first: they may
+// jump to each other).
+func (t *IPTables) removeChains(b *restoreBuilder, cur table, chains []string) {
+	if len(chains) == 0 {
+		return
+	}
+	for _, n := range cur.order {
+		if slices.Contains(chains, n) || b.rewrites(n) {
+			continue
+		}
+		for _, r := range cur.chains[n] {
+			if slices.Contains(chains, target(r)) {
+				b.line(append([]string{"-D", n}, r...)...)
+				t.log.Info("iptables jump removed", "chain", n, "to", target(r))
+			}
+		}
+	}
+	for _, c := range chains {
+		b.chain(c, nil)
+	}
+	for _, c := range chains {
+		b.line("-X", c)
+		t.log.Info("iptables chain removed", "chain", c)
+	}
+}
+
+// Cleanup removes every rule that jumps into a margay chain, then margay's
+// chains in the filter and nat tables.
 func (t *IPTables) Cleanup() error {
 	var errs []error
 	for _, tab := range tables {
-		names, err := t.ipt.ListChains(tab)
+		cur, err := t.read(tab)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("list chains of table %s: %w", tab, err))
+			errs = append(errs, err)
 			continue
 		}
 		var ours []string
-		for _, n := range names {
+		for _, n := range cur.order {
 			if strings.HasPrefix(n, ChainPrefix) {
 				ours = append(ours, n)
 			}
 		}
-		if len(ours) > 0 {
-			errs = append(errs, t.removeChains(tab, ours))
+		var b restoreBuilder
+		t.removeChains(&b, cur, ours)
+		if !b.empty() {
+			errs = append(errs, t.run(tab, b.String()))
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// syncChain creates the chain if needed and rewrites it if its rules differ.
-func (t *IPTables) syncChain(c calc.Chain, exists bool) (changed bool, err error) {
-	if exists {
-		cur, err := t.rules(c.Table, c.Name)
-		if err != nil {
-			return false, err
-		}
-		if slices.EqualFunc(cur, c.Rules, slices.Equal) {
-			return false, nil
-		}
-		t.log.Info("iptables chain differs; rewriting", "table", c.Table, "chain", c.Name, "have", len(cur), "want", len(c.Rules))
-	} else {
-		t.log.Info("iptables chain created", "table", c.Table, "chain", c.Name, "rules", len(c.Rules))
-	}
-	// ClearChain creates a missing chain and flushes an existing one.
-	if err := t.ipt.ClearChain(c.Table, c.Name); err != nil {
-		return true, err
-	}
-	for _, r := range c.Rules {
-		if err := t.ipt.Append(c.Table, c.Name, r...); err != nil {
-			return true, fmt.Errorf("append %q: %w", strings.Join(r, " "), err)
-		}
-	}
-	// A rule iptables prints differently from how calc writes it would be
-	// rewritten on every Apply: say which, so calc's canonical form gets fixed.
-	cur, err := t.rules(c.Table, c.Name)
-	if err != nil {
-		return true, err
-	}
-	for i := range max(len(cur), len(c.Rules)) {
-		if i >= len(cur) || i >= len(c.Rules) || !slices.Equal(cur[i], c.Rules[i]) {
-			t.log.Warn("iptables lists a rule differently from how it was written; the chain will be rewritten on every Apply",
-				"table", c.Table, "chain", c.Name, "rule", i+1, "written", ruleText(c.Rules, i), "listed", ruleText(cur, i))
-			break
-		}
-	}
-	return true, nil
 }
 
 func ruleText(rules [][]string, i int) string {
@@ -181,110 +238,98 @@ func ruleText(rules [][]string, i int) string {
 	return strings.Join(rules[i], " ")
 }
 
-// syncJump leaves exactly one `-j To` rule in From, at position 1. A missing
-// jump is inserted before the misplaced or duplicated ones are removed, so the
-// base chain always passes through margay's chain.
-func (t *IPTables) syncJump(j calc.Jump) (changed bool, err error) {
-	spec := []string{"-j", j.To}
-	cur, err := t.rules(j.Table, j.From)
+// read lists a table with iptables-save.
+func (t *IPTables) read(tab string) (table, error) {
+	cmd := exec.Command(t.save, "-t", tab)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
 	if err != nil {
-		return false, err
+		return table{}, fmt.Errorf("iptables-save -t %s: %w: %s", tab, err, strings.TrimSpace(stderr.String()))
 	}
-	var at []int // rule numbers, 1-based
-	for i, r := range cur {
-		if slices.Equal(r, spec) {
-			at = append(at, i+1)
-		}
-	}
-	if len(at) == 1 && at[0] == 1 {
-		return false, nil
-	}
-	if len(at) > 0 && at[0] == 1 {
-		at = at[1:]
-	} else {
-		if err := t.ipt.Insert(j.Table, j.From, 1, spec...); err != nil {
-			return false, fmt.Errorf("insert: %w", err)
-		}
-		for i := range at {
-			at[i]++
-		}
-	}
-	t.log.Info("iptables jump repaired", "table", j.Table, "chain", j.From, "to", j.To, "removed", len(at))
-	// From the bottom up, so the numbers above stay valid; each is checked first,
-	// since someone else may have changed the chain since it was listed.
-	for _, n := range slices.Backward(at) {
-		line, err := t.ipt.ListById(j.Table, j.From, n)
-		if err != nil {
-			return true, err
-		}
-		if w := splitRule(line); len(w) < 2 || !slices.Equal(w[2:], spec) {
-			return true, fmt.Errorf("rule %d changed under us (now %q); retried on the next Apply", n, line)
-		}
-		if err := t.ipt.DeleteById(j.Table, j.From, n); err != nil {
-			return true, fmt.Errorf("delete duplicate at %d: %w", n, err)
-		}
-	}
-	return true, nil
+	return parseSave(string(out)), nil
 }
 
-// removeChains deletes every rule in the table's other chains that jumps to one
-// of chains, then flushes them all (they may jump to each other) and deletes
-// them.
-func (t *IPTables) removeChains(table string, chains []string) error {
-	names, err := t.ipt.ListChains(table)
-	if err != nil {
-		return fmt.Errorf("list chains of table %s: %w", table, err)
-	}
-	var errs []error
-	for _, n := range names {
-		if slices.Contains(chains, n) {
-			continue
-		}
-		rules, err := t.rules(table, n)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		for _, r := range rules {
-			if !slices.Contains(chains, target(r)) {
+// parseSave reads one table of iptables-save output.
+func parseSave(out string) table {
+	tb := table{chains: map[string][][]string{}}
+	for _, l := range strings.Split(out, "\n") {
+		switch {
+		case strings.HasPrefix(l, ":"):
+			name := strings.Fields(l[1:])[0]
+			if _, ok := tb.chains[name]; !ok {
+				tb.chains[name] = nil
+				tb.order = append(tb.order, name)
+			}
+		case strings.HasPrefix(l, "-A "):
+			w := splitRule(l)
+			if len(w) < 2 {
 				continue
 			}
-			if err := t.ipt.Delete(table, n, r...); err != nil {
-				errs = append(errs, fmt.Errorf("delete %s/%s %q: %w", table, n, strings.Join(r, " "), err))
-				continue
+			if _, ok := tb.chains[w[1]]; !ok {
+				tb.order = append(tb.order, w[1])
 			}
-			t.log.Info("iptables jump removed", "table", table, "chain", n, "to", target(r))
+			tb.chains[w[1]] = append(tb.chains[w[1]], protocolNumbers(w[2:]))
 		}
 	}
-	for _, c := range chains {
-		if err := t.ipt.ClearChain(table, c); err != nil {
-			errs = append(errs, fmt.Errorf("flush %s/%s: %w", table, c, err))
-		}
-	}
-	for _, c := range chains {
-		if err := t.ipt.DeleteChain(table, c); err != nil {
-			errs = append(errs, fmt.Errorf("delete chain %s/%s: %w", table, c, err))
-			continue
-		}
-		t.log.Info("iptables chain removed", "table", table, "chain", c)
-	}
-	return errors.Join(errs...)
+	return tb
 }
 
-// rules lists a chain's rules as argument lists, without the leading `-A chain`.
-func (t *IPTables) rules(table, chain string) ([][]string, error) {
-	lines, err := t.ipt.List(table, chain)
+// run feeds one table's changes to iptables-restore, which commits them at
+// once or not at all.
+func (t *IPTables) run(tab, body string) error {
+	in := "*" + tab + "\n" + body + "COMMIT\n"
+	cmd := exec.Command(t.restore, "--noflush", "--wait")
+	cmd.Stdin = strings.NewReader(in)
+	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return nil, fmt.Errorf("list %s/%s: %w", table, chain, err)
+		return fmt.Errorf("iptables-restore of table %s: %w: %s", tab, err, strings.TrimSpace(string(out)))
 	}
-	var rules [][]string
-	for _, l := range lines {
-		w := splitRule(l)
-		if len(w) >= 2 && w[0] == "-A" && w[1] == chain {
-			rules = append(rules, protocolNumbers(w[2:]))
+	return nil
+}
+
+// restoreBuilder writes the body of an iptables-restore transaction.
+type restoreBuilder struct {
+	decl, lines strings.Builder
+	rewritten   map[string]bool
+}
+
+func (b *restoreBuilder) empty() bool { return b.decl.Len() == 0 && b.lines.Len() == 0 }
+
+func (b *restoreBuilder) rewrites(chain string) bool { return b.rewritten[chain] }
+
+// chain declares a chain, which creates it or flushes it, and appends rules.
+func (b *restoreBuilder) chain(name string, rules [][]string) {
+	if b.rewritten == nil {
+		b.rewritten = map[string]bool{}
+	}
+	b.rewritten[name] = true
+	fmt.Fprintf(&b.decl, ":%s - [0:0]\n", name)
+	for _, r := range rules {
+		b.line(append([]string{"-A", name}, r...)...)
+	}
+}
+
+func (b *restoreBuilder) line(words ...string) {
+	for i, w := range words {
+		if i > 0 {
+			b.lines.WriteByte(' ')
 		}
+		b.lines.WriteString(quoteWord(w))
 	}
-	return rules, nil
+	b.lines.WriteByte('\n')
+}
+
+// String is the transaction: declarations must come before the rules.
+func (b *restoreBuilder) String() string { return b.decl.String() + b.lines.String() }
+
+// quoteWord quotes a word for iptables-restore, which splits on blanks and
+// understands double quotes with backslash escapes.
+func quoteWord(w string) string {
+	if w != "" && !strings.ContainsAny(w, " \t\"\\'") {
+		return w
+	}
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(w) + `"`
 }
 
 // protocolNumbers writes "-p <name>" back as the number calc writes:

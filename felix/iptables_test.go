@@ -79,9 +79,23 @@ func TestIPTablesApply(t *testing.T) {
 -A MGY-TO-WL -m comment --comment "margay: unknown pod" -j DROP`,
 		"filter/MGY-FORWARD": `-N MGY-FORWARD
 -A MGY-FORWARD -i mgy+ -j MGY-FROM-WL
--A MGY-FORWARD -i mgy+ -j ACCEPT
 -A MGY-FORWARD -o mgy+ -j MGY-TO-WL
+-A MGY-FORWARD -i mgy+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A MGY-FORWARD -o mgy+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A MGY-FORWARD -i mgy+ -j MARK --set-xmark 0x0/0x30000
+-A MGY-FORWARD -i mgy+ -j MGY-FROM-EP
+-A MGY-FORWARD -i mgy+ -m mark --mark 0x0/0x10000 -m comment --comment "margay: egress policy did not accept" -j DROP
+-A MGY-FORWARD -o mgy+ -j MARK --set-xmark 0x0/0x30000
+-A MGY-FORWARD -o mgy+ -j MGY-TO-EP
+-A MGY-FORWARD -o mgy+ -m mark --mark 0x0/0x10000 -m comment --comment "margay: ingress policy did not accept" -j DROP
+-A MGY-FORWARD -i mgy+ -j ACCEPT
 -A MGY-FORWARD -o mgy+ -j ACCEPT`,
+		"filter/MGY-FROM-EP": `-N MGY-FROM-EP
+-A MGY-FROM-EP -i mgyaaaaaaaaaaa -g MGY-FW-mgyaaaaaaaaaaa
+-A MGY-FROM-EP -i mgybbbbbbbbbbb -g MGY-FW-mgybbbbbbbbbbb`,
+		"filter/MGY-TO-EP": `-N MGY-TO-EP
+-A MGY-TO-EP -o mgyaaaaaaaaaaa -g MGY-TW-mgyaaaaaaaaaaa
+-A MGY-TO-EP -o mgybbbbbbbbbbb -g MGY-TW-mgybbbbbbbbbbb`,
 		"filter/MGY-INPUT": `-N MGY-INPUT
 -A MGY-INPUT -i mgy+ -j MGY-FROM-WL
 -A MGY-INPUT -p ipencap -m set --match-set mgy-all-hosts src -j ACCEPT
@@ -89,6 +103,11 @@ func TestIPTablesApply(t *testing.T) {
 -A MGY-INPUT -p udp -m udp --dport 4789 -m set --match-set mgy-all-hosts src -j ACCEPT
 -A MGY-INPUT -p udp -m udp --dport 4789 -m comment --comment "margay: VXLAN from an unknown host" -j DROP`,
 		"nat/MGY-POSTROUTING": "-N MGY-POSTROUTING\n" + masq,
+		// No policy selects the pods: their chains accept.
+		"filter/MGY-FW-mgyaaaaaaaaaaa": noPolicy("MGY-FW-mgyaaaaaaaaaaa"),
+		"filter/MGY-FW-mgybbbbbbbbbbb": noPolicy("MGY-FW-mgybbbbbbbbbbb"),
+		"filter/MGY-TW-mgyaaaaaaaaaaa": noPolicy("MGY-TW-mgyaaaaaaaaaaa"),
+		"filter/MGY-TW-mgybbbbbbbbbbb": noPolicy("MGY-TW-mgybbbbbbbbbbb"),
 		"filter/FORWARD": `-P FORWARD ACCEPT
 -A FORWARD -j MGY-FORWARD
 -A FORWARD -s 192.0.2.1/32 -j ACCEPT`,
@@ -174,16 +193,28 @@ func TestIPTablesApply(t *testing.T) {
 		}
 	}
 
-	// Pod b goes: only the two per-pod chains are rewritten.
+	// Pod b goes: only the per-pod chains that list it are rewritten, and its
+	// own chains removed.
 	in.Endpoints = in.Endpoints[:1]
 	if !applyRules(t, ns, ipt, calc.Compute(in)) {
 		t.Error("removing an endpoint reported no change")
 	}
-	got := l.take()
-	if len(got) != 2 || !strings.Contains(got[0], "chain="+calc.ChainFromWL+" ") || !strings.Contains(got[1], "chain="+calc.ChainToWL+" ") {
-		t.Errorf("removing an endpoint: logged %q, want rewrites of %s and %s only", got, calc.ChainFromWL, calc.ChainToWL)
+	got := strings.Join(l.take(), "\n")
+	for _, c := range []string{calc.ChainFromEP, calc.ChainToEP, calc.ChainFromWL, calc.ChainToWL} {
+		if !strings.Contains(got, "rewriting\" table=filter chain="+c+" ") {
+			t.Errorf("removing an endpoint: %s was not rewritten: logged\n%s", c, got)
+		}
 	}
-	for _, key := range []string{"filter/" + calc.ChainFromWL, "filter/" + calc.ChainToWL} {
+	if n := strings.Count(got, "rewriting"); n != 4 {
+		t.Errorf("removing an endpoint: %d chains rewritten, want 4: logged\n%s", n, got)
+	}
+	for _, c := range []string{"MGY-FW-" + vethB, "MGY-TW-" + vethB} {
+		if !strings.Contains(got, "chain removed\" chain="+c) {
+			t.Errorf("removing an endpoint: %s not removed: logged\n%s", c, got)
+		}
+		delete(want, "filter/"+c)
+	}
+	for _, key := range []string{"filter/" + calc.ChainFromWL, "filter/" + calc.ChainToWL, "filter/" + calc.ChainFromEP, "filter/" + calc.ChainToEP} {
 		var keep []string
 		for _, line := range strings.Split(want[key], "\n") {
 			if !strings.Contains(line, vethB) {
@@ -215,6 +246,14 @@ func TestIPTablesApply(t *testing.T) {
 }
 
 // dropCount is the packet counter of the anti-spoofing DROP rule in MGY-FROM-WL.
+// noPolicy is the chain of an endpoint no policy selects.
+func noPolicy(chain string) string {
+	return "-N " + chain + `
+-A ` + chain + ` -j MARK --set-xmark 0x0/0x30000
+-A ` + chain + ` -j MARK --set-xmark 0x10000/0x10000
+-A ` + chain + ` -j RETURN`
+}
+
 func dropCount(t *testing.T, ns *nstest.NS) int {
 	t.Helper()
 	for _, l := range strings.Split(ns.MustRun(t, "iptables", "-L", calc.ChainFromWL, "-v", "-x", "-n"), "\n") {

@@ -39,6 +39,8 @@ type Input struct {
 	// cannot name an off-link next hop, so it is resolved recursively, as
 	// BIRD's "gateway recursive" does for Calico.
 	Gateways map[netip.Addr]netip.Addr
+	// Policy is the network policy to enforce on this node's endpoints.
+	Policy Policy
 }
 
 // Endpoint is one local pod interface.
@@ -170,6 +172,9 @@ type Output struct {
 	// Ignored are the learned paths inside a pool that do not lead to their
 	// prefix's owner, sorted by prefix.
 	Ignored []IgnoredPath
+	// Applied lists the policies that apply to each local endpoint, in
+	// evaluation order.
+	Applied map[string][]PolicyRef
 }
 
 // Compute decides the node's data plane.
@@ -266,6 +271,12 @@ func Compute(in Input) Output {
 	slices.SortFunc(out.Advertise, comparePrefix)
 	out.IPSets = ipsets(in)
 	out.Chains, out.Jumps = rules(in)
+	plan := policyRules(in.Endpoints, in.Policy)
+	out.IPSets = append(out.IPSets, plan.sets...)
+	// Policy chains go first: MGY-FORWARD, in out.Chains, refers to them.
+	out.Chains = append(plan.chains, out.Chains...)
+	out.Problems = append(out.Problems, plan.problems...)
+	out.Applied = plan.applied
 	return out
 }
 

@@ -26,8 +26,9 @@ const (
 // rules is margay's rule set:
 //   - anti-spoofing: a packet from a pod interface must come from that pod's
 //     address, on the way to the node (INPUT) and through it (FORWARD);
-//   - forwarding from and to known pod interfaces is accepted, and to a pod
-//     interface margay does not know is dropped;
+//   - forwarding to a pod interface margay does not know is dropped, and
+//     from and to known ones is accepted if the pods' policy accepts it
+//     (policyRules);
 //   - NAT outgoing: traffic from a natOutgoing pool to anything outside every
 //     pool leaves with the node's address.
 func rules(in Input) ([]Chain, []Jump) {
@@ -46,10 +47,23 @@ func rules(in Input) ([]Chain, []Jump) {
 	}
 	from.Rules = append(from.Rules, []string{"-m", "comment", "--comment", "margay: spoofed or unknown pod", "-j", "DROP"})
 	to.Rules = append(to.Rules, []string{"-m", "comment", "--comment", "margay: unknown pod", "-j", "DROP"})
+	// Policy: a packet of a new flow from a pod goes through its egress chain,
+	// and one to a pod through its ingress chain, both when the pods share the
+	// node. Each must leave MarkAccept, so that a missing or flushed chain
+	// drops rather than lets through; the mark is cleared in between.
+	notAccepted := []string{"-m", "mark", "--mark", mark(0, MarkAccept)}
 	forward := Chain{Table: "filter", Name: ChainForward, Rules: [][]string{
 		{"-i", "mgy+", "-j", ChainFromWL},
-		{"-i", "mgy+", "-j", "ACCEPT"},
 		{"-o", "mgy+", "-j", ChainToWL},
+		{"-i", "mgy+", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
+		{"-o", "mgy+", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
+		concat([]string{"-i", "mgy+"}, clearMarks),
+		{"-i", "mgy+", "-j", ChainFromEP},
+		concat([]string{"-i", "mgy+"}, notAccepted, comment("margay: egress policy did not accept"), []string{"-j", "DROP"}),
+		concat([]string{"-o", "mgy+"}, clearMarks),
+		{"-o", "mgy+", "-j", ChainToEP},
+		concat([]string{"-o", "mgy+"}, notAccepted, comment("margay: ingress policy did not accept"), []string{"-j", "DROP"}),
+		{"-i", "mgy+", "-j", "ACCEPT"},
 		{"-o", "mgy+", "-j", "ACCEPT"},
 	}}
 	// Tunnel packets are accepted only from known nodes: anyone else, pods

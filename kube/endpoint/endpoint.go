@@ -24,14 +24,14 @@ import (
 // projectcalico.org/namespace and friends. Pod labels under these prefixes
 // are dropped, so that a pod cannot pose as another namespace's.
 const (
-	LabelNamespace      = "margay.dev/namespace"
+	LabelNamespace      = api.LabelNamespace
 	LabelOrchestrator   = "margay.dev/orchestrator"
 	LabelServiceAccount = "margay.dev/serviceaccount"
 	// NamespaceLabelPrefix carries the pod's namespace's labels, so that a
 	// policy's namespaceSelector is a selector on the endpoint. It has no
 	// '/', as Calico's pcns., so that a prefixed key such as
 	// kubernetes.io/metadata.name stays a valid key.
-	NamespaceLabelPrefix = "margay.ns."
+	NamespaceLabelPrefix = api.NamespaceLabelPrefix
 	reservedPrefix       = "margay.dev/"
 )
 

@@ -89,11 +89,12 @@ type Node struct {
 
 // Pod is a pod on a node.
 type Pod struct {
-	Name string
-	NS   *nstest.NS
-	IP   netip.Addr
-	Node *Node
-	rt   *libcni.RuntimeConf
+	Name      string
+	Namespace string // the Kubernetes namespace it claims (CNI_ARGS)
+	NS        *nstest.NS
+	IP        netip.Addr
+	Node      *Node
+	rt        *libcni.RuntimeConf
 }
 
 // Up builds the topology, starts etcd, applies the pools and starts an agent on
@@ -353,8 +354,14 @@ func (l *Lab) cniConf(n *Node) (*libcni.NetworkConfigList, error) {
 		l.Endpoint(), n.Name, mtu))
 }
 
-// AddPod creates a pod on node n through the CNI plugin.
+// AddPod creates a pod in namespace "lab" on node n through the CNI plugin.
 func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
+	return l.AddPodIn(ctx, n, "lab", name)
+}
+
+// AddPodIn creates a pod in a namespace on node n through the CNI plugin.
+// Pod names must be unique across namespaces: they name the containers.
+func (l *Lab) AddPodIn(ctx context.Context, n *Node, namespace, name string) (*Pod, error) {
 	ns, err := l.ns("pod")
 	if err != nil {
 		return nil, err
@@ -363,7 +370,7 @@ func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pod{Name: name, NS: ns, Node: n, rt: runtimeConf(n, name, ns)}
+	p := &Pod{Name: name, Namespace: namespace, NS: ns, Node: n, rt: runtimeConf(n, namespace, name, ns)}
 	var res types.Result
 	err = n.NS.Do(func() (err error) {
 		res, err = l.cni().AddNetworkList(ctx, list, p.rt)
@@ -384,9 +391,9 @@ func (l *Lab) AddPod(ctx context.Context, n *Node, name string) (*Pod, error) {
 
 // runtimeConf is what kubelet would pass for a pod: pod name and namespace
 // included, so that the endpoint is named as Kubernetes' would be.
-func runtimeConf(n *Node, name string, ns *nstest.NS) *libcni.RuntimeConf {
+func runtimeConf(n *Node, namespace, name string, ns *nstest.NS) *libcni.RuntimeConf {
 	return &libcni.RuntimeConf{ContainerID: n.Name + "-" + name, NetNS: ns.Path, IfName: "eth0",
-		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", "lab"}, {"K8S_POD_NAME", name}}}
+		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", namespace}, {"K8S_POD_NAME", name}}}
 }
 
 // DelPod deletes a pod through the CNI plugin and removes its namespace.

@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -38,9 +39,10 @@ type NodeState struct {
 
 // PodState is one pod of a State.
 type PodState struct {
-	Name string     `json:"name"`
-	NS   string     `json:"netns"`
-	IP   netip.Addr `json:"ip"`
+	Name      string     `json:"name"`
+	Namespace string     `json:"namespace,omitempty"`
+	NS        string     `json:"netns"`
+	IP        netip.Addr `json:"ip"`
 }
 
 // State describes the lab for Load.
@@ -53,7 +55,7 @@ func (l *Lab) State() State {
 	for _, n := range l.Nodes {
 		ns := NodeState{Name: n.Name, NS: n.NS.Name, IP: n.IP, AgentPID: n.PID()}
 		for _, p := range n.Pods {
-			ns.Pods = append(ns.Pods, PodState{Name: p.Name, NS: p.NS.Name, IP: p.IP})
+			ns.Pods = append(ns.Pods, PodState{Name: p.Name, Namespace: p.Namespace, NS: p.NS.Name, IP: p.IP})
 		}
 		st.Nodes = append(st.Nodes, ns)
 	}
@@ -88,7 +90,8 @@ func Load(st State) *Lab {
 		n.agent = adopt(s.AgentPID, n.NS.Path)
 		for _, ps := range s.Pods {
 			ns := adoptNS(ps.NS)
-			n.Pods = append(n.Pods, &Pod{Name: ps.Name, NS: ns, IP: ps.IP, Node: n, rt: runtimeConf(n, ps.Name, ns)})
+			pns := cmp.Or(ps.Namespace, "lab")
+			n.Pods = append(n.Pods, &Pod{Name: ps.Name, Namespace: pns, NS: ns, IP: ps.IP, Node: n, rt: runtimeConf(n, pns, ps.Name, ns)})
 		}
 		l.Nodes = append(l.Nodes, n)
 	}

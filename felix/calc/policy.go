@@ -1,0 +1,510 @@
+package calc
+
+import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/base32"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/margay-dev/margay/api"
+)
+
+// Policy is the network policy a node enforces, and every node's endpoints:
+// a rule's selector matches the addresses of endpoints anywhere.
+type Policy struct {
+	Tiers     []*api.Tier
+	Policies  []*api.NetworkPolicy
+	Globals   []*api.GlobalNetworkPolicy
+	Endpoints []*api.WorkloadEndpoint // every node's
+}
+
+// Policy chains and the marks they pass verdicts with. The marks are above
+// kube-proxy's 0x4000 and 0x8000.
+const (
+	ChainFromEP = "MGY-FROM-EP" // dispatches egress by the pod's interface
+	ChainToEP   = "MGY-TO-EP"   // dispatches ingress by the pod's interface
+	MarkAccept  = 0x10000
+	MarkPass    = 0x20000
+
+	epEgressPrefix  = "MGY-FW-" // + interface: the pod's egress (from workload)
+	epIngressPrefix = "MGY-TW-" // + interface: the pod's ingress (to workload)
+	polPrefixIn     = "MGY-PI-" // + hash: one policy's ingress rules
+	polPrefixOut    = "MGY-PE-" // + hash: one policy's egress rules
+	setSelPrefix    = "mgy-s-"  // + hash: the addresses a selector matches
+	setNetPrefix    = "mgy-n-"  // + hash: a rule's nets
+)
+
+var (
+	clearMarks = []string{"-j", "MARK", "--set-xmark", mark(0, MarkAccept|MarkPass)}
+	setAccept  = []string{"-j", "MARK", "--set-xmark", mark(MarkAccept, MarkAccept)}
+	setPass    = []string{"-j", "MARK", "--set-xmark", mark(MarkPass, MarkPass)}
+	ifAccepted = []string{"-m", "mark", "--mark", mark(MarkAccept, MarkAccept)}
+	ifNotPass  = []string{"-m", "mark", "--mark", mark(0, MarkPass)}
+)
+
+func mark(v, m int) string { return fmt.Sprintf("%#x/%#x", v, m) }
+
+// PolicyRef names a policy in a rule's comment and in reports.
+type PolicyRef struct {
+	Kind, Namespace, Name, Tier string
+}
+
+func (r PolicyRef) String() string {
+	if r.Namespace != "" {
+		return r.Kind + " " + r.Namespace + "/" + r.Name
+	}
+	return r.Kind + " " + r.Name
+}
+
+// policy is one NetworkPolicy or GlobalNetworkPolicy, parsed.
+type policy struct {
+	ref      PolicyRef
+	spec     *api.PolicySpec
+	tierRank int // position of its tier
+	selector api.Selector
+	nsSel    api.Selector // nil for none
+}
+
+// endpointInfo is what selectors see of an endpoint.
+type endpointInfo struct {
+	namespace string
+	labels    map[string]string
+	nsLabels  map[string]string
+}
+
+func infoOf(w *api.WorkloadEndpoint) endpointInfo {
+	ns := map[string]string{}
+	for k, v := range w.Metadata.Labels {
+		if after, ok := strings.CutPrefix(k, api.NamespaceLabelPrefix); ok {
+			ns[after] = v
+		}
+	}
+	return endpointInfo{namespace: w.Spec.Namespace, labels: w.Metadata.Labels, nsLabels: ns}
+}
+
+// selects tells whether the policy applies to the endpoint.
+func (p *policy) selects(ep endpointInfo) bool {
+	if p.ref.Namespace != "" && ep.namespace != p.ref.Namespace {
+		return false
+	}
+	return p.selector.Matches(ep.labels) && (p.nsSel == nil || p.nsSel.Matches(ep.nsLabels))
+}
+
+// policyPlan is what the policy part of Compute decides.
+type policyPlan struct {
+	chains   []Chain
+	sets     []IPSet
+	problems []string
+	// Applied lists, per local endpoint, the policies that apply to it.
+	applied map[string][]PolicyRef
+}
+
+// sortedPolicies parses the policies and sorts them in evaluation order: by
+// tier, then order, then kind and name. A policy that does not parse (the
+// datastore validates, so only a corrupt one) is reported and left out.
+func sortedPolicies(pol Policy) ([]*policy, []string) {
+	tiers := slices.Clone(pol.Tiers)
+	slices.SortFunc(tiers, func(a, b *api.Tier) int {
+		return cmp.Or(cmp.Compare(orderOf(a.Spec.Order), orderOf(b.Spec.Order)), strings.Compare(a.Metadata.Name, b.Metadata.Name))
+	})
+	rank := map[string]int{}
+	for i, t := range tiers {
+		rank[t.Metadata.Name] = i
+	}
+	rank[api.DefaultTier] = len(tiers)
+	var problems []string
+	var out []*policy
+	add := func(ref PolicyRef, spec *api.PolicySpec) {
+		ref.Tier = cmp.Or(spec.Tier, api.DefaultTier)
+		r, ok := rank[ref.Tier]
+		if !ok {
+			// Enforced rather than ignored, which could open traffic: after
+			// the default tier, among the other missing tiers by name.
+			problems = append(problems, fmt.Sprintf("%s names tier %q, which does not exist; it is enforced after the default tier: create the Tier", ref, ref.Tier))
+			r = len(tiers) + 1
+		}
+		sel, err := api.ParseSelector(spec.Selector)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("%s is left out: spec.selector: %v", ref, err))
+			return
+		}
+		p := &policy{ref: ref, spec: spec, tierRank: r, selector: sel}
+		if spec.NamespaceSelector != "" {
+			if p.nsSel, err = api.ParseSelector(spec.NamespaceSelector); err != nil {
+				problems = append(problems, fmt.Sprintf("%s is left out: spec.namespaceSelector: %v", ref, err))
+				return
+			}
+		}
+		out = append(out, p)
+	}
+	for _, p := range pol.Policies {
+		add(PolicyRef{Kind: api.KindNetworkPolicy, Namespace: p.Metadata.Namespace, Name: p.Metadata.Name}, &p.Spec)
+	}
+	for _, p := range pol.Globals {
+		add(PolicyRef{Kind: api.KindGlobalNetworkPolicy, Name: p.Metadata.Name}, &p.Spec)
+	}
+	slices.SortFunc(out, func(a, b *policy) int {
+		return cmp.Or(cmp.Compare(a.tierRank, b.tierRank), strings.Compare(a.ref.Tier, b.ref.Tier),
+			cmp.Compare(a.spec.OrderValue(), b.spec.OrderValue()),
+			strings.Compare(a.ref.Kind, b.ref.Kind), strings.Compare(a.ref.Namespace, b.ref.Namespace),
+			strings.Compare(a.ref.Name, b.ref.Name))
+	})
+	return out, problems
+}
+
+func orderOf(o *float64) float64 {
+	if o == nil {
+		return (&api.PolicySpec{}).OrderValue()
+	}
+	return *o
+}
+
+// policyRules decides the policy chains of the local endpoints and the
+// ipsets their rules match on. Each endpoint has an ingress and an egress
+// chain; each policy that applies to some local endpoint has a chain per
+// direction, shared by the endpoints. A verdict leaves a chain as a mark:
+// MarkAccept, or MarkPass to skip the rest of a tier; a Deny drops at once.
+func policyRules(local []Endpoint, pol Policy) policyPlan {
+	plan := policyPlan{applied: map[string][]PolicyRef{}}
+	pols, problems := sortedPolicies(pol)
+	plan.problems = problems
+	infos := make(map[string]endpointInfo, len(pol.Endpoints))
+	for _, w := range pol.Endpoints {
+		infos[w.Metadata.Name] = infoOf(w)
+	}
+	b := &setBuilder{endpoints: pol.Endpoints, infos: infos, sets: map[string]*IPSet{}}
+	used := map[*policy]bool{}
+	dispatchOut := Chain{Table: "filter", Name: ChainFromEP}
+	dispatchIn := Chain{Table: "filter", Name: ChainToEP}
+	var epChains []Chain
+	for _, ep := range local {
+		info := infos[ep.Name]
+		var mine []*policy
+		for _, p := range pols {
+			if p.selects(info) {
+				mine = append(mine, p)
+				plan.applied[ep.Name] = append(plan.applied[ep.Name], p.ref)
+				used[p] = true
+			}
+		}
+		for _, dir := range []api.PolicyType{api.PolicyIngress, api.PolicyEgress} {
+			name, dispatch, flag := epIngressPrefix+ep.Interface, &dispatchIn, "-o"
+			if dir == api.PolicyEgress {
+				name, dispatch, flag = epEgressPrefix+ep.Interface, &dispatchOut, "-i"
+			}
+			epChains = append(epChains, Chain{Table: "filter", Name: name, Rules: endpointChain(mine, dir)})
+			dispatch.Rules = append(dispatch.Rules, []string{flag, ep.Interface, "-g", name})
+		}
+	}
+	for _, p := range pols {
+		if !used[p] {
+			continue
+		}
+		for _, dir := range []api.PolicyType{api.PolicyIngress, api.PolicyEgress} {
+			if !p.spec.Applies(dir) {
+				continue
+			}
+			rules, probs := b.policyChain(p, dir)
+			plan.problems = append(plan.problems, probs...)
+			plan.chains = append(plan.chains, Chain{Table: "filter", Name: policyChainName(p.ref, dir), Rules: rules})
+		}
+	}
+	plan.chains = append(plan.chains, epChains...)
+	plan.chains = append(plan.chains, dispatchOut, dispatchIn)
+	for _, s := range b.sets {
+		slices.SortFunc(s.Members, comparePrefix)
+		s.Members = slices.Compact(s.Members)
+		plan.sets = append(plan.sets, *s)
+	}
+	slices.SortFunc(plan.sets, func(a, b IPSet) int { return strings.Compare(a.Name, b.Name) })
+	return plan
+}
+
+// endpointChain is one endpoint's chain for one direction: its policies of
+// that direction, tier by tier. A tier that has policies for the endpoint
+// but allows nothing drops; one that passes goes on; after the last tier, or
+// with no policy at all, the packet is accepted, as Kubernetes does.
+func endpointChain(mine []*policy, dir api.PolicyType) [][]string {
+	rules := [][]string{clearMarks}
+	for i := 0; i < len(mine); {
+		j := i
+		for j < len(mine) && mine[j].tierRank == mine[i].tierRank && mine[j].ref.Tier == mine[i].ref.Tier {
+			j++
+		}
+		tier := mine[i].ref.Tier
+		n := 0
+		for _, p := range mine[i:j] {
+			if !p.spec.Applies(dir) {
+				continue
+			}
+			n++
+			rules = append(rules,
+				concat(ifNotPass, []string{"-j", policyChainName(p.ref, dir)}),
+				concat(ifAccepted, []string{"-j", "RETURN"}))
+		}
+		if n > 0 {
+			rules = append(rules,
+				concat(ifNotPass, comment(fmt.Sprintf("margay: no %s policy of tier %s allowed it", strings.ToLower(string(dir)), tier)), []string{"-j", "DROP"}),
+				[]string{"-j", "MARK", "--set-xmark", mark(0, MarkPass)})
+		}
+		i = j
+	}
+	return append(rules, setAccept, []string{"-j", "RETURN"})
+}
+
+func policyChainName(r PolicyRef, dir api.PolicyType) string {
+	prefix := polPrefixIn
+	if dir == api.PolicyEgress {
+		prefix = polPrefixOut
+	}
+	return prefix + shortHash(r.Kind, r.Namespace, r.Name)
+}
+
+// shortHash names a chain or set after what it is for: iptables allows 28
+// characters in a chain name and ipset 31 in a set name.
+func shortHash(parts ...string) string {
+	h := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
+	return strings.ToLower(base32.StdEncoding.EncodeToString(h[:])[:16])
+}
+
+func comment(s string) []string { return []string{"-m", "comment", "--comment", s} }
+
+func concat(parts ...[]string) []string {
+	var out []string
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// setBuilder makes the ipsets that rules match on, one per distinct selector
+// or list of nets, shared by every rule that uses it.
+type setBuilder struct {
+	endpoints []*api.WorkloadEndpoint
+	infos     map[string]endpointInfo
+	sets      map[string]*IPSet
+}
+
+// selectorSet is the set of the addresses of the endpoints an entity rule's
+// selectors match. ns is the namespace a selector alone is confined to ("" in
+// a GlobalNetworkPolicy).
+func (b *setBuilder) selectorSet(ns string, e *api.EntityRule) (string, error) {
+	if e.NamespaceSelector != "" {
+		ns = ""
+	}
+	sel, err := api.ParseSelector(e.Selector)
+	if err != nil {
+		return "", fmt.Errorf("selector: %v", err)
+	}
+	var nsSel api.Selector
+	if e.NamespaceSelector != "" {
+		if nsSel, err = api.ParseSelector(e.NamespaceSelector); err != nil {
+			return "", fmt.Errorf("namespaceSelector: %v", err)
+		}
+	}
+	name := setSelPrefix + shortHash("sel", ns, sel.String(), fmt.Sprint(nsSel))
+	if _, ok := b.sets[name]; ok {
+		return name, nil
+	}
+	s := &IPSet{Name: name, Type: "hash:net"}
+	for _, w := range b.endpoints {
+		info := b.infos[w.Metadata.Name]
+		if ns != "" && info.namespace != ns || !sel.Matches(info.labels) || nsSel != nil && !nsSel.Matches(info.nsLabels) {
+			continue
+		}
+		for _, n := range w.Spec.IPNetworks {
+			if p, err := netip.ParsePrefix(n); err == nil && p.Addr().Is4() {
+				s.Members = append(s.Members, p.Masked())
+			}
+		}
+	}
+	b.sets[name] = s
+	return name, nil
+}
+
+// netSet is the set of the IPv4 nets of a list; ok is false when it has none.
+func (b *setBuilder) netSet(nets []string) (string, bool) {
+	var ps []netip.Prefix
+	for _, n := range nets {
+		if p, err := netip.ParsePrefix(n); err == nil && p.Addr().Is4() {
+			ps = append(ps, p.Masked())
+		}
+	}
+	if len(ps) == 0 {
+		return "", false
+	}
+	slices.SortFunc(ps, comparePrefix)
+	ps = slices.Compact(ps)
+	var key []string
+	for _, p := range ps {
+		key = append(key, p.String())
+	}
+	name := setNetPrefix + shortHash(append([]string{"nets"}, key...)...)
+	if _, ok := b.sets[name]; !ok {
+		b.sets[name] = &IPSet{Name: name, Type: "hash:net", Members: ps}
+	}
+	return name, true
+}
+
+// policyChain renders one policy's rules for one direction.
+func (b *setBuilder) policyChain(p *policy, dir api.PolicyType) ([][]string, []string) {
+	rules := p.spec.Ingress
+	field := "ingress"
+	if dir == api.PolicyEgress {
+		rules, field = p.spec.Egress, "egress"
+	}
+	var out [][]string
+	var problems []string
+	for i := range rules {
+		why := fmt.Sprintf("%s %s[%d]", p.ref, field, i)
+		matches, err := b.matches(p.ref.Namespace, &rules[i])
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("%s is left out: %v", why, err))
+			continue
+		}
+		for _, m := range matches {
+			m = concat(m, comment(why))
+			switch rules[i].Action {
+			case api.ActionAllow:
+				out = append(out, concat(m, setAccept), concat(ifAccepted, []string{"-j", "RETURN"}))
+			case api.ActionDeny:
+				out = append(out, concat(m, []string{"-j", "DROP"}))
+			case api.ActionPass:
+				out = append(out, concat(m, setPass), concat(ifPassed, []string{"-j", "RETURN"}))
+			case api.ActionLog:
+				out = append(out, concat(m, []string{"-j", "LOG", "--log-prefix", logPrefix(p.ref)}))
+			}
+		}
+	}
+	return out, problems
+}
+
+// ifPassed matches a packet that a Pass rule marked.
+var ifPassed = []string{"-m", "mark", "--mark", mark(MarkPass, MarkPass)}
+
+// logPrefix is at most 29 characters, as the LOG target allows.
+func logPrefix(r PolicyRef) string {
+	s := "margay " + r.Name
+	if len(s) > 28 {
+		s = s[:28]
+	}
+	return s + " "
+}
+
+// maxMultiport is how many ports, a range counting twice, one multiport
+// match takes.
+const maxMultiport = 15
+
+// matches renders a rule's match part. A rule can need several iptables
+// rules: more ports than one multiport match takes. None at all means the
+// rule can match no IPv4 packet (its nets are all IPv6, or its named ports
+// name nothing yet).
+func (b *setBuilder) matches(ns string, r *api.Rule) ([][]string, error) {
+	var base []string
+	if r.Protocol != nil {
+		base = append(base, "-p", iptProtocol(*r.Protocol))
+	}
+	if r.NotProtocol != nil {
+		base = append(base, "!", "-p", iptProtocol(*r.NotProtocol))
+	}
+	dports := [][]string{nil}
+	sports := [][]string{nil}
+	for _, side := range []struct {
+		e     *api.EntityRule
+		dir   string
+		ports *[][]string
+		flag  string
+	}{{&r.Source, "src", &sports, "--sports"}, {&r.Destination, "dst", &dports, "--dports"}} {
+		e := side.e
+		if e.HasSelector() {
+			name, err := b.selectorSet(ns, e)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", side.dir, err)
+			}
+			base = append(base, "-m", "set", "--match-set", name, side.dir)
+		}
+		if len(e.Nets) > 0 {
+			name, ok := b.netSet(e.Nets)
+			if !ok {
+				return nil, nil
+			}
+			base = append(base, "-m", "set", "--match-set", name, side.dir)
+		}
+		if name, ok := b.netSet(e.NotNets); ok {
+			base = append(base, "-m", "set", "!", "--match-set", name, side.dir)
+		}
+		if len(e.Ports) > 0 {
+			chunks := portChunks(e.Ports)
+			if len(chunks) == 0 {
+				return nil, nil
+			}
+			*side.ports = nil
+			for _, c := range chunks {
+				*side.ports = append(*side.ports, []string{"-m", "multiport", side.flag, c})
+			}
+		}
+		for _, c := range portChunks(e.NotPorts) {
+			base = append(base, "-m", "multiport", "!", side.flag, c)
+		}
+	}
+	var out [][]string
+	for _, s := range sports {
+		for _, d := range dports {
+			out = append(out, concat(base, s, d))
+		}
+	}
+	return out, nil
+}
+
+// portChunks writes numbered ports as multiport lists of at most
+// maxMultiport entries. Named ports are not resolved yet: they match nothing.
+func portChunks(ports []api.Port) []string {
+	var out []string
+	var cur []string
+	n := 0
+	for _, p := range ports {
+		if p.Name != "" {
+			continue
+		}
+		w := 1
+		s := strconv.Itoa(int(p.Min))
+		if p.Max != p.Min {
+			w, s = 2, s+":"+strconv.Itoa(int(p.Max))
+		}
+		if n+w > maxMultiport {
+			out = append(out, strings.Join(cur, ","))
+			cur, n = nil, 0
+		}
+		cur = append(cur, s)
+		n += w
+	}
+	if len(cur) > 0 {
+		out = append(out, strings.Join(cur, ","))
+	}
+	return out
+}
+
+// iptProtocol is a protocol as iptables-save prints it: by name for the ones
+// iptables knows without /etc/protocols, otherwise by number.
+func iptProtocol(p api.Protocol) string {
+	switch n := p.Num(); n {
+	case 1:
+		return "icmp"
+	case 6:
+		return "tcp"
+	case 17:
+		return "udp"
+	case 132:
+		return "sctp"
+	case 136:
+		return "udplite"
+	case 58:
+		return "ipv6-icmp"
+	default:
+		return strconv.Itoa(int(n))
+	}
+}
