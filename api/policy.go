@@ -276,13 +276,10 @@ func (p *NetworkPolicy) GetMetadata() *ObjectMeta { return &p.Metadata }
 // GetMetadata implements Resource.
 func (p *GlobalNetworkPolicy) GetMetadata() *ObjectMeta { return &p.Metadata }
 
-// SetDefaults implements Resource.
-func (p *NetworkPolicy) SetDefaults() {
-	if p.Metadata.Namespace == "" {
-		p.Metadata.Namespace = DefaultNamespace
-	}
-	p.Spec.setDefaults()
-}
+// SetDefaults implements Resource. The namespace is not defaulted here:
+// who writes the policy gives it (margayctl -n, default DefaultNamespace),
+// so that a file's policy without one can take the command line's.
+func (p *NetworkPolicy) SetDefaults() { p.Spec.setDefaults() }
 
 // SetDefaults implements Resource.
 func (p *GlobalNetworkPolicy) SetDefaults() { p.Spec.setDefaults() }

@@ -1025,3 +1025,100 @@ func TestBinary(t *testing.T) {
 		t.Errorf("block owners after the release: %v, want %v", owners, want)
 	}
 }
+
+const policies = `apiVersion: margay.dev/v1
+kind: Tier
+metadata: {name: security}
+spec: {order: 100}
+---
+apiVersion: margay.dev/v1
+kind: GlobalNetworkPolicy
+metadata: {name: deny-blocked}
+spec:
+  tier: security
+  order: 10
+  selector: all()
+  namespaceSelector: "team == 'a'"
+  types: [Ingress]
+  ingress:
+  - action: Deny
+    source: {nets: [192.0.2.0/24]}
+  - action: Pass
+---
+apiVersion: margay.dev/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: "team-a"}
+spec:
+  order: 5
+  selector: app == 'web'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination: {ports: [80, "8000:8080"]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: margay.dev/v1
+kind: WorkloadEndpoint
+metadata:
+  name: node1-k8s-web-eth0
+  labels: {app: web, "margay.dev/namespace": "team-a", "margay.ns.team": a}
+spec: {node: node1, namespace: "team-a", pod: web, containerID: c0ffee, interfaceName: mgyaaaa, ipNetworks: [10.65.0.5/32]}
+`
+
+// TestPolicies applies margay and Kubernetes policies, lists them by
+// namespace, and shows which apply to an endpoint.
+func TestPolicies(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	file := writeFile(t, "policies.yaml", policies)
+	// The Kubernetes policy names no namespace: -n gives it one. The margay
+	// one names its own, which -n must not contradict.
+	wantFail(t, c.run("apply", "-f", file, "-n", "team-b"), exitError, `"team-a"`, "-n")
+	refs := []string{`Tier "security"`, `GlobalNetworkPolicy "deny-blocked"`, `NetworkPolicy "team-a/web"`, `NetworkPolicy "team-a/knp.default.deny-all"`, `WorkloadEndpoint "node1-k8s-web-eth0"`}
+	wantEach(t, c.ok(t, "apply", "-f", file, "-n", "team-a"), "created", refs)
+	wantEach(t, c.ok(t, "apply", "-f", file, "-n", "team-a"), "unchanged", refs)
+
+	tests := []struct {
+		args []string
+		want [][]string
+	}{
+		// The default namespace has none.
+		{[]string{"get", "networkpolicies"}, [][]string{{"NAMESPACE", "NAME", "TIER", "ORDER", "SELECTOR", "TYPES"}}},
+		{[]string{"get", "netpol", "-n", "team-a"}, [][]string{{"NAMESPACE", "NAME", "TIER", "ORDER", "SELECTOR", "TYPES"},
+			{"team-a", "knp.default.deny-all", "default", "1000", "all()", "Ingress,Egress"},
+			{"team-a", "web", "default", "5", "app", "==", "'web'", "Ingress"}}},
+		{[]string{"get", "netpol", "-A", "-o", "wide"}, [][]string{{"NAMESPACE", "NAME", "TIER", "ORDER", "SELECTOR", "TYPES", "INGRESS", "EGRESS"},
+			{"team-a", "knp.default.deny-all", "default", "1000", "all()", "Ingress,Egress", "0", "0"},
+			{"team-a", "web", "default", "5", "app", "==", "'web'", "Ingress", "1", "0"}}},
+		{[]string{"get", "gnp"}, [][]string{{"NAME", "TIER", "ORDER", "SELECTOR", "TYPES"}, {"deny-blocked", "security", "10", "all()", "Ingress"}}},
+		{[]string{"get", "tiers"}, [][]string{{"NAME", "ORDER"}, {"security", "100"}}},
+		// Evaluated tier by tier, then by order.
+		{[]string{"get", "wep", "-o", "wide"}, [][]string{{"NAME", "NODE", "NETWORKS", "INTERFACE", "NAMESPACE", "POD", "CONTAINER", "MAC", "POLICIES"},
+			{"node1-k8s-web-eth0", "node1", "10.65.0.5/32", "mgyaaaa", "team-a", "web", "c0ffee", "-", "gnp:deny-blocked,team-a/web,team-a/knp.default.deny-all"}}},
+	}
+	for _, tt := range tests {
+		got := table(c.ok(t, tt.args...))
+		if !slices.EqualFunc(got, tt.want, slices.Equal) {
+			t.Errorf("%s: got %q, want %q", strings.Join(tt.args, " "), got, tt.want)
+		}
+	}
+	if out := c.ok(t, "get", "netpol", "web", "-n", "team-a", "-o", "yaml"); !strings.Contains(out, "namespace: team-a") || !strings.Contains(out, "8000:8080") {
+		t.Errorf("get netpol web -o yaml:\n%s", out)
+	}
+	wantFail(t, c.run("get", "netpol", "web"), exitError, `"default/web"`, "not found")
+	wantFail(t, c.run("get", "netpol", "web", "-A"), exitUsage, "-n NAMESPACE")
+	wantFail(t, c.run("get", "netpol", "-A", "-n", "x"), exitUsage, "not both")
+
+	if got := c.ok(t, "delete", "netpol", "web", "-n", "team-a"); got != "NetworkPolicy \"team-a/web\" deleted\n" {
+		t.Errorf("delete: %q", got)
+	}
+	wantFail(t, c.run("get", "netpol", "web", "-n", "team-a"), exitError, "not found")
+	c.ok(t, "apply", "-f", file, "-n", "team-a")
+	wantEach(t, c.ok(t, "delete", "-f", file, "-n", "team-a"), "deleted", refs)
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/margay-dev/margay/api"
+	"github.com/margay-dev/margay/felix/calc"
 )
 
 func validOutput(o string) bool { return o == "table" || o == "wide" || o == "yaml" || o == "json" }
@@ -21,7 +23,12 @@ type list struct {
 	Items        []api.Resource `json:"items"`
 }
 
-func printResources(w io.Writer, k api.KindInfo, rs []api.Resource, format string, single bool) error {
+// table is what some columns need beyond the resource itself.
+type tableContext struct {
+	policy *calc.Policy // for the policies that apply to a workload endpoint
+}
+
+func printResources(w io.Writer, k api.KindInfo, rs []api.Resource, format string, single bool, t tableContext) error {
 	var v any = list{TypeMeta: api.TypeMeta{APIVersion: api.APIVersion, Kind: api.KindList}, Items: rs}
 	if single {
 		v = rs[0]
@@ -42,7 +49,7 @@ func printResources(w io.Writer, k api.KindInfo, rs []api.Resource, format strin
 		_, err = w.Write(b)
 		return err
 	}
-	cols := columnsFor(k.Kind)
+	cols := t.columnsFor(k)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	var head []string
 	for _, c := range cols {
@@ -91,9 +98,52 @@ func dur(d *api.Duration) string {
 	return d.String()
 }
 
-func columnsFor(kind string) []column {
+// policyName is how a policy is named in a list: ns/name for a
+// NetworkPolicy, gnp:name for a GlobalNetworkPolicy.
+func policyName(r calc.PolicyRef) string {
+	if r.Kind == api.KindGlobalNetworkPolicy {
+		return "gnp:" + r.Name
+	}
+	return r.Namespace + "/" + r.Name
+}
+
+func order(o *float64) string {
+	if o == nil {
+		return ""
+	}
+	return strconv.FormatFloat(*o, 'g', -1, 64)
+}
+
+func types(s *api.PolicySpec) string {
+	var ts []string
+	for _, t := range s.Types {
+		ts = append(ts, string(t))
+	}
+	return strings.Join(ts, ",")
+}
+
+func policyColumns(s func(api.Resource) *api.PolicySpec) []column {
+	return []column{
+		{name: "TIER", value: func(r api.Resource) string { return cmp.Or(s(r).Tier, api.DefaultTier) }},
+		{name: "ORDER", value: func(r api.Resource) string { return order(s(r).Order) }},
+		{name: "SELECTOR", value: func(r api.Resource) string { return s(r).Selector }},
+		{name: "TYPES", value: func(r api.Resource) string { return types(s(r)) }},
+		{name: "INGRESS", wide: true, value: func(r api.Resource) string { return strconv.Itoa(len(s(r).Ingress)) }},
+		{name: "EGRESS", wide: true, value: func(r api.Resource) string { return strconv.Itoa(len(s(r).Egress)) }},
+	}
+}
+
+func (t tableContext) columnsFor(k api.KindInfo) []column {
 	name := column{name: "NAME", value: func(r api.Resource) string { return r.GetMetadata().Name }}
-	switch kind {
+	switch k.Kind {
+	case api.KindNetworkPolicy:
+		ns := column{name: "NAMESPACE", value: func(r api.Resource) string { return r.GetMetadata().Namespace }}
+		return append([]column{ns, name}, policyColumns(func(r api.Resource) *api.PolicySpec { return &r.(*api.NetworkPolicy).Spec })...)
+	case api.KindGlobalNetworkPolicy:
+		cols := append([]column{name}, policyColumns(func(r api.Resource) *api.PolicySpec { return &r.(*api.GlobalNetworkPolicy).Spec })...)
+		return append(cols, column{name: "NAMESPACESELECTOR", wide: true, value: func(r api.Resource) string { return r.(*api.GlobalNetworkPolicy).Spec.NamespaceSelector }})
+	case api.KindTier:
+		return []column{name, {name: "ORDER", value: func(r api.Resource) string { return order(r.(*api.Tier).Spec.Order) }}}
 	case api.KindIPPool:
 		p := func(r api.Resource) *api.IPPoolSpec { return &r.(*api.IPPool).Spec }
 		return []column{name,
@@ -150,6 +200,16 @@ func columnsFor(kind string) []column {
 			{name: "POD", wide: true, value: func(r api.Resource) string { return w(r).Pod }},
 			{name: "CONTAINER", wide: true, value: func(r api.Resource) string { return w(r).ContainerID }},
 			{name: "MAC", wide: true, value: func(r api.Resource) string { return w(r).MAC }},
+			{name: "POLICIES", wide: true, value: func(r api.Resource) string {
+				if t.policy == nil {
+					return ""
+				}
+				var names []string
+				for _, p := range calc.AppliedTo(*t.policy, r.(*api.WorkloadEndpoint)) {
+					names = append(names, policyName(p))
+				}
+				return strings.Join(names, ",")
+			}},
 		}
 	case api.KindBGPConfiguration:
 		c := func(r api.Resource) *api.BGPConfigurationSpec { return &r.(*api.BGPConfiguration).Spec }

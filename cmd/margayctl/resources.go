@@ -8,17 +8,65 @@ import (
 	"io"
 	"os"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/felix/calc"
+	"github.com/margay-dev/margay/kube/netpol"
 )
 
-// readResources decodes the resources in file ("-" is standard input).
-// readResources reads every file given with -f, in order; - is standard input.
-func (a *app) readResources(files []string) ([]api.Resource, error) {
+// nsFlags are -n and -A, for namespaced kinds.
+type nsFlags struct {
+	namespace string
+	set       bool // -n was given
+	all       bool
+}
+
+func (f *nsFlags) register(cmd *cobra.Command, withAll bool) {
+	cmd.Flags().StringVarP(&f.namespace, "namespace", "n", api.DefaultNamespace, "namespace of namespaced resources (networkpolicies)")
+	if withAll {
+		cmd.Flags().BoolVarP(&f.all, "all-namespaces", "A", false, "list namespaced resources of every namespace")
+	}
+	cmd.PreRunE = func(cmd *cobra.Command, _ []string) error {
+		f.set = cmd.Flags().Changed("namespace")
+		if f.set && f.all {
+			return usagef("give -n NAMESPACE or -A, not both")
+		}
+		return nil
+	}
+}
+
+// fill gives a namespaced resource the namespace of -n if it names none, and
+// refuses one that names another than -n gives.
+func (f nsFlags) fill(r api.Resource) error {
+	m := r.GetMetadata()
+	if !api.KindOf(r).Namespaced {
+		return nil
+	}
+	switch {
+	case m.Namespace == "":
+		m.Namespace = f.namespace
+	case f.set && m.Namespace != f.namespace:
+		return fmt.Errorf("%s: its metadata.namespace %q is not the namespace -n gives (%q): drop one", api.Ref(r), m.Namespace, f.namespace)
+	}
+	return nil
+}
+
+// storageName is how NAME on the command line is looked up.
+func (f nsFlags) storageName(k api.KindInfo, name string) string {
+	if k.Namespaced {
+		return f.namespace + "/" + name
+	}
+	return name
+}
+
+// readResources reads every file given with -f, in order; - is standard
+// input. A namespaced resource that names no namespace takes ns.namespace.
+func (a *app) readResources(files []string, ns nsFlags) ([]api.Resource, error) {
 	if len(files) == 0 {
 		return nil, usagef("give the resources with -f FILE (or -f - for standard input)")
 	}
@@ -29,6 +77,11 @@ func (a *app) readResources(files []string) ([]api.Resource, error) {
 			return nil, err
 		}
 		all = append(all, rs...)
+	}
+	for _, r := range all {
+		if err := ns.fill(r); err != nil {
+			return nil, err
+		}
 	}
 	return all, nil
 }
@@ -47,7 +100,8 @@ func (a *app) readFile(file string) ([]api.Resource, error) {
 	if err != nil {
 		return nil, err
 	}
-	rs, err := api.Decode(data)
+	// Kubernetes NetworkPolicy objects are translated as the controller does.
+	rs, err := netpol.Decode(data)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", file, err)
 	}
@@ -56,6 +110,7 @@ func (a *app) readFile(file string) ([]api.Resource, error) {
 
 func (a *app) applyCmd(verb string) *cobra.Command {
 	var files []string
+	var ns nsFlags
 	short := map[string]string{
 		"apply":   "Create resources, or update them if they exist",
 		"create":  "Create resources; fail if one exists",
@@ -66,10 +121,12 @@ func (a *app) applyCmd(verb string) *cobra.Command {
 		Short: short,
 		Long: short + `. FILE holds one or more YAML or JSON documents, separated by ---.
 A resource that carries metadata.resourceVersion is only changed if it still has
-that version, so a stale copy cannot overwrite a newer one.`,
+that version, so a stale copy cannot overwrite a newer one. A Kubernetes
+networking.k8s.io/v1 NetworkPolicy is translated to a margay NetworkPolicy
+named knp.default.NAME, as margay-kube-controllers does.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			rs, err := a.readResources(files)
+			rs, err := a.readResources(files, ns)
 			if err != nil {
 				return err
 			}
@@ -83,6 +140,7 @@ that version, so a stale copy cannot overwrite a newer one.`,
 		},
 	}
 	cmd.Flags().StringArrayVarP(&files, "filename", "f", nil, "file with the resources, - for standard input; may be repeated")
+	ns.register(cmd, false)
 	return cmd
 }
 
@@ -158,6 +216,7 @@ func sameContent(x, y api.Resource) bool {
 
 func (a *app) deleteCmd() *cobra.Command {
 	var files []string
+	var ns nsFlags
 	cmd := &cobra.Command{
 		Use:   "delete (-f FILE | KIND NAME...)",
 		Short: "Delete resources named in a file or on the command line",
@@ -168,7 +227,7 @@ func (a *app) deleteCmd() *cobra.Command {
 				return usagef("delete: give either -f FILE or KIND NAME..., not both")
 			case len(files) > 0:
 				var err error
-				if rs, err = a.readResources(files); err != nil {
+				if rs, err = a.readResources(files, ns); err != nil {
 					return err
 				}
 			case len(args) >= 2:
@@ -179,6 +238,9 @@ func (a *app) deleteCmd() *cobra.Command {
 				for _, n := range args[1:] {
 					r := k.New()
 					r.GetMetadata().Name = n
+					if err := ns.fill(r); err != nil {
+						return err
+					}
 					rs = append(rs, r)
 				}
 			default:
@@ -200,6 +262,7 @@ func (a *app) deleteCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringArrayVarP(&files, "filename", "f", nil, "file with the resources, - for standard input; may be repeated")
+	ns.register(cmd, false)
 	return cmd
 }
 
@@ -244,10 +307,15 @@ func count(n int, noun string) string {
 
 func (a *app) getCmd() *cobra.Command {
 	var output string
+	var ns nsFlags
 	cmd := &cobra.Command{
 		Use:   "get KIND [NAME]",
-		Short: "Show resources: ippools, bgpconfigurations, bgppeers, nodes, workloadendpoints, ipamconfigurations",
-		Args:  rangeArgs(1, 2),
+		Short: "Show resources: ippools, bgpconfigurations, bgppeers, nodes, workloadendpoints, networkpolicies, globalnetworkpolicies, tiers, ipamconfigurations",
+		Long: `Show resources. Namespaced kinds (networkpolicies) are listed for the
+namespace -n gives (default "default"), or for every namespace with -A.
+-o wide on workloadendpoints shows the policies that apply to each, in the
+order they are evaluated.`,
+		Args: rangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			k, err := api.LookupKind(args[0])
 			if err != nil {
@@ -262,7 +330,10 @@ func (a *app) getCmd() *cobra.Command {
 			}
 			var rs []api.Resource
 			if len(args) == 2 {
-				r, err := store.GetResource(cmd.Context(), k, args[1])
+				if ns.all {
+					return usagef("-A lists; to get one resource by name give -n NAMESPACE")
+				}
+				r, err := store.GetResource(cmd.Context(), k, ns.storageName(k, args[1]))
 				if err != nil {
 					return err
 				}
@@ -270,9 +341,43 @@ func (a *app) getCmd() *cobra.Command {
 			} else if rs, _, err = store.ListResources(cmd.Context(), k); err != nil {
 				return err
 			}
-			return printResources(a.out, k, rs, output, len(args) == 2)
+			if k.Namespaced && !ns.all {
+				rs = slices.DeleteFunc(rs, func(r api.Resource) bool { return r.GetMetadata().Namespace != ns.namespace })
+			}
+			var t tableContext
+			if k.Kind == api.KindWorkloadEndpoint && output == "wide" {
+				if t.policy, err = loadPolicy(cmd.Context(), store); err != nil {
+					return err
+				}
+			}
+			return printResources(a.out, k, rs, output, len(args) == 2, t)
 		},
 	}
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, wide, yaml or json")
+	ns.register(cmd, true)
 	return cmd
+}
+
+// loadPolicy reads every policy and tier, for the policies that apply to an
+// endpoint.
+func loadPolicy(ctx context.Context, store *datastore.Store) (*calc.Policy, error) {
+	var pol calc.Policy
+	for _, k := range []string{api.KindNetworkPolicy, api.KindGlobalNetworkPolicy, api.KindTier} {
+		ki, _ := api.LookupKind(k)
+		rs, _, err := store.ListResources(ctx, ki)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range rs {
+			switch r := r.(type) {
+			case *api.NetworkPolicy:
+				pol.Policies = append(pol.Policies, r)
+			case *api.GlobalNetworkPolicy:
+				pol.Globals = append(pol.Globals, r)
+			case *api.Tier:
+				pol.Tiers = append(pol.Tiers, r)
+			}
+		}
+	}
+	return &pol, nil
 }

@@ -69,6 +69,11 @@ items:
 			if err != nil {
 				t.Fatal(err)
 			}
+			for _, r := range rs {
+				if m := r.GetMetadata(); api.KindOf(r).Namespaced && m.Namespace == "" {
+					m.Namespace = api.DefaultNamespace // as margayctl -n does
+				}
+			}
 			if got := refs(rs); strings.Join(got, ",") != strings.Join(c.want, ",") {
 				t.Errorf("got %q, want %q", got, c.want)
 			}

@@ -29,14 +29,12 @@ const Order = 1000.0
 
 // Translate returns the margay NetworkPolicy that enforces np. It refuses,
 // rather than approximates, what margay cannot express and what Kubernetes'
-// validation would refuse. A np without a namespace (from a file) is in
-// api.DefaultNamespace, as a margay NetworkPolicy would be.
+// validation would refuse. A np without a namespace (from a file) gets none,
+// so that margayctl -n or SetDefaults can give it one, as for a margay
+// NetworkPolicy.
 func Translate(np *networkingv1.NetworkPolicy) (*api.NetworkPolicy, error) {
 	ns := np.Namespace
-	if ns == "" {
-		ns = api.DefaultNamespace
-	}
-	if errs := validation.IsDNS1123Label(ns); len(errs) > 0 {
+	if errs := validation.IsDNS1123Label(ns); ns != "" && len(errs) > 0 {
 		return nil, fmt.Errorf("metadata.namespace %q: %s", ns, strings.Join(errs, "; "))
 	}
 	if errs := validation.IsDNS1123Subdomain(np.Name); len(errs) > 0 {
