@@ -144,6 +144,16 @@ type WorkloadEndpointSpec struct {
 	InterfaceName string   `json:"interfaceName"`
 	IPNetworks    []string `json:"ipNetworks"`
 	MAC           string   `json:"mac,omitempty"`
+	// Ports are the pod's named ports, which policy rules can name.
+	Ports []EndpointPort `json:"ports,omitempty"`
+}
+
+// EndpointPort is a named port of a workload, as a container port in
+// Kubernetes.
+type EndpointPort struct {
+	Name     string   `json:"name"`
+	Protocol Protocol `json:"protocol"`
+	Port     uint16   `json:"port"`
 }
 
 // NewWorkloadEndpoint returns an empty WorkloadEndpoint with its type set.
@@ -161,6 +171,11 @@ func (w *WorkloadEndpoint) SetDefaults() {
 	}
 	if w.Spec.Endpoint == "" {
 		w.Spec.Endpoint = "eth0"
+	}
+	for i := range w.Spec.Ports {
+		if p := &w.Spec.Ports[i].Protocol; *p == (Protocol{}) {
+			*p = Protocol{Name: "TCP"} // as Kubernetes defaults a container port's
+		}
 	}
 }
 
@@ -186,6 +201,18 @@ func (w *WorkloadEndpoint) Validate() error {
 	if s.MAC != "" {
 		if _, err := net.ParseMAC(s.MAC); err != nil {
 			e.add("spec.mac", s.MAC, "is not a MAC address")
+		}
+	}
+	for i, p := range s.Ports {
+		f := fmt.Sprintf("spec.ports[%d]", i)
+		if !ValidPortName(p.Name) {
+			e.add(f+".name", p.Name, "must be a port name: at most 15 lower-case letters, digits and '-', with a letter")
+		}
+		if !p.Protocol.HasPorts() {
+			e.add(f+".protocol", p.Protocol, "must be TCP, UDP, SCTP or UDPLite")
+		}
+		if p.Port == 0 {
+			e.add(f+".port", p.Port, "must be from 1 to 65535")
 		}
 	}
 	return e.result(w)

@@ -71,6 +71,7 @@ func validWEP() *WorkloadEndpoint {
 		InterfaceName: "mgy0123456789a",
 		IPNetworks:    []string{"10.244.1.5/32"},
 		MAC:           "ee:ee:ee:ee:ee:ee",
+		Ports:         []EndpointPort{{Name: "http", Port: 8080}, {Name: "dns", Protocol: Protocol{Name: "UDP"}, Port: 53}},
 	}
 	w.SetDefaults()
 	return w
@@ -220,6 +221,10 @@ func TestValidateErrors(t *testing.T) {
 		{"wep ipNetwork not a host", func() Resource { w := validWEP(); w.Spec.IPNetworks = []string{"10.244.1.0/24"}; return w }, "spec.ipNetworks", "must be a host CIDR such as 10.244.1.5/32"},
 		{"wep ipNetwork bare address", func() Resource { w := validWEP(); w.Spec.IPNetworks = []string{"10.244.1.5"}; return w }, "spec.ipNetworks", "host CIDR"},
 		{"wep bad mac", func() Resource { w := validWEP(); w.Spec.MAC = "not-a-mac"; return w }, "spec.mac", "is not a MAC address"},
+		{"wep port name upper case", func() Resource { w := validWEP(); w.Spec.Ports[0].Name = "HTTP"; return w }, "spec.ports[0].name", "must be a port name"},
+		{"wep port name digits only", func() Resource { w := validWEP(); w.Spec.Ports[1].Name = "8080"; return w }, "spec.ports[1].name", "with a letter"},
+		{"wep port ICMP", func() Resource { w := validWEP(); w.Spec.Ports[0].Protocol = Protocol{Name: "ICMP"}; return w }, "spec.ports[0].protocol", "TCP, UDP, SCTP or UDPLite"},
+		{"wep port 0", func() Resource { w := validWEP(); w.Spec.Ports[0].Port = 0; return w }, "spec.ports[0].port", "from 1 to 65535"},
 
 		// IPAMConfiguration.
 		{"ipam name not default", func() Resource { c := NewIPAMConfiguration(); c.Metadata.Name = "cluster"; return c }, "metadata.name", `must be "default": there is one IPAM configuration per cluster`},
@@ -553,6 +558,9 @@ func TestDefaults(t *testing.T) {
 	w.SetDefaults()
 	if w.Spec.Orchestrator != "k8s" || w.Spec.Endpoint != "eth0" {
 		t.Errorf("WorkloadEndpoint defaults = %+v", w.Spec)
+	}
+	if w := validWEP(); w.Spec.Ports[0].Protocol.String() != "TCP" || w.Spec.Ports[1].Protocol.String() != "UDP" {
+		t.Errorf("a port's protocol defaults to TCP: %+v", w.Spec.Ports)
 	}
 
 	// Decode applies defaults too.

@@ -35,7 +35,34 @@ func NewIPSets(log *slog.Logger) *IPSets { return &IPSets{log: log} }
 type kernelSet struct {
 	typ     string
 	family  uint8
-	members map[netip.Prefix]bool
+	members map[member]bool
+}
+
+// member is one entry of a set: a prefix (hash:net, hash:ip, whose prefixes
+// are single addresses) or an address, protocol and port (hash:ip,port).
+type member struct {
+	prefix netip.Prefix
+	proto  uint8
+	port   uint16
+}
+
+func (m member) String() string {
+	if m.proto != 0 {
+		return calc.IPPort{Addr: m.prefix.Addr(), Proto: m.proto, Port: m.port}.String()
+	}
+	return m.prefix.String()
+}
+
+// members are a desired set's entries.
+func members(d calc.IPSet) []member {
+	out := make([]member, 0, len(d.Members)+len(d.Ports))
+	for _, p := range d.Members {
+		out = append(out, member{prefix: p.Masked()})
+	}
+	for _, p := range d.Ports {
+		out = append(out, member{prefix: netip.PrefixFrom(p.Addr, 32), proto: p.Proto, port: p.Port})
+	}
+	return out
 }
 
 // Apply creates the desired sets that are missing, recreates a set of the wrong
@@ -131,8 +158,18 @@ func validSet(d calc.IPSet) error {
 	if !strings.HasPrefix(d.Name, SetPrefix) || len(d.Name) >= nl.IPSET_MAXNAMELEN {
 		return fmt.Errorf("ipset name %q: want %s<name> shorter than %d characters", d.Name, SetPrefix, nl.IPSET_MAXNAMELEN)
 	}
-	if d.Type != "hash:net" && d.Type != "hash:ip" {
-		return fmt.Errorf("ipset %s: type %q is not hash:net or hash:ip", d.Name, d.Type)
+	switch {
+	case d.Type != "hash:net" && d.Type != "hash:ip" && d.Type != "hash:ip,port":
+		return fmt.Errorf("ipset %s: type %q is not hash:net, hash:ip or hash:ip,port", d.Name, d.Type)
+	case d.Type == "hash:ip,port" && len(d.Members) > 0:
+		return fmt.Errorf("ipset %s: a hash:ip,port set has address,port members only", d.Name)
+	case d.Type != "hash:ip,port" && len(d.Ports) > 0:
+		return fmt.Errorf("ipset %s: a %s set has no address,port members", d.Name, d.Type)
+	}
+	for _, p := range d.Ports {
+		if !p.Addr.Is4() || p.Proto == 0 {
+			return fmt.Errorf("ipset %s: member %s is not an IPv4 address with a protocol", d.Name, p)
+		}
 	}
 	for _, m := range d.Members {
 		if !m.IsValid() || !m.Addr().Is4() {
@@ -171,9 +208,8 @@ func (s *IPSets) applySet(h *netlink.Handle, d calc.IPSet, cur *kernelSet) (chan
 		s.log.Info("ipset recreated", "set", d.Name, "was", cur.typ, "type", d.Type)
 		cur, changed = &kernelSet{}, true
 	}
-	want := map[netip.Prefix]bool{}
-	for _, m := range d.Members {
-		m = m.Masked()
+	want := map[member]bool{}
+	for _, m := range members(d) {
 		want[m] = true
 		if cur.members[m] {
 			continue
@@ -206,10 +242,13 @@ func create(h *netlink.Handle, name, typ string) error {
 	return nil
 }
 
-func entry(typ string, m netip.Prefix) *netlink.IPSetEntry {
-	e := &netlink.IPSetEntry{IP: net.IP(m.Addr().AsSlice())}
-	if typ == "hash:net" {
-		e.CIDR = uint8(m.Bits())
+func entry(typ string, m member) *netlink.IPSetEntry {
+	e := &netlink.IPSetEntry{IP: net.IP(m.prefix.Addr().AsSlice())}
+	switch typ {
+	case "hash:net":
+		e.CIDR = uint8(m.prefix.Bits())
+	case "hash:ip,port":
+		e.Protocol, e.Port = &m.proto, &m.port
 	}
 	return e
 }
@@ -228,7 +267,7 @@ func listSets(h *netlink.Handle) (map[string]*kernelSet, error) {
 		}
 		k := sets[r.SetName]
 		if k == nil {
-			k = &kernelSet{members: map[netip.Prefix]bool{}}
+			k = &kernelSet{members: map[member]bool{}}
 			sets[r.SetName] = k
 		}
 		if r.TypeName != "" {
@@ -244,7 +283,11 @@ func listSets(h *netlink.Handle) (map[string]*kernelSet, error) {
 				bits = a.Unmap().BitLen()
 			}
 			if p, err := a.Unmap().Prefix(bits); err == nil {
-				k.members[p] = true
+				m := member{prefix: p}
+				if e.Protocol != nil && e.Port != nil {
+					m.proto, m.port = *e.Protocol, *e.Port
+				}
+				k.members[m] = true
 			}
 		}
 	}

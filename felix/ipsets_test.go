@@ -102,7 +102,11 @@ func kernelSets(t *testing.T, ns *nstest.NS) map[string]string {
 				if cidr == 0 {
 					cidr = 32
 				}
-				members = append(members, fmt.Sprintf("%s/%d", e.IP, cidr))
+				m := fmt.Sprintf("%s/%d", e.IP, cidr)
+				if e.Port != nil {
+					m = fmt.Sprintf("%s,%d:%d", e.IP, *e.Protocol, *e.Port)
+				}
+				members = append(members, m)
 			}
 			slices.Sort(members)
 			got[r.SetName] = strings.Join(append([]string{r.TypeName}, members...), " ")
@@ -270,5 +274,52 @@ func TestIPSetsWrongTypeInUse(t *testing.T) {
 	}
 	if got := kernelSets(t, ns); len(got) != 0 {
 		t.Errorf("after Cleanup: %v", got)
+	}
+}
+
+// A named port's set holds address,protocol:port members: created, repaired
+// member by member, and changed in place.
+func TestIPSetsNamedPorts(t *testing.T) {
+	ns := nstest.New(t, "node")
+	var l logs
+	s := NewIPSets(l.logger())
+	a := netip.MustParseAddr
+	set := calc.IPSet{Name: "mgy-p-test", Type: "hash:ip,port", Ports: []calc.IPPort{
+		{Addr: a("10.244.0.5"), Proto: 6, Port: 8080}, {Addr: a("10.244.0.5"), Proto: 17, Port: 8080}, {Addr: a("10.244.1.9"), Proto: 6, Port: 80}}}
+	want := "hash:ip,port 10.244.0.5,17:8080 10.244.0.5,6:8080 10.244.1.9,6:80"
+	if !applySets(t, ns, s, []calc.IPSet{set}) {
+		t.Error("first Apply reported no change")
+	}
+	if got := kernelSets(t, ns)["mgy-p-test"]; got != want {
+		t.Errorf("after Apply: %q, want %q", got, want)
+	}
+	l.take()
+	if applySets(t, ns, s, []calc.IPSet{set}) {
+		t.Errorf("second Apply changed something: %q", l.take())
+	}
+	// Drift: a member removed and a stray one added, with the same address.
+	inNS(t, ns, func(h *netlink.Handle) error {
+		tcp, p80, p81 := uint8(6), uint16(80), uint16(81)
+		if err := h.IpsetDel("mgy-p-test", &netlink.IPSetEntry{IP: net.ParseIP("10.244.1.9"), Protocol: &tcp, Port: &p80}); err != nil {
+			return err
+		}
+		return h.IpsetAdd("mgy-p-test", &netlink.IPSetEntry{IP: net.ParseIP("10.244.1.9"), Protocol: &tcp, Port: &p81})
+	})
+	if !applySets(t, ns, s, []calc.IPSet{set}) {
+		t.Error("repair reported no change")
+	}
+	if got := l.take(); len(got) != 2 {
+		t.Errorf("repair logged %q, want one member added and one removed", got)
+	}
+	if got := kernelSets(t, ns)["mgy-p-test"]; got != want {
+		t.Errorf("after the repair: %q, want %q", got, want)
+	}
+	bad := set
+	bad.Members = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	if err := ns.Do(func() error { _, err := s.Apply([]calc.IPSet{bad}); return err }); err == nil || !strings.Contains(err.Error(), "address,port members only") {
+		t.Errorf("a hash:ip,port set with prefix members: %v", err)
+	}
+	if err := ns.Do(s.Cleanup); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -141,8 +141,22 @@ type VXLANPeer struct {
 // IPSet is the desired content of one ipset.
 type IPSet struct {
 	Name    string
-	Type    string // "hash:net" or "hash:ip"
-	Members []netip.Prefix
+	Type    string         // "hash:net", "hash:ip" or "hash:ip,port"
+	Members []netip.Prefix // of a hash:net or hash:ip set
+	Ports   []IPPort       // of a hash:ip,port set
+}
+
+// IPPort is a member of a hash:ip,port set: an address, protocol and port.
+type IPPort struct {
+	Addr  netip.Addr
+	Proto uint8
+	Port  uint16
+}
+
+func (p IPPort) String() string { return fmt.Sprintf("%s,%d:%d", p.Addr, p.Proto, p.Port) }
+
+func compareIPPort(a, b IPPort) int {
+	return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Port, b.Port))
 }
 
 // ipset names, shared with the iptables rules that match on them.

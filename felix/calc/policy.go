@@ -36,6 +36,7 @@ const (
 	polPrefixOut    = "MGY-PE-" // + hash: one policy's egress rules
 	setSelPrefix    = "mgy-s-"  // + hash: the addresses a selector matches
 	setNetPrefix    = "mgy-n-"  // + hash: a rule's nets
+	setPortPrefix   = "mgy-p-"  // + hash: address,protocol:port of a named port
 )
 
 var (
@@ -92,6 +93,20 @@ func (p *policy) selects(ep endpointInfo) bool {
 		return false
 	}
 	return p.selector.Matches(ep.labels) && (p.nsSel == nil || p.nsSel.Matches(ep.nsLabels))
+}
+
+// AppliedTo lists the policies that apply to an endpoint, in the order they
+// are evaluated. It is what margayctl shows; Compute decides the same.
+func AppliedTo(pol Policy, w *api.WorkloadEndpoint) []PolicyRef {
+	pols, _ := sortedPolicies(pol)
+	info := infoOf(w)
+	var refs []PolicyRef
+	for _, p := range pols {
+		if p.selects(info) {
+			refs = append(refs, p.ref)
+		}
+	}
+	return refs
 }
 
 // policyPlan is what the policy part of Compute decides.
@@ -185,7 +200,7 @@ func policyRules(local []Endpoint, pol Policy) policyPlan {
 		info := infos[ep.Name]
 		var mine []*policy
 		for _, p := range pols {
-			if p.selects(info) {
+			if p.selects(info) { // as AppliedTo
 				mine = append(mine, p)
 				plan.applied[ep.Name] = append(plan.applied[ep.Name], p.ref)
 				used[p] = true
@@ -218,6 +233,8 @@ func policyRules(local []Endpoint, pol Policy) policyPlan {
 	for _, s := range b.sets {
 		slices.SortFunc(s.Members, comparePrefix)
 		s.Members = slices.Compact(s.Members)
+		slices.SortFunc(s.Ports, compareIPPort)
+		s.Ports = slices.Compact(s.Ports)
 		plan.sets = append(plan.sets, *s)
 	}
 	slices.SortFunc(plan.sets, func(a, b IPSet) int { return strings.Compare(a.Name, b.Name) })
@@ -289,41 +306,92 @@ type setBuilder struct {
 	sets      map[string]*IPSet
 }
 
-// selectorSet is the set of the addresses of the endpoints an entity rule's
-// selectors match. ns is the namespace a selector alone is confined to ("" in
-// a GlobalNetworkPolicy).
-func (b *setBuilder) selectorSet(ns string, e *api.EntityRule) (string, error) {
+// entitySelector is what an entity rule's selectors select: endpoints in
+// namespace ns ("" for any) whose labels sel matches and whose namespace's
+// labels nsSel matches (nil for any). A namespaceSelector lifts the
+// confinement to ns, which is the policy's own ("" for a global one).
+type entitySelector struct {
+	ns         string
+	sel, nsSel api.Selector
+}
+
+func parseEntity(ns string, e *api.EntityRule) (entitySelector, error) {
+	es := entitySelector{ns: ns}
 	if e.NamespaceSelector != "" {
-		ns = ""
+		es.ns = ""
 	}
-	sel, err := api.ParseSelector(e.Selector)
-	if err != nil {
-		return "", fmt.Errorf("selector: %v", err)
+	var err error
+	if es.sel, err = api.ParseSelector(e.Selector); err != nil {
+		return es, fmt.Errorf("selector: %v", err)
 	}
-	var nsSel api.Selector
 	if e.NamespaceSelector != "" {
-		if nsSel, err = api.ParseSelector(e.NamespaceSelector); err != nil {
-			return "", fmt.Errorf("namespaceSelector: %v", err)
+		if es.nsSel, err = api.ParseSelector(e.NamespaceSelector); err != nil {
+			return es, fmt.Errorf("namespaceSelector: %v", err)
 		}
 	}
-	name := setSelPrefix + shortHash("sel", ns, sel.String(), fmt.Sprint(nsSel))
+	return es, nil
+}
+
+func (es entitySelector) key() string { return es.ns + "\x00" + es.sel.String() + "\x00" + fmt.Sprint(es.nsSel) }
+
+func (es entitySelector) matches(info endpointInfo) bool {
+	return (es.ns == "" || info.namespace == es.ns) && es.sel.Matches(info.labels) && (es.nsSel == nil || es.nsSel.Matches(info.nsLabels))
+}
+
+// selected calls f for every endpoint es selects.
+func (b *setBuilder) selected(es entitySelector, f func(*api.WorkloadEndpoint)) {
+	for _, w := range b.endpoints {
+		if es.matches(b.infos[w.Metadata.Name]) {
+			f(w)
+		}
+	}
+}
+
+// v4Addrs are an endpoint's IPv4 addresses.
+func v4Addrs(w *api.WorkloadEndpoint) []netip.Prefix {
+	var out []netip.Prefix
+	for _, n := range w.Spec.IPNetworks {
+		if p, err := netip.ParsePrefix(n); err == nil && p.Addr().Is4() {
+			out = append(out, p.Masked())
+		}
+	}
+	return out
+}
+
+// selectorSet is the set of the addresses of the endpoints an entity rule's
+// selectors match.
+func (b *setBuilder) selectorSet(es entitySelector) string {
+	name := setSelPrefix + shortHash("sel", es.key())
 	if _, ok := b.sets[name]; ok {
-		return name, nil
+		return name
 	}
 	s := &IPSet{Name: name, Type: "hash:net"}
-	for _, w := range b.endpoints {
-		info := b.infos[w.Metadata.Name]
-		if ns != "" && info.namespace != ns || !sel.Matches(info.labels) || nsSel != nil && !nsSel.Matches(info.nsLabels) {
-			continue
-		}
-		for _, n := range w.Spec.IPNetworks {
-			if p, err := netip.ParsePrefix(n); err == nil && p.Addr().Is4() {
-				s.Members = append(s.Members, p.Masked())
+	b.selected(es, func(w *api.WorkloadEndpoint) { s.Members = append(s.Members, v4Addrs(w)...) })
+	b.sets[name] = s
+	return name
+}
+
+// namedPortSet is the set of address,protocol:port of the port called name
+// on each endpoint the entity selects: a named port means the port of that
+// name on whichever endpoint a packet goes to.
+func (b *setBuilder) namedPortSet(es entitySelector, proto uint8, name string) string {
+	set := setPortPrefix + shortHash("port", es.key(), strconv.Itoa(int(proto)), name)
+	if _, ok := b.sets[set]; ok {
+		return set
+	}
+	s := &IPSet{Name: set, Type: "hash:ip,port"}
+	b.selected(es, func(w *api.WorkloadEndpoint) {
+		for _, p := range w.Spec.Ports {
+			if p.Name != name || p.Protocol.Num() != proto {
+				continue
+			}
+			for _, a := range v4Addrs(w) {
+				s.Ports = append(s.Ports, IPPort{Addr: a.Addr(), Proto: proto, Port: p.Port})
 			}
 		}
-	}
-	b.sets[name] = s
-	return name, nil
+	})
+	b.sets[set] = s
+	return set
 }
 
 // netSet is the set of the IPv4 nets of a list; ok is false when it has none.
@@ -400,13 +468,15 @@ func logPrefix(r PolicyRef) string {
 const maxMultiport = 15
 
 // matches renders a rule's match part. A rule can need several iptables
-// rules: more ports than one multiport match takes. None at all means the
-// rule can match no IPv4 packet (its nets are all IPv6, or its named ports
-// name nothing yet).
+// rules: more ports than one multiport match takes, or named ports beside
+// numbered ones. None at all means the rule can match no IPv4 packet (its
+// nets are all IPv6).
 func (b *setBuilder) matches(ns string, r *api.Rule) ([][]string, error) {
 	var base []string
+	var proto uint8
 	if r.Protocol != nil {
 		base = append(base, "-p", iptProtocol(*r.Protocol))
+		proto = r.Protocol.Num()
 	}
 	if r.NotProtocol != nil {
 		base = append(base, "!", "-p", iptProtocol(*r.NotProtocol))
@@ -420,12 +490,12 @@ func (b *setBuilder) matches(ns string, r *api.Rule) ([][]string, error) {
 		flag  string
 	}{{&r.Source, "src", &sports, "--sports"}, {&r.Destination, "dst", &dports, "--dports"}} {
 		e := side.e
+		es, err := parseEntity(ns, e)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", side.dir, err)
+		}
 		if e.HasSelector() {
-			name, err := b.selectorSet(ns, e)
-			if err != nil {
-				return nil, fmt.Errorf("%s: %w", side.dir, err)
-			}
-			base = append(base, "-m", "set", "--match-set", name, side.dir)
+			base = append(base, "-m", "set", "--match-set", b.selectorSet(es), side.dir)
 		}
 		if len(e.Nets) > 0 {
 			name, ok := b.netSet(e.Nets)
@@ -437,18 +507,25 @@ func (b *setBuilder) matches(ns string, r *api.Rule) ([][]string, error) {
 		if name, ok := b.netSet(e.NotNets); ok {
 			base = append(base, "-m", "set", "!", "--match-set", name, side.dir)
 		}
+		// Named ports are destination ports only (api validates).
 		if len(e.Ports) > 0 {
-			chunks := portChunks(e.Ports)
-			if len(chunks) == 0 {
-				return nil, nil
-			}
 			*side.ports = nil
-			for _, c := range chunks {
+			for _, c := range portChunks(e.Ports) {
 				*side.ports = append(*side.ports, []string{"-m", "multiport", side.flag, c})
+			}
+			for _, p := range e.Ports {
+				if p.Name != "" {
+					*side.ports = append(*side.ports, []string{"-m", "set", "--match-set", b.namedPortSet(es, proto, p.Name), "dst,dst"})
+				}
 			}
 		}
 		for _, c := range portChunks(e.NotPorts) {
 			base = append(base, "-m", "multiport", "!", side.flag, c)
+		}
+		for _, p := range e.NotPorts {
+			if p.Name != "" {
+				base = append(base, "-m", "set", "!", "--match-set", b.namedPortSet(es, proto, p.Name), "dst,dst")
+			}
 		}
 	}
 	var out [][]string
@@ -461,7 +538,7 @@ func (b *setBuilder) matches(ns string, r *api.Rule) ([][]string, error) {
 }
 
 // portChunks writes numbered ports as multiport lists of at most
-// maxMultiport entries. Named ports are not resolved yet: they match nothing.
+// maxMultiport entries, leaving out named ports.
 func portChunks(ports []api.Port) []string {
 	var out []string
 	var cur []string

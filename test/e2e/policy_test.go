@@ -40,6 +40,7 @@ type peer struct {
 	name      string // namespace/pod, or "internet"
 	namespace string // "" for the internet host
 	labels    map[string]string
+	ports     []api.EndpointPort // its named ports
 	ns        *nstest.NS
 	addr      netip.Addr
 }
@@ -161,6 +162,13 @@ var nsLabels = map[string]map[string]string{
 	"y": {"name": "y"},
 }
 
+// namedPorts are the pods' named ports: "serve" is a different port on a and
+// on b.
+var namedPorts = map[string][]api.EndpointPort{
+	"a": {{Name: "serve", Protocol: api.Protocol{Name: "TCP"}, Port: 81}},
+	"b": {{Name: "serve", Protocol: api.Protocol{Name: "TCP"}, Port: 80}, {Name: "serve", Protocol: api.Protocol{Name: "UDP"}, Port: 80}},
+}
+
 func newPolicyLab(t *testing.T) *policyLab {
 	l := up(t, lab.Options{Nodes: 2, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "5s"}})
 	waitReady(t, l)
@@ -177,7 +185,7 @@ func newPolicyLab(t *testing.T) *policyLab {
 			t.Fatal(err)
 		}
 		pl.pods = append(pl.pods, &peer{name: spec.namespace + "/" + spec.app, namespace: spec.namespace,
-			labels: map[string]string{"app": spec.app}, ns: p.NS, addr: p.IP})
+			labels: map[string]string{"app": spec.app}, ports: namedPorts[spec.app], ns: p.NS, addr: p.IP})
 		serveAll(t, p.NS)
 	}
 	pl.inet = &peer{name: "internet", ns: l.Internet, addr: lab.InternetAddr}
@@ -198,7 +206,7 @@ func newPolicyLab(t *testing.T) *policyLab {
 
 // label gives the pods' WorkloadEndpoints their labels as
 // margay-kube-controllers would: the pod's, its namespace, and its
-// namespace's labels.
+// namespace's labels; and their named ports.
 func (pl *policyLab) label(t *testing.T) {
 	out, err := pl.l.Ctl(pl.l.Nodes[0], "get", "workloadendpoints", "-o", "json")
 	if err != nil {
@@ -222,6 +230,7 @@ func (pl *policyLab) label(t *testing.T) {
 		for k, v := range nsLabels[p.namespace] {
 			w.Metadata.Labels[api.NamespaceLabelPrefix+k] = v
 		}
+		w.Spec.Ports = p.ports
 		b, _ := json.Marshal(w)
 		docs = append(docs, string(b))
 	}
@@ -337,6 +346,18 @@ func TestKubernetesNetworkPolicy(t *testing.T) {
   ingress:
   - ports: [{protocol: TCP, port: 79, endPort: 81}]`),
 			func(f flow) bool { return !f.to.is("x/a") || f.svc.proto == "tcp" }},
+		{"named port, resolved on each pod", knp("x", "named", `podSelector: {}
+  ingress:
+  - ports: [{port: serve}]`),
+			func(f flow) bool {
+				return f.to.namespace != "x" || f.to.is("x/a") && f.svc == tcp81 || f.to.is("x/b") && f.svc == tcp80
+			}},
+		{"named port on egress, with a protocol", knp("y", "named-egress", `podSelector: {matchLabels: {app: a}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {}}]
+    ports: [{protocol: UDP, port: serve}]`),
+			func(f flow) bool { return !f.from.is("y/a") || f.to.labels["app"] == "b" && f.svc == udp80 }},
 		{"egress to a CIDR", knp("x", "egress", `podSelector: {matchLabels: {app: a}}
   policyTypes: [Egress]
   egress:
@@ -347,6 +368,7 @@ func TestKubernetesNetworkPolicy(t *testing.T) {
   policyTypes: [Ingress]`) + "---\n" + knp("x", "from-y", `podSelector: {}
   ingress: [{from: [{namespaceSelector: {matchLabels: {name: "y"}}}]}]`) + "---\n" + knp("y", "deny", `podSelector: {}
   policyTypes: [Egress]`) + "---\n" + knp("y", "to-x", `podSelector: {}
+  policyTypes: [Egress] # without, Kubernetes makes it Ingress too, isolating y
   egress: [{to: [{namespaceSelector: {matchLabels: {name: "x"}}}]}]`),
 			func(f flow) bool {
 				return (f.to.namespace != "x" || f.from.namespace == "y") && (f.from.namespace != "y" || f.to.namespace == "x")
