@@ -332,7 +332,9 @@ func parseEntity(ns string, e *api.EntityRule) (entitySelector, error) {
 	return es, nil
 }
 
-func (es entitySelector) key() string { return es.ns + "\x00" + es.sel.String() + "\x00" + fmt.Sprint(es.nsSel) }
+func (es entitySelector) key() string {
+	return es.ns + "\x00" + es.sel.String() + "\x00" + fmt.Sprint(es.nsSel)
+}
 
 func (es entitySelector) matches(info endpointInfo) bool {
 	return (es.ns == "" || info.namespace == es.ns) && es.sel.Matches(info.labels) && (es.nsSel == nil || es.nsSel.Matches(info.nsLabels))

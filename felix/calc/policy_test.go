@@ -191,7 +191,7 @@ spec:
   namespaceSelector: team == 'blue'
   egress: [{action: Allow, destination: {selector: app == 'db'}}]`,
 		chains: map[string][]string{
-			"<in a/from-web>": {"-m set --match-set {10.244.1.1/32 10.244.2.1/32} src -m comment --comment NetworkPolicy a/from-web ingress[0] " + accept, ifAcc},
+			"<in a/from-web>":   {"-m set --match-set {10.244.1.1/32 10.244.2.1/32} src -m comment --comment NetworkPolicy a/from-web ingress[0] " + accept, ifAcc},
 			"<out blue-egress>": {"-m set --match-set {10.244.1.2/32 10.244.2.2/32} dst -m comment --comment GlobalNetworkPolicy blue-egress egress[0] " + accept, ifAcc},
 			"MGY-FW-mgyweb":     {clear, jump("<out blue-egress>"), ifAcc, drop("egress", "default"), unpass, accept, ret},
 		},
