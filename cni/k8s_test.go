@@ -46,7 +46,7 @@ func TestPluginPodLabelsFromKubernetes(t *testing.T) {
 		t.Fatal(err)
 	}
 	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "prod", Labels: map[string]string{"app": "web"}},
-		Spec: corev1.PodSpec{NodeName: "node-a", ServiceAccountName: "web-sa", Containers: []corev1.Container{{Name: "c", Image: "pause"}}}}
+		Spec: corev1.PodSpec{NodeName: "node-a", ServiceAccountName: "web-sa", Containers: []corev1.Container{{Name: "c", Image: "pause", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}}}
 	if _, err := admin.CoreV1().Pods("prod").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -95,6 +95,9 @@ func TestPluginPodLabelsFromKubernetes(t *testing.T) {
 		endpoint.NamespaceLabelPrefix + "kubernetes.io/metadata.name": "prod"}
 	if !maps.Equal(wep.Metadata.Labels, want) {
 		t.Errorf("endpoint labels at ADD = %v\nwant %v", wep.Metadata.Labels, want)
+	}
+	if got := fmt.Sprint(wep.Spec.Ports); got != "[{http TCP 8080}]" {
+		t.Errorf("endpoint ports at ADD = %s, want the pod's named port", got)
 	}
 	if err := r.del(rt); err != nil {
 		t.Fatalf("DEL: %v", err)

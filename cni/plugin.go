@@ -134,7 +134,7 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 		return types.NewError(types.ErrTryAgainLater, "no pod MTU", err.Error())
 	}
 	p := podOf(args.Args)
-	labels, err := podLabels(ctx, conf, p)
+	labels, ports, err := podLabels(ctx, conf, p)
 	if err != nil {
 		return types.NewError(types.ErrTryAgainLater, "cannot read the pod's labels from the Kubernetes API", err.Error())
 	}
@@ -187,7 +187,7 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 	wep.Metadata.Labels = labels
 	wep.Spec = api.WorkloadEndpointSpec{Node: conf.Nodename, Namespace: p.namespace, Pod: p.name,
 		ContainerID: args.ContainerID, Endpoint: args.IfName, InterfaceName: hostName,
-		IPNetworks: networks, MAC: w.PodMAC.String()}
+		IPNetworks: networks, MAC: w.PodMAC.String(), Ports: ports}
 	if err := putEndpoint(ctx, store, wep); err != nil {
 		return cniError(ctx, "writing the WorkloadEndpoint", err)
 	}
@@ -206,12 +206,14 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 	return types.PrintResult(result, conf.CNIVersion)
 }
 
-// podLabels are the labels of a pod's endpoint, read from the API server
-// with the conflist's kubeconfig; nil without one, or for a container that
-// is not a pod. margay-kube-controllers keeps them up to date after ADD.
-func podLabels(ctx context.Context, conf *NetConf, p pod) (map[string]string, error) {
+// podLabels are the labels and named ports of a pod's endpoint, read from
+// the API server with the conflist's kubeconfig; nil without one, or for a
+// container that is not a pod. margay-kube-controllers keeps them up to date
+// after ADD. The ports are there at ADD so that a policy's named port admits
+// the pod's first connections.
+func podLabels(ctx context.Context, conf *NetConf, p pod) (map[string]string, []api.EndpointPort, error) {
 	if conf.Kubernetes.Kubeconfig == "" || p.name == "" {
-		return nil, nil
+		return nil, nil, nil
 	}
 	return endpoint.Read(ctx, conf.Kubernetes.Kubeconfig, "margay-cni/"+api.Version, p.namespace, p.name)
 }

@@ -96,8 +96,8 @@ func TestControllersRBAC(t *testing.T) {
 		slices.SortFunc(out, func(a, b rule) int { return strings.Compare(a.group+a.resource+a.verb, b.group+b.resource+b.verb) })
 		return out
 	}
-	wantCluster := []rule{{"", "namespaces", "list"}, {"", "namespaces", "watch"}, {"", "nodes", "list"}, {"", "nodes", "watch"},
-		{"", "pods", "list"}, {"", "pods", "watch"}}
+	wantCluster := []rule{{"", "namespaces", "list"}, {"", "namespaces", "watch"}, {"networking.k8s.io", "networkpolicies", "list"}, {"networking.k8s.io", "networkpolicies", "watch"},
+		{"", "nodes", "list"}, {"", "nodes", "watch"}, {"", "pods", "list"}, {"", "pods", "watch"}}
 	if got := flat(m.clusterRole.Rules); !slices.Equal(got, wantCluster) {
 		t.Errorf("ClusterRole rules %v\nwant %v", got, wantCluster)
 	}

@@ -1,17 +1,23 @@
 // Package kube keeps margay's etcd datastore in step with a Kubernetes cluster:
-// pod and namespace labels on WorkloadEndpoints, and garbage collection after
+// pod and namespace labels and named ports on WorkloadEndpoints, Kubernetes
+// NetworkPolicies translated to margay's, and garbage collection after
 // deleted pods and nodes. Compute decides, as a pure function of what both
 // sides hold; Controller reads the two sides and applies its decisions.
 package kube
 
 import (
+	"encoding/json"
+	"fmt"
 	"maps"
 	"slices"
 	"strings"
 	"time"
 
+	networkingv1 "k8s.io/api/networking/v1"
+
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/kube/endpoint"
+	"github.com/margay-dev/margay/kube/netpol"
 )
 
 // DefaultGrace is how long a WorkloadEndpoint without its pod, or a Node
@@ -34,6 +40,10 @@ type Input struct {
 	K8sNodes   map[string]bool
 	Endpoints  []*api.WorkloadEndpoint
 	Nodes      []*api.Node
+	// K8sPolicies are the cluster's NetworkPolicies. Policies are margay's,
+	// of which the controller owns those named netpol.NamePrefix + name.
+	K8sPolicies []*networkingv1.NetworkPolicy
+	Policies    []*api.NetworkPolicy
 	// Orphans is the previous Output's: since when each endpoint or node has
 	// been without its Kubernetes object.
 	Orphans map[string]time.Time
@@ -41,18 +51,27 @@ type Input struct {
 
 // Output is what to write to etcd. Each change carries its reason.
 type Output struct {
-	Relabel         []Relabel
+	UpdateEndpoints []EndpointUpdate
 	DeleteEndpoints []Deletion
 	DeleteNodes     []Deletion
+	// PutPolicies are translations to create (ResourceVersion "") or update;
+	// DeletePolicies name, as namespace/name, translations whose Kubernetes
+	// policy is gone.
+	PutPolicies    []*api.NetworkPolicy
+	DeletePolicies []Deletion
+	// Problems are Kubernetes policies margay cannot translate. Their last
+	// translation, if any, is kept: deleting it could open traffic.
+	Problems []string
 	// Orphans is every endpoint ("wep/" + name) and node ("node/" + name) now
 	// without its Kubernetes object, with when that was first seen.
 	Orphans map[string]time.Time
 }
 
-// Relabel sets an endpoint's labels.
-type Relabel struct {
+// EndpointUpdate sets an endpoint's labels and named ports.
+type EndpointUpdate struct {
 	Name, ResourceVersion string
 	Labels                map[string]string
+	Ports                 []api.EndpointPort
 }
 
 // Deletion removes a resource as it was read.
@@ -90,8 +109,8 @@ func Compute(in Input) Output {
 			continue
 		}
 		want := endpoint.Labels(key.Namespace, pod, in.Namespaces[key.Namespace])
-		if !maps.Equal(want, w.Metadata.Labels) {
-			out.Relabel = append(out.Relabel, Relabel{w.Metadata.Name, w.Metadata.ResourceVersion, want})
+		if !maps.Equal(want, w.Metadata.Labels) || !slices.Equal(pod.Ports, w.Spec.Ports) {
+			out.UpdateEndpoints = append(out.UpdateEndpoints, EndpointUpdate{w.Metadata.Name, w.Metadata.ResourceVersion, want, pod.Ports})
 		}
 	}
 	for _, n := range in.Nodes {
@@ -107,8 +126,59 @@ func Compute(in Input) Output {
 	for _, l := range [][]Deletion{out.DeleteEndpoints, out.DeleteNodes} {
 		slices.SortFunc(l, func(a, b Deletion) int { return strings.Compare(a.Name, b.Name) })
 	}
-	slices.SortFunc(out.Relabel, func(a, b Relabel) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(out.UpdateEndpoints, func(a, b EndpointUpdate) int { return strings.Compare(a.Name, b.Name) })
+	out.PutPolicies, out.DeletePolicies, out.Problems = policies(in.K8sPolicies, in.Policies)
 	return out
+}
+
+// policies decides the translations of the Kubernetes NetworkPolicies: one
+// per policy, rewritten when it differs from what the translation would be
+// now, deleted when its Kubernetes policy is gone. margay's own policies are
+// left alone.
+func policies(k8s []*networkingv1.NetworkPolicy, have []*api.NetworkPolicy) (put []*api.NetworkPolicy, del []Deletion, problems []string) {
+	owned := map[string]*api.NetworkPolicy{}
+	for _, p := range have {
+		if strings.HasPrefix(p.Metadata.Name, netpol.NamePrefix) {
+			owned[api.StorageName(&p.Metadata)] = p
+		}
+	}
+	keep := map[string]bool{}
+	for _, np := range k8s {
+		key := np.Namespace + "/" + netpol.NamePrefix + np.Name
+		keep[key] = true
+		want, err := netpol.Translate(np)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("NetworkPolicy %s/%s is not enforced as it is now: %v", np.Namespace, np.Name, err))
+			continue
+		}
+		want.SetDefaults()
+		cur := owned[key]
+		if cur != nil {
+			if samePolicy(cur, want) {
+				continue
+			}
+			want.Metadata.ResourceVersion = cur.Metadata.ResourceVersion
+		}
+		put = append(put, want)
+	}
+	for key, p := range owned {
+		if !keep[key] {
+			del = append(del, Deletion{key, p.Metadata.ResourceVersion, "Kubernetes NetworkPolicy " + p.Metadata.Namespace + "/" + strings.TrimPrefix(p.Metadata.Name, netpol.NamePrefix) + " no longer exists"})
+		}
+	}
+	slices.SortFunc(put, func(a, b *api.NetworkPolicy) int {
+		return strings.Compare(api.StorageName(&a.Metadata), api.StorageName(&b.Metadata))
+	})
+	slices.SortFunc(del, func(a, b Deletion) int { return strings.Compare(a.Name, b.Name) })
+	slices.Sort(problems)
+	return put, del, problems
+}
+
+// samePolicy compares what a translation holds: labels and spec.
+func samePolicy(a, b *api.NetworkPolicy) bool {
+	ja, _ := json.Marshal(a.Spec)
+	jb, _ := json.Marshal(b.Spec)
+	return string(ja) == string(jb) && maps.Equal(a.Metadata.Labels, b.Metadata.Labels)
 }
 
 // nodeLive tells whether a pod bound to node may run: a node that Kubernetes

@@ -3,12 +3,17 @@ package kube
 import (
 	"maps"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/margay-dev/margay/api"
 	"github.com/margay-dev/margay/ipam"
 	"github.com/margay-dev/margay/kube/endpoint"
+	"github.com/margay-dev/margay/kube/netpol"
 )
 
 var t0 = time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
@@ -54,6 +59,12 @@ func TestCompute(t *testing.T) {
 			Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", webLabels),
 				wep("n1.dev.db.eth0", "n1", "dev", "db", nil)}},
 		relabel: []string{"n1.dev.db.eth0", "n1.prod.web.eth0"},
+	}, {
+		name: "a pod's named ports reach its endpoint",
+		in: Input{K8sNodes: map[string]bool{"n1": true}, Namespaces: map[string]map[string]string{"prod": {"team": "blue"}},
+			Pods:      map[PodKey]endpoint.Pod{{"prod", "web"}: {Node: "n1", Labels: web.Labels, Ports: []api.EndpointPort{{Name: "http", Protocol: api.Protocol{Name: "TCP"}, Port: 80}}}},
+			Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", webLabels)}},
+		relabel: []string{"n1.prod.web.eth0"},
 	}, {
 		name:    "an endpoint whose pod is gone waits out the grace period",
 		in:      Input{Now: t0, Endpoints: []*api.WorkloadEndpoint{wep("n1.prod.web.eth0", "n1", "prod", "web", nil)}},
@@ -114,13 +125,16 @@ func TestCompute(t *testing.T) {
 			tc.in.Grace = grace
 			out := Compute(tc.in)
 			var relabel, delW, delN, reasons []string
-			for _, r := range out.Relabel {
+			for _, r := range out.UpdateEndpoints {
 				relabel = append(relabel, r.Name)
 				for _, w := range tc.in.Endpoints {
 					if w.Metadata.Name == r.Name {
 						p := tc.in.Pods[PodKey{w.Spec.Namespace, w.Spec.Pod}]
 						if want := endpoint.Labels(w.Spec.Namespace, p, tc.in.Namespaces[w.Spec.Namespace]); !maps.Equal(r.Labels, want) || r.ResourceVersion != "7" {
 							t.Errorf("relabel %s to %v at %s; want %v at 7", r.Name, r.Labels, r.ResourceVersion, want)
+						}
+						if !slices.Equal(r.Ports, p.Ports) {
+							t.Errorf("ports of %s: %v, want %v", r.Name, r.Ports, p.Ports)
 						}
 					}
 				}
@@ -145,6 +159,101 @@ func TestCompute(t *testing.T) {
 			}
 			if !maps.Equal(out.Orphans, tc.orphans) {
 				t.Errorf("orphans = %v, want %v", out.Orphans, tc.orphans)
+			}
+		})
+	}
+}
+
+// knp is a Kubernetes NetworkPolicy in namespace ns admitting ingress from
+// cidr.
+func knp(ns, name, cidr string) *networkingv1.NetworkPolicy {
+	return &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec: networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{
+			{From: []networkingv1.NetworkPolicyPeer{{IPBlock: &networkingv1.IPBlock{CIDR: cidr}}}}}}}
+}
+
+// stored is np's translation as the datastore returns it.
+func stored(t *testing.T, np *networkingv1.NetworkPolicy, rv string) *api.NetworkPolicy {
+	t.Helper()
+	p, err := netpol.Translate(np)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.SetDefaults()
+	p.Metadata.ResourceVersion = rv
+	return p
+}
+
+func TestComputePolicies(t *testing.T) {
+	mine := api.NewNetworkPolicy("prod", "mine") // margay's own: never touched
+	mine.Spec.Selector = "all()"
+	cases := []struct {
+		name     string
+		k8s      []*networkingv1.NetworkPolicy
+		have     []*api.NetworkPolicy
+		put      []string // namespace/name@resourceVersion
+		del      []string
+		problems int
+	}{{
+		name: "a new policy is translated",
+		k8s:  []*networkingv1.NetworkPolicy{knp("prod", "web", "10.0.0.0/8")},
+		have: []*api.NetworkPolicy{mine},
+		put:  []string{"prod/knp.default.web@"},
+	}, {
+		name: "an unchanged translation is left alone",
+		k8s:  []*networkingv1.NetworkPolicy{knp("prod", "web", "10.0.0.0/8")},
+		have: []*api.NetworkPolicy{stored(t, knp("prod", "web", "10.0.0.0/8"), "5"), mine},
+	}, {
+		name: "a changed policy rewrites its translation at the version read",
+		k8s:  []*networkingv1.NetworkPolicy{knp("prod", "web", "10.1.0.0/16")},
+		have: []*api.NetworkPolicy{stored(t, knp("prod", "web", "10.0.0.0/8"), "5")},
+		put:  []string{"prod/knp.default.web@5"},
+	}, {
+		name: "a translation edited in etcd is put back",
+		k8s:  []*networkingv1.NetworkPolicy{knp("prod", "web", "10.0.0.0/8")},
+		have: func() []*api.NetworkPolicy {
+			p := stored(t, knp("prod", "web", "10.0.0.0/8"), "6")
+			p.Spec.Ingress = nil
+			return []*api.NetworkPolicy{p}
+		}(),
+		put: []string{"prod/knp.default.web@6"},
+	}, {
+		name: "a deleted policy's translation goes; margay's own stay",
+		have: []*api.NetworkPolicy{stored(t, knp("prod", "web", "10.0.0.0/8"), "5"), stored(t, knp("dev", "web", "10.0.0.0/8"), "8"), mine},
+		del:  []string{"dev/knp.default.web@8", "prod/knp.default.web@5"},
+	}, {
+		name:     "an untranslatable policy is reported and its last translation kept",
+		k8s:      []*networkingv1.NetworkPolicy{knp("prod", "web", "10.0.0.0/33"), knp("prod", "db", "10.0.0.0/8")},
+		have:     []*api.NetworkPolicy{stored(t, knp("prod", "web", "10.0.0.0/8"), "5")},
+		put:      []string{"prod/knp.default.db@"},
+		problems: 1,
+	}}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out := Compute(Input{K8sPolicies: tc.k8s, Policies: tc.have})
+			var put, del []string
+			for _, p := range out.PutPolicies {
+				if err := p.Validate(); err != nil {
+					t.Error(err)
+				}
+				put = append(put, api.StorageName(&p.Metadata)+"@"+p.Metadata.ResourceVersion)
+			}
+			for _, d := range out.DeletePolicies {
+				del = append(del, d.Name+"@"+d.ResourceVersion)
+				if !strings.Contains(d.Reason, "no longer exists") {
+					t.Errorf("reason %q", d.Reason)
+				}
+			}
+			if !slices.Equal(put, tc.put) || !slices.Equal(del, tc.del) {
+				t.Errorf("put %q, delete %q; want %q, %q", put, del, tc.put, tc.del)
+			}
+			if len(out.Problems) != tc.problems {
+				t.Errorf("problems %q, want %d", out.Problems, tc.problems)
+			}
+			for _, p := range out.Problems {
+				if !strings.Contains(p, "prod/web") || !strings.Contains(p, "10.0.0.0/33") {
+					t.Errorf("problem %q does not name the policy and what is wrong", p)
+				}
 			}
 		})
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -48,6 +49,7 @@ type Controller struct {
 	pods       cache.SharedIndexInformer
 	namespaces cache.SharedIndexInformer
 	nodes      cache.SharedIndexInformer
+	policies   cache.SharedIndexInformer
 
 	mu       sync.Mutex
 	leading  bool
@@ -88,6 +90,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	c.pods = f.Core().V1().Pods().Informer()
 	c.namespaces = f.Core().V1().Namespaces().Informer()
 	c.nodes = f.Core().V1().Nodes().Informer()
+	c.policies = f.Networking().V1().NetworkPolicies().Informer()
 	// Only what Compute reads is kept: a pod's status and managed fields are
 	// most of its size.
 	if err := c.pods.SetTransform(trimPod); err != nil {
@@ -98,7 +101,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		UpdateFunc: func(any, any) { c.wake() },
 		DeleteFunc: func(any) { c.wake() },
 	}
-	for _, inf := range []cache.SharedIndexInformer{c.pods, c.namespaces, c.nodes} {
+	for _, inf := range []cache.SharedIndexInformer{c.pods, c.namespaces, c.nodes, c.policies} {
 		if _, err := inf.AddEventHandler(h); err != nil {
 			return err
 		}
@@ -106,11 +109,13 @@ func (c *Controller) Run(ctx context.Context) error {
 	f.Start(ctx.Done())
 	defer f.Shutdown()
 	c.log.Info("waiting for the Kubernetes informers to sync")
-	if !cache.WaitForCacheSync(ctx.Done(), c.pods.HasSynced, c.namespaces.HasSynced, c.nodes.HasSynced) {
+	if !cache.WaitForCacheSync(ctx.Done(), c.pods.HasSynced, c.namespaces.HasSynced, c.nodes.HasSynced, c.policies.HasSynced) {
 		return ctx.Err()
 	}
-	// A new endpoint (the CNI plugin wrote it) wakes a pass too.
+	// A new endpoint (the CNI plugin wrote it) wakes a pass too, as does a
+	// translated policy someone changed or deleted in etcd.
 	go c.cfg.Store.NewSyncer(datastore.ResourcePrefix(api.KindOf((*api.WorkloadEndpoint)(nil))), kicker{c}, c.log).Run(ctx)
+	go c.cfg.Store.NewSyncer(datastore.ResourcePrefix(api.KindOf((*api.NetworkPolicy)(nil))), kicker{c}, c.log).Run(ctx)
 	c.mu.Lock()
 	c.synced = true
 	c.mu.Unlock()
@@ -152,7 +157,8 @@ type kicker struct{ c *Controller }
 func (k kicker) OnEvent(datastore.Event) { k.c.wake() }
 func (k kicker) OnSync()                 { k.c.wake() }
 
-// trimPod keeps of a pod what the controller reads.
+// trimPod keeps of a pod what the controller reads: its containers' named
+// ports, not the rest of their specs.
 func trimPod(obj any) (any, error) {
 	p, ok := obj.(*corev1.Pod)
 	if !ok {
@@ -160,9 +166,21 @@ func trimPod(obj any) (any, error) {
 	}
 	meta := *p.ObjectMeta.DeepCopy()
 	meta.ManagedFields, meta.Annotations = nil, nil
+	var containers []corev1.Container
+	for _, c := range p.Spec.Containers {
+		var ports []corev1.ContainerPort
+		for _, cp := range c.Ports {
+			if cp.Name != "" {
+				ports = append(ports, cp)
+			}
+		}
+		if len(ports) > 0 {
+			containers = append(containers, corev1.Container{Ports: ports})
+		}
+	}
 	return &corev1.Pod{
 		ObjectMeta: meta,
-		Spec:       corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName},
+		Spec:       corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName, Containers: containers},
 		Status:     corev1.PodStatus{Phase: p.Status.Phase},
 	}, nil
 }
@@ -184,11 +202,17 @@ func (c *Controller) input(ctx context.Context) (Input, error) {
 	for _, o := range c.nodes.GetStore().List() {
 		in.K8sNodes[o.(*corev1.Node).Name] = true
 	}
+	for _, o := range c.policies.GetStore().List() {
+		in.K8sPolicies = append(in.K8sPolicies, o.(*networkingv1.NetworkPolicy))
+	}
 	var err error
 	if in.Endpoints, err = datastore.List[*api.WorkloadEndpoint](ctx, c.cfg.Store); err != nil {
 		return in, err
 	}
 	if in.Nodes, err = datastore.List[*api.Node](ctx, c.cfg.Store); err != nil {
+		return in, err
+	}
+	if in.Policies, err = datastore.List[*api.NetworkPolicy](ctx, c.cfg.Store); err != nil {
 		return in, err
 	}
 	return in, nil
@@ -216,16 +240,17 @@ func (c *Controller) pass(ctx context.Context, gc bool) error {
 		eps[w.Metadata.Name] = w
 	}
 	var errs []error
-	for _, r := range out.Relabel {
+	for _, r := range out.UpdateEndpoints {
 		w := *eps[r.Name]
-		w.Metadata.Labels = r.Labels
+		w.Metadata.Labels, w.Spec.Ports = r.Labels, r.Ports
 		if _, err := c.cfg.Store.Update(ctx, &w); err != nil {
 			errs = append(errs, fmt.Errorf("labelling WorkloadEndpoint %s: %w", r.Name, err))
 			continue
 		}
 		c.cfg.Metrics.relabelled()
-		c.log.Debug("labelled WorkloadEndpoint", "endpoint", r.Name, "labels", r.Labels)
+		c.log.Debug("labelled WorkloadEndpoint", "endpoint", r.Name, "labels", r.Labels, "ports", len(r.Ports))
 	}
+	errs = append(errs, c.applyPolicies(ctx, out)...)
 	wepKind, nodeKind := api.KindOf((*api.WorkloadEndpoint)(nil)), api.KindOf((*api.Node)(nil))
 	for _, d := range out.DeleteEndpoints {
 		if _, err := c.cfg.Store.Delete(ctx, wepKind, d.Name, d.ResourceVersion); err != nil && !errors.Is(err, datastore.ErrNotFound) {
@@ -260,6 +285,43 @@ func (c *Controller) pass(ctx context.Context, gc bool) error {
 		kept = append(kept, err)
 	}
 	return errors.Join(kept...)
+}
+
+// applyPolicies writes and deletes translated policies, and reports the
+// Kubernetes policies that could not be translated.
+func (c *Controller) applyPolicies(ctx context.Context, out Output) []error {
+	var errs []error
+	for _, p := range out.PutPolicies {
+		name := api.StorageName(&p.Metadata)
+		var err error
+		verb := "updated"
+		if p.Metadata.ResourceVersion == "" {
+			_, err = c.cfg.Store.Create(ctx, p)
+			verb = "created"
+		} else {
+			_, err = c.cfg.Store.Update(ctx, p)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("writing NetworkPolicy %s: %w", name, err))
+			continue
+		}
+		c.cfg.Metrics.policyWritten()
+		c.log.Info(verb+" NetworkPolicy from Kubernetes", "policy", name)
+	}
+	npKind := api.KindOf((*api.NetworkPolicy)(nil))
+	for _, d := range out.DeletePolicies {
+		if _, err := c.cfg.Store.Delete(ctx, npKind, d.Name, d.ResourceVersion); err != nil && !errors.Is(err, datastore.ErrNotFound) {
+			errs = append(errs, fmt.Errorf("deleting NetworkPolicy %s: %w", d.Name, err))
+			continue
+		}
+		c.cfg.Metrics.deleted("NetworkPolicy")
+		c.log.Info("deleted NetworkPolicy", "policy", d.Name, "reason", d.Reason)
+	}
+	c.cfg.Metrics.untranslated(len(out.Problems))
+	for _, p := range out.Problems {
+		c.log.Warn(p)
+	}
+	return errs
 }
 
 // releaseLeaked runs the IPAM check and mends what SelectRepairs keeps.

@@ -3,6 +3,7 @@ package kube_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,7 +17,9 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/margay-dev/margay/api"
@@ -24,6 +27,7 @@ import (
 	"github.com/margay-dev/margay/ipam"
 	"github.com/margay-dev/margay/kube"
 	"github.com/margay-dev/margay/kube/endpoint"
+	"github.com/margay-dev/margay/kube/netpol"
 	"github.com/margay-dev/margay/test/etcdtest"
 	"github.com/margay-dev/margay/test/k8stest"
 	"github.com/margay-dev/margay/test/nstest"
@@ -95,13 +99,13 @@ func (c *cluster) node(name string) {
 
 // pod creates a pod bound to node, and what the CNI plugin's ADD leaves in
 // etcd: an address with the pod recorded, and a WorkloadEndpoint.
-func (c *cluster) pod(ns, name, node string, labels map[string]string, endpoint bool) netip.Addr {
+func (c *cluster) pod(ns, name, node string, labels map[string]string, endpoint bool, ports ...corev1.ContainerPort) netip.Addr {
 	c.t.Helper()
 	c.kubeCreate("pod "+ns+"/"+name, func(ctx context.Context) error {
 		_, err := c.admin.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
 			Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: "web",
-				Containers: []corev1.Container{{Name: "c", Image: "pause"}}},
+				Containers: []corev1.Container{{Name: "c", Image: "pause", Ports: ports}}},
 		}, metav1.CreateOptions{})
 		return err
 	})
@@ -262,6 +266,85 @@ func TestControllerLabels(t *testing.T) {
 	want[endpoint.NamespaceLabelPrefix+"team"] = "red"
 	d = c.waitLabels(ep, want, 2*time.Second)
 	t.Logf("namespace relabelled: endpoint followed in %s", d.Round(time.Millisecond))
+}
+
+// Kubernetes NetworkPolicies are translated into etcd and followed as they
+// change; a translation changed or deleted in etcd is put back, margay's own
+// policies are left alone, and a pod's named ports reach its endpoint.
+func TestControllerNetworkPolicy(t *testing.T) {
+	c := newCluster(t)
+	c.node("n1")
+	c.namespace("prod", nil)
+	c.pod("prod", "web", "n1", map[string]string{"app": "web"}, true,
+		corev1.ContainerPort{Name: "http", ContainerPort: 8080}, corev1.ContainerPort{ContainerPort: 9090},
+		corev1.ContainerPort{Name: "dns", Protocol: corev1.ProtocolUDP, ContainerPort: 53})
+	own := api.NewNetworkPolicy("prod", "mine")
+	own.Spec.Selector = "all()"
+	c.create(own)
+	ctx := context.Background()
+	nps := c.admin.NetworkingV1().NetworkPolicies("prod")
+	np, err := nps.Create(ctx, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec: networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{Ports: []networkingv1.NetworkPolicyPort{{Port: new(intstr.FromString("http"))}}}}}},
+		metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.start("a", time.Minute, kube.Election{})
+
+	const name = "prod/knp.default.web"
+	// want waits for the stored translation to be np's.
+	want := func(what string, np *networkingv1.NetworkPolicy, d time.Duration) {
+		t.Helper()
+		tr, err := netpol.Translate(np)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr.SetDefaults()
+		wantJS, _ := json.Marshal(tr.Spec)
+		took := waitFor(t, d, what, func() (bool, string) {
+			p, err := datastore.Get[*api.NetworkPolicy](ctx, c.store, name)
+			if err != nil {
+				return false, err.Error()
+			}
+			js, _ := json.Marshal(p.Spec)
+			return string(js) == string(wantJS), string(js)
+		})
+		t.Logf("%s: in etcd after %s", what, took.Round(time.Millisecond))
+	}
+	want("created", np, 60*time.Second)
+	ports := waitFor(t, 5*time.Second, "named ports on the endpoint", func() (bool, string) {
+		w, err := datastore.Get[*api.WorkloadEndpoint](ctx, c.store, "n1.prod.web.eth0")
+		if err != nil {
+			return false, err.Error()
+		}
+		return fmt.Sprint(w.Spec.Ports) == "[{http TCP 8080} {dns UDP 53}]", fmt.Sprint(w.Spec.Ports)
+	})
+	t.Logf("named ports on the endpoint after %s", ports.Round(time.Millisecond))
+
+	np.Spec.Ingress[0].Ports = append(np.Spec.Ingress[0].Ports, networkingv1.NetworkPolicyPort{Port: new(intstr.FromInt32(443))})
+	if np, err = nps.Update(ctx, np, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	want("updated", np, 2*time.Second)
+
+	npKind := api.KindOf((*api.NetworkPolicy)(nil))
+	if _, err := c.store.Delete(ctx, npKind, name, ""); err != nil {
+		t.Fatal(err)
+	}
+	want("deleted in etcd, put back", np, 5*time.Second)
+
+	if err := nps.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	gone := waitFor(t, 2*time.Second, "translation deleted", func() (bool, string) {
+		_, err := c.store.GetResource(ctx, npKind, name)
+		return errors.Is(err, datastore.ErrNotFound), fmt.Sprint(err)
+	})
+	t.Logf("deleted: gone from etcd after %s", gone.Round(time.Millisecond))
+	if _, err := c.store.GetResource(ctx, npKind, "prod/mine"); err != nil {
+		t.Errorf("margay's own policy: %v", err)
+	}
 }
 
 // A deleted pod's endpoint and address go after the grace period; a pod that

@@ -17,6 +17,8 @@ type Metrics struct {
 	relabels     prometheus.Counter
 	deletions    *prometheus.CounterVec
 	released     prometheus.Counter
+	policies     prometheus.Counter
+	untransl     prometheus.Gauge
 }
 
 // NewMetrics registers the controller's metrics and Go's on a new registry.
@@ -35,8 +37,12 @@ func NewMetrics() *Metrics {
 			Help: "Resources deleted because their Kubernetes object is gone, by kind."}, []string{"kind"}),
 		released: prometheus.NewCounter(prometheus.CounterOpts{Name: "margay_kube_controllers_ipam_repairs_total",
 			Help: "Leaked addresses and blocks of deleted nodes released."}),
+		policies: prometheus.NewCounter(prometheus.CounterOpts{Name: "margay_kube_controllers_policy_writes_total",
+			Help: "Translations of Kubernetes NetworkPolicies created or updated."}),
+		untransl: prometheus.NewGauge(prometheus.GaugeOpts{Name: "margay_kube_controllers_untranslatable_policies",
+			Help: "Kubernetes NetworkPolicies margay cannot translate, as of the last pass; their last translation stays."}),
 	}
-	m.Registry.MustRegister(m.leader, m.passSeconds, m.passFailures, m.relabels, m.deletions, m.released,
+	m.Registry.MustRegister(m.leader, m.passSeconds, m.passFailures, m.relabels, m.deletions, m.released, m.policies, m.untransl,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -78,5 +84,17 @@ func (m *Metrics) deleted(kind string) {
 func (m *Metrics) repaired(n int) {
 	if m != nil {
 		m.released.Add(float64(n))
+	}
+}
+
+func (m *Metrics) policyWritten() {
+	if m != nil {
+		m.policies.Inc()
+	}
+}
+
+func (m *Metrics) untranslated(n int) {
+	if m != nil {
+		m.untransl.Set(float64(n))
 	}
 }

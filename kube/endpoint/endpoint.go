@@ -40,6 +40,7 @@ type Pod struct {
 	Node           string // spec.nodeName
 	ServiceAccount string
 	Labels         map[string]string
+	Ports          []api.EndpointPort // its containers' named ports
 }
 
 // Labels are the labels of a pod's WorkloadEndpoint: the pod's own,
@@ -81,31 +82,54 @@ func FromPod(p *corev1.Pod) (pod Pod, ok bool) {
 	if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
 		return Pod{}, false
 	}
-	return Pod{Node: p.Spec.NodeName, ServiceAccount: p.Spec.ServiceAccountName, Labels: p.Labels}, true
+	return Pod{Node: p.Spec.NodeName, ServiceAccount: p.Spec.ServiceAccountName, Labels: p.Labels, Ports: Ports(p)}, true
+}
+
+// Ports are the named ports of a pod's containers, in the order they are
+// declared: what a policy's named port resolves to. A port that could not
+// be stored (a protocol margay does not know) is left out.
+func Ports(p *corev1.Pod) []api.EndpointPort {
+	var out []api.EndpointPort
+	for _, c := range p.Spec.Containers {
+		for _, cp := range c.Ports {
+			if cp.Name == "" || cp.ContainerPort < 1 || cp.ContainerPort > 65535 {
+				continue
+			}
+			proto, ok := api.ProtocolFromName(string(cp.Protocol))
+			if cp.Protocol == "" {
+				proto, ok = api.Protocol{Name: "TCP"}, true
+			}
+			if !ok || !api.ValidPortName(cp.Name) {
+				continue
+			}
+			out = append(out, api.EndpointPort{Name: cp.Name, Protocol: proto, Port: uint16(cp.ContainerPort)})
+		}
+	}
+	return out
 }
 
 // Read reads a pod and its namespace from the API server named by
-// kubeconfig and returns the pod's endpoint labels.
-func Read(ctx context.Context, kubeconfig, userAgent, namespace, name string) (map[string]string, error) {
+// kubeconfig and returns the pod's endpoint labels and named ports.
+func Read(ctx context.Context, kubeconfig, userAgent, namespace, name string) (map[string]string, []api.EndpointPort, error) {
 	rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
-		return nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
+		return nil, nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
 	}
 	rc.UserAgent = userAgent
 	hc, err := rest.HTTPClientFor(rc)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var pod corev1.Pod
 	if err := get(ctx, hc, rc.Host, "/api/v1/namespaces/"+url.PathEscape(namespace)+"/pods/"+url.PathEscape(name), &pod); err != nil {
-		return nil, fmt.Errorf("reading pod %s/%s: %w", namespace, name, err)
+		return nil, nil, fmt.Errorf("reading pod %s/%s: %w", namespace, name, err)
 	}
 	var ns corev1.Namespace
 	if err := get(ctx, hc, rc.Host, "/api/v1/namespaces/"+url.PathEscape(namespace), &ns); err != nil {
-		return nil, fmt.Errorf("reading namespace %s: %w", namespace, err)
+		return nil, nil, fmt.Errorf("reading namespace %s: %w", namespace, err)
 	}
 	p, _ := FromPod(&pod)
-	return Labels(namespace, p, ns.Labels), nil
+	return Labels(namespace, p, ns.Labels), Ports(&pod), nil
 }
 
 // get decodes the JSON object at path, or says how the API server refused.

@@ -1,9 +1,12 @@
 package endpoint
 
 import (
+	"fmt"
 	"maps"
 	"strings"
 	"testing"
+
+	corev1 "k8s.io/api/core/v1"
 
 	"github.com/margay-dev/margay/api"
 )
@@ -31,5 +34,19 @@ func TestLabels(t *testing.T) {
 	}
 	if got := Labels("default", Pod{}, nil); !maps.Equal(got, map[string]string{LabelNamespace: "default", LabelOrchestrator: "k8s"}) {
 		t.Errorf("EndpointLabels of a bare pod = %v", got)
+	}
+}
+
+func TestPorts(t *testing.T) {
+	p := &corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{
+		{Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}, {ContainerPort: 9090}, {Name: "dns", Protocol: corev1.ProtocolUDP, ContainerPort: 53}}},
+		{Ports: []corev1.ContainerPort{{Name: "sctp", Protocol: corev1.ProtocolSCTP, ContainerPort: 9}, {Name: "Bad_Name", ContainerPort: 1}}},
+	}}}
+	got := fmt.Sprint(Ports(p))
+	if want := "[{http TCP 8080} {dns UDP 53} {sctp SCTP 9}]"; got != want {
+		t.Errorf("Ports = %s, want %s (unnamed and invalid ports left out)", got, want)
+	}
+	if pod, _ := FromPod(p); fmt.Sprint(pod.Ports) != got {
+		t.Errorf("FromPod ports = %v", pod.Ports)
 	}
 }
