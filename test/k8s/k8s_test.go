@@ -11,6 +11,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -105,6 +106,45 @@ func TestKubeletPods(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Logf("the endpoint had the new labels %v after the patch", time.Since(start).Round(time.Millisecond))
+
+	// A NetworkPolicy through the API: prod admits ingress only from app=api
+	// (web-1 now). The controller translates it and the agents enforce it.
+	np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "from-api"},
+		Spec: networkingv1.NetworkPolicySpec{Ingress: []networkingv1.NetworkPolicyIngressRule{{
+			From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "api"}}}}}}}}
+	start = time.Now()
+	if _, err := c.admin.NetworkingV1().NetworkPolicies("prod").Create(ctx, np, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ping := func(from, to *corev1.Pod) bool {
+		_, err := c.inPod(from, "ping", "-c", "1", "-W", "1", to.Status.PodIP)
+		return err == nil
+	}
+	w1, w2 := pods["web-1"], pods["web-2"]
+	err = lab.WaitFor(30*time.Second, func() error {
+		if ok := ping(w2, w1); ok {
+			return fmt.Errorf("web-2 → web-1 still gets through")
+		}
+		if !ping(w1, w2) {
+			return fmt.Errorf("web-1 (app=api) → web-2 is denied")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("NetworkPolicy from-api not enforced: %v", err)
+	}
+	t.Logf("NetworkPolicy from-api enforced %v after its create", time.Since(start).Round(time.Millisecond))
+	if err := c.admin.NetworkingV1().NetworkPolicies("prod").Delete(ctx, "from-api", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.WaitFor(30*time.Second, func() error {
+		if !ping(w2, w1) {
+			return fmt.Errorf("web-2 → web-1 still denied")
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("after the policy's delete: %v", err)
+	}
 
 	// Deleted through the API: no address, veth or endpoint is left.
 	for name := range pods {
