@@ -267,7 +267,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	keep := !a.health.converged()
 	a.routes.KeepRemote(keep)
 	a.vxlan.KeepStale(keep)
-	a.apply(out, full)
+	a.apply(out, in.Endpoints, full)
 	a.writeMTU(out.PodMTU)
 	// Tunnel addresses after the data plane: they take etcd round trips, and
 	// an address assigned now reaches the devices through the Node update it
@@ -284,7 +284,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 // iptables are checked only when their desired content changed, or on a full
 // (timer) pass that repairs drift: listing iptables runs the iptables binary,
 // and with dozens of agents on a small machine every pass adds up.
-func (a *Agent) apply(out calc.Output, full bool) {
+func (a *Agent) apply(out calc.Output, local []calc.Endpoint, full bool) {
 	ok := true
 	step := func(name string, f func() (bool, error)) {
 		start := time.Now()
@@ -316,8 +316,22 @@ func (a *Agent) apply(out calc.Output, full bool) {
 	if full || !reflect.DeepEqual(out.IPSets, a.applied.IPSets) {
 		step("ipsets", func() (bool, error) { return a.ipsets.Apply(out.IPSets) })
 	}
-	if full || !reflect.DeepEqual(out.Chains, a.applied.Chains) || !reflect.DeepEqual(out.Jumps, a.applied.Jumps) {
+	rulesChanged := !reflect.DeepEqual(out.Chains, a.applied.Chains) || !reflect.DeepEqual(out.IPSets, a.applied.IPSets)
+	if full || rulesChanged || !reflect.DeepEqual(out.Jumps, a.applied.Jumps) {
 		step("iptables", func() (bool, error) { return a.ipt.Apply(out.Chains, out.Jumps) })
+	}
+	// Flows the new rules would not let start are cut once the rules are in
+	// place, so that one cannot start again under the old ones. A full pass
+	// also catches those that slipped through a restart.
+	if ok && (full || rulesChanged) {
+		step("conntrack", func() (bool, error) {
+			n, err := felix.CutDenied(calc.NewEvaluator(out.Chains, out.IPSets), local)
+			if n > 0 {
+				a.metrics.flowsCut.Add(float64(n))
+				a.log.Info("cut established flows that policy now denies", "flows", n)
+			}
+			return n > 0, err
+		})
 	}
 	step("sysctls", func() (bool, error) {
 		var errs []error

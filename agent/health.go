@@ -29,6 +29,7 @@ type metrics struct {
 	reconcileErrors  *prometheus.CounterVec
 	ignoredPaths     *prometheus.CounterVec
 	ignoredNow       *prometheus.GaugeVec
+	flowsCut         prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -48,8 +49,10 @@ func newMetrics() *metrics {
 			Help: "BGP paths inside an IP pool that did not lead to their prefix's owner and were not routed, by the peer that sent them; each counts once, after 5 s."}, []string{"peer"}),
 		ignoredNow: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "margay_bgp_ignored_paths",
 			Help: "BGP paths inside an IP pool being ignored now for not leading to their prefix's owner, by the peer that sent them."}, []string{"peer"}),
+		flowsCut: prometheus.NewCounter(prometheus.CounterOpts{Name: "margay_policy_flows_cut_total",
+			Help: "Established flows through local pods whose conntrack entries were deleted because policy no longer allows them to start."}),
 	}
-	m.registry.MustRegister(m.peers, m.routes, m.blocks, m.reconcileSeconds, m.reconcileErrors, m.ignoredPaths, m.ignoredNow,
+	m.registry.MustRegister(m.peers, m.routes, m.blocks, m.reconcileSeconds, m.reconcileErrors, m.ignoredPaths, m.ignoredNow, m.flowsCut,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

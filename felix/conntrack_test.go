@@ -1,0 +1,74 @@
+package felix
+
+import (
+	"net"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/margay-dev/margay/felix/calc"
+	"github.com/margay-dev/margay/test/nstest"
+)
+
+// CutDenied in a node namespace: of the conntrack entries there, it deletes
+// those of flows through a local pod that the rules now drop, and keeps
+// the allowed ones, those of the node itself and those of no local pod.
+func TestCutDenied(t *testing.T) {
+	ns := nstest.New(t, "node")
+	ns.MustRun(t, "ip", "link", "add", "uplink", "type", "veth", "peer", "name", "uplink-peer")
+	ns.MustRun(t, "ip", "addr", "add", "192.0.2.1/24", "dev", "uplink")
+	// A namespace tracks connections once a rule needs it, as margay's do.
+	ns.MustRun(t, "iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT")
+	// The pod a (10.244.1.1 on mgya) may not be reached on TCP 5432.
+	chains := []calc.Chain{{Table: "filter", Name: calc.ChainForward, Rules: [][]string{
+		{"-o", "mgya", "-p", "tcp", "-m", "multiport", "--dports", "5432", "-j", "DROP"},
+		{"-j", "ACCEPT"},
+	}}}
+	eps := []calc.Endpoint{{Name: "a", Interface: "mgya", IPs: []netip.Prefix{netip.MustParsePrefix("10.244.1.1/32")}}}
+	type tuple struct {
+		src, dst string
+		dport    uint16
+	}
+	entries := map[tuple]bool{ // kept?
+		{"10.244.2.5", "10.244.1.1", 5432}: false, // denied now
+		{"10.244.2.5", "10.244.1.1", 80}:   true,
+		{"192.0.2.1", "10.244.1.1", 5432}:  true, // the node's own: no FORWARD
+		{"10.244.2.5", "10.244.3.3", 5432}: true, // no local pod
+	}
+	for e := range entries {
+		flow := &netlink.ConntrackFlow{FamilyType: unix.AF_INET,
+			Forward:   netlink.IPTuple{SrcIP: net.ParseIP(e.src).To4(), DstIP: net.ParseIP(e.dst).To4(), Protocol: unix.IPPROTO_TCP, SrcPort: 40000, DstPort: e.dport},
+			Reverse:   netlink.IPTuple{SrcIP: net.ParseIP(e.dst).To4(), DstIP: net.ParseIP(e.src).To4(), Protocol: unix.IPPROTO_TCP, SrcPort: e.dport, DstPort: 40000},
+			TimeOut:   300,
+			ProtoInfo: &netlink.ProtoInfoTCP{State: 3}, // ESTABLISHED
+		}
+		if err := ns.Do(func() error { return netlink.ConntrackCreate(netlink.ConntrackTable, unix.AF_INET, flow) }); err != nil {
+			t.Fatalf("creating %v: %v", e, err)
+		}
+	}
+	var cut uint
+	if err := ns.Do(func() (err error) { cut, err = CutDenied(calc.NewEvaluator(chains, nil), eps); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if cut != 1 {
+		t.Errorf("cut %d flows, want 1", cut)
+	}
+	var flows []*netlink.ConntrackFlow
+	if err := ns.Do(func() (err error) {
+		flows, err = netlink.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for e, kept := range entries {
+		has := slices.ContainsFunc(flows, func(f *netlink.ConntrackFlow) bool {
+			return f.Forward.SrcIP.String() == e.src && f.Forward.DstIP.String() == e.dst && f.Forward.DstPort == e.dport
+		})
+		if has != kept {
+			t.Errorf("%v: in the table %v, want %v", e, has, kept)
+		}
+	}
+}
