@@ -66,20 +66,21 @@ const (
 
 // Agent is one running margay-node.
 type Agent struct {
-	cfg     Config
-	log     *slog.Logger
-	store   *datastore.Store
-	addr    netip.Prefix
-	iface   string
-	view    *view
-	kickC   chan struct{}
-	routes  *felix.Routes
-	ipsets  *felix.IPSets
-	ipt     *felix.IPTables
-	ipip    *ipip.Device
-	vxlan   *vxlan.Device
-	metrics *metrics
-	health  *health
+	cfg            Config
+	log            *slog.Logger
+	store          *datastore.Store
+	addr           netip.Prefix
+	iface          string
+	view           *view
+	kickC          chan struct{}
+	routes         *felix.Routes
+	ipsets         *felix.IPSets
+	ipt            *felix.IPTables
+	policyCounters *policyCounters
+	ipip           *ipip.Device
+	vxlan          *vxlan.Device
+	metrics        *metrics
+	health         *health
 
 	speaker    *bgp.Speaker
 	speakerCfg bgp.Config
@@ -148,6 +149,9 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 		a.store.Close()
 		return nil, err
 	}
+	a.policyCounters = newPolicyCounters(log, func() ([]felix.RuleCount, error) { return a.ipt.Counts("filter") })
+	a.ipt.OnReset = a.policyCounters.reset
+	a.metrics.registry.MustRegister(a.policyCounters)
 	a.routes, a.ipsets = felix.NewRoutes(log), felix.NewIPSets(log)
 	a.ipip, a.vxlan = ipip.New(log), vxlan.New(log)
 	a.view = newView(cfg.NodeName, a.kick, log)
@@ -318,20 +322,30 @@ func (a *Agent) apply(out calc.Output, local []calc.Endpoint, full bool) {
 	}
 	rulesChanged := !reflect.DeepEqual(out.Chains, a.applied.Chains) || !reflect.DeepEqual(out.IPSets, a.applied.IPSets)
 	if full || rulesChanged || !reflect.DeepEqual(out.Jumps, a.applied.Jumps) {
-		step("iptables", func() (bool, error) { return a.ipt.Apply(out.Chains, out.Jumps) })
+		step("iptables", func() (bool, error) {
+			a.policyCounters.io.Lock()
+			defer a.policyCounters.io.Unlock()
+			changed, err := a.ipt.Apply(out.Chains, out.Jumps)
+			a.policyCounters.setChains(out.PolicyChains)
+			return changed, err
+		})
 	}
 	// Flows the new rules would not let start are cut once the rules are in
 	// place, so that one cannot start again under the old ones. A full pass
 	// also catches those that slipped through a restart.
+	// A failure here is reported but leaves the rules applied: they are.
 	if ok && (full || rulesChanged) {
-		step("conntrack", func() (bool, error) {
-			n, err := felix.CutDenied(calc.NewEvaluator(out.Chains, out.IPSets), local)
-			if n > 0 {
-				a.metrics.flowsCut.Add(float64(n))
-				a.log.Info("cut established flows that policy now denies", "flows", n)
-			}
-			return n > 0, err
-		})
+		start := time.Now()
+		n, err := felix.CutDenied(calc.NewEvaluator(out.Chains, out.IPSets), local)
+		a.metrics.reconcileSeconds.WithLabelValues("conntrack").Observe(time.Since(start).Seconds())
+		if err != nil {
+			a.metrics.reconcileErrors.WithLabelValues("conntrack").Inc()
+			a.log.Error("data plane", "reconciler", "conntrack", "err", err)
+		}
+		if n > 0 {
+			a.metrics.flowsCut.Add(float64(n))
+			a.log.Info("cut established flows that policy now denies", "flows", n)
+		}
 	}
 	step("sysctls", func() (bool, error) {
 		var errs []error

@@ -32,6 +32,16 @@ type IPTables struct {
 	log           *slog.Logger
 	ipt           *iptables.IPTables
 	save, restore string
+	// OnReset, if set, is told the counts of each rule of a margay chain
+	// just before Apply rewrites or removes the chain, which zeroes them.
+	OnReset func(RuleCount)
+}
+
+// RuleCount is what a rule of one of margay's chains has matched.
+type RuleCount struct {
+	Table, Chain   string
+	Rule           []string
+	Packets, Bytes uint64
 }
 
 // NewIPTables finds the iptables binaries and their version.
@@ -56,10 +66,44 @@ func NewIPTables(log *slog.Logger) (*IPTables, error) {
 func (t *IPTables) RandomFully() bool { return t.ipt.HasRandomFully() }
 
 // table is what iptables-save printed of one table: its chains, each with
-// its rules as argument lists after `-A <chain>`.
+// its rules as argument lists after `-A <chain>` and their counters.
 type table struct {
+	name   string
 	chains map[string][][]string
-	order  []string // chains in the order listed
+	counts map[string][][2]uint64 // packets and bytes, by rule
+	order  []string               // chains in the order listed
+}
+
+// reset reports the counters of a chain about to be flushed.
+func (t *IPTables) reset(cur table, chain string) {
+	if t.OnReset == nil || !strings.HasPrefix(chain, ChainPrefix) {
+		return
+	}
+	for i, r := range cur.chains[chain] {
+		c := cur.counts[chain][i]
+		if c != [2]uint64{} {
+			t.OnReset(RuleCount{Table: cur.name, Chain: chain, Rule: r, Packets: c[0], Bytes: c[1]})
+		}
+	}
+}
+
+// Counts lists the counters of the rules of margay's chains in a table.
+func (t *IPTables) Counts(tab string) ([]RuleCount, error) {
+	cur, err := t.read(tab)
+	if err != nil {
+		return nil, err
+	}
+	var out []RuleCount
+	for _, name := range cur.order {
+		if !strings.HasPrefix(name, ChainPrefix) {
+			continue
+		}
+		for i, r := range cur.chains[name] {
+			c := cur.counts[name][i]
+			out = append(out, RuleCount{Table: tab, Chain: name, Rule: r, Packets: c[0], Bytes: c[1]})
+		}
+	}
+	return out, nil
 }
 
 // Apply makes margay's chains hold exactly the desired rules, puts each jump
@@ -123,6 +167,7 @@ func (t *IPTables) applyTable(tab string, want []calc.Chain, jumps []calc.Jump) 
 		}
 		if exists {
 			t.log.Info("iptables chain differs; rewriting", "table", tab, "chain", c.Name, "have", len(have), "want", len(c.Rules))
+			t.reset(cur, c.Name)
 		} else {
 			t.log.Info("iptables chain created", "table", tab, "chain", c.Name, "rules", len(c.Rules))
 		}
@@ -198,6 +243,7 @@ func (t *IPTables) removeChains(b *restoreBuilder, cur table, chains []string) {
 		}
 	}
 	for _, c := range chains {
+		t.reset(cur, c)
 		b.chain(c, nil)
 	}
 	for _, c := range chains {
@@ -240,20 +286,34 @@ func ruleText(rules [][]string, i int) string {
 
 // read lists a table with iptables-save.
 func (t *IPTables) read(tab string) (table, error) {
-	cmd := exec.Command(t.save, "-t", tab)
+	cmd := exec.Command(t.save, "-c", "-t", tab)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
 		return table{}, fmt.Errorf("iptables-save -t %s: %w: %s", tab, err, strings.TrimSpace(stderr.String()))
 	}
-	return parseSave(string(out)), nil
+	tb := parseSave(string(out))
+	tb.name = tab
+	return tb, nil
 }
 
-// parseSave reads one table of iptables-save output.
+// parseSave reads one table of iptables-save output, with or without
+// counters (-c).
 func parseSave(out string) table {
-	tb := table{chains: map[string][][]string{}}
+	tb := table{chains: map[string][][]string{}, counts: map[string][][2]uint64{}}
 	for _, l := range strings.Split(out, "\n") {
+		var count [2]uint64
+		if strings.HasPrefix(l, "[") {
+			c, rest, ok := strings.Cut(l[1:], "] ")
+			if !ok {
+				continue
+			}
+			if _, err := fmt.Sscanf(c, "%d:%d", &count[0], &count[1]); err != nil {
+				continue
+			}
+			l = rest
+		}
 		switch {
 		case strings.HasPrefix(l, ":"):
 			name := strings.Fields(l[1:])[0]
@@ -270,6 +330,7 @@ func parseSave(out string) table {
 				tb.order = append(tb.order, w[1])
 			}
 			tb.chains[w[1]] = append(tb.chains[w[1]], protocolNumbers(w[2:]))
+			tb.counts[w[1]] = append(tb.counts[w[1]], count)
 		}
 	}
 	return tb

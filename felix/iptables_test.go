@@ -2,6 +2,7 @@ package felix
 
 import (
 	"log/slog"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -369,4 +370,45 @@ func TestIPTablesQuotedComment(t *testing.T) {
 	if applyRules(t, ns, ipt, out) {
 		t.Error("the quoted comment did not compare equal")
 	}
+}
+
+// Rewriting or removing a chain zeroes its counters: Apply reports what they
+// held first, and Counts lists them as iptables-save -c does.
+func TestIPTablesCounters(t *testing.T) {
+	ns := nstest.New(t, "node")
+	ipt := newIPTables(t, slog.New(slog.DiscardHandler))
+	var reset []RuleCount
+	ipt.OnReset = func(rc RuleCount) { reset = append(reset, rc) }
+	// A chain with counters, as a kernel that has seen traffic holds it.
+	restore := "*filter\n:MGY-A - [0:0]\n:MGY-B - [0:0]\n" +
+		"[5:500] -A MGY-A -s 10.0.0.1/32 -j ACCEPT\n[0:0] -A MGY-A -j DROP\n[7:700] -A MGY-B -j ACCEPT\nCOMMIT\n"
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, "iptables-restore", "-c", "--noflush")
+	cmd.Stdin = strings.NewReader(restore)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	var counts []RuleCount
+	if err := ns.Do(func() (err error) { counts, err = ipt.Counts("filter"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	want := []RuleCount{
+		{Table: "filter", Chain: "MGY-A", Rule: []string{"-s", "10.0.0.1/32", "-j", "ACCEPT"}, Packets: 5, Bytes: 500},
+		{Table: "filter", Chain: "MGY-A", Rule: []string{"-j", "DROP"}},
+		{Table: "filter", Chain: "MGY-B", Rule: []string{"-j", "ACCEPT"}, Packets: 7, Bytes: 700},
+	}
+	if !slices.EqualFunc(counts, want, equalCount) {
+		t.Errorf("Counts = %v, want %v", counts, want)
+	}
+	// MGY-A rewritten, MGY-B removed: both report their non-zero counts.
+	chains := []calc.Chain{{Table: "filter", Name: "MGY-A", Rules: [][]string{{"-j", "DROP"}}}}
+	if err := ns.Do(func() error { _, err := ipt.Apply(chains, nil); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.EqualFunc(reset, []RuleCount{want[0], want[2]}, equalCount) {
+		t.Errorf("reported on reset %v, want %v", reset, []RuleCount{want[0], want[2]})
+	}
+}
+
+func equalCount(a, b RuleCount) bool {
+	return a.Table == b.Table && a.Chain == b.Chain && slices.Equal(a.Rule, b.Rule) && a.Packets == b.Packets && a.Bytes == b.Bytes
 }

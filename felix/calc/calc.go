@@ -189,6 +189,8 @@ type Output struct {
 	// Applied lists the policies that apply to each local endpoint, in
 	// evaluation order.
 	Applied map[string][]PolicyRef
+	// PolicyChains names the policy whose rules each policy chain holds.
+	PolicyChains map[string]PolicyChain
 }
 
 // Compute decides the node's data plane.
@@ -291,6 +293,7 @@ func Compute(in Input) Output {
 	out.Chains = append(plan.chains, out.Chains...)
 	out.Problems = append(out.Problems, plan.problems...)
 	out.Applied = plan.applied
+	out.PolicyChains = plan.policyChains
 	return out
 }
 

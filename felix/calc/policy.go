@@ -116,6 +116,35 @@ type policyPlan struct {
 	problems []string
 	// Applied lists, per local endpoint, the policies that apply to it.
 	applied map[string][]PolicyRef
+	// policyChains names the policy of each policy chain.
+	policyChains map[string]PolicyChain
+}
+
+// PolicyChain is what a policy chain is the rules of.
+type PolicyChain struct {
+	Policy    PolicyRef
+	Direction api.PolicyType
+}
+
+// RuleAction is the action of a rule of a policy chain, as written in its
+// policy, or "" for a rule that is not one of the policy's (the RETURN after
+// a verdict).
+func RuleAction(rule []string) api.Action {
+	j := slices.Index(rule, "-j")
+	if j < 0 || j+1 >= len(rule) {
+		return ""
+	}
+	switch verdict := rule[j:]; {
+	case verdict[1] == "DROP":
+		return api.ActionDeny
+	case verdict[1] == "LOG":
+		return api.ActionLog
+	case slices.Equal(verdict, setAccept):
+		return api.ActionAllow
+	case slices.Equal(verdict, setPass):
+		return api.ActionPass
+	}
+	return ""
 }
 
 // sortedPolicies parses the policies and sorts them in evaluation order: by
@@ -184,7 +213,7 @@ func orderOf(o *float64) float64 {
 // direction, shared by the endpoints. A verdict leaves a chain as a mark:
 // MarkAccept, or MarkPass to skip the rest of a tier; a Deny drops at once.
 func policyRules(local []Endpoint, pol Policy) policyPlan {
-	plan := policyPlan{applied: map[string][]PolicyRef{}}
+	plan := policyPlan{applied: map[string][]PolicyRef{}, policyChains: map[string]PolicyChain{}}
 	pols, problems := sortedPolicies(pol)
 	plan.problems = problems
 	infos := make(map[string]endpointInfo, len(pol.Endpoints))
@@ -225,7 +254,9 @@ func policyRules(local []Endpoint, pol Policy) policyPlan {
 			}
 			rules, probs := b.policyChain(p, dir)
 			plan.problems = append(plan.problems, probs...)
-			plan.chains = append(plan.chains, Chain{Table: "filter", Name: policyChainName(p.ref, dir), Rules: rules})
+			name := policyChainName(p.ref, dir)
+			plan.chains = append(plan.chains, Chain{Table: "filter", Name: name, Rules: rules})
+			plan.policyChains[name] = PolicyChain{Policy: p.ref, Direction: dir}
 		}
 	}
 	plan.chains = append(plan.chains, epChains...)

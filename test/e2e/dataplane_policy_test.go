@@ -185,6 +185,25 @@ func TestPolicyNoWindow(t *testing.T) {
 	if tr.pingsGot[d] != 0 || tr.flowsOK[d] != 0 {
 		t.Errorf("the denied flow got traffic through while the policy changed")
 	}
+	// Each new flow's first packet met the Allow rule on x/b's node, across
+	// the 100 rewrites that zeroed the rule's iptables counters. A rewrite
+	// loses what its rule counts between the agent reading the counters and
+	// iptables-restore replacing the chain (some milliseconds: at 100 new
+	// flows a second, a few percent of them over 100 rewrites in a row).
+	metrics, err := node.HTTPGet("127.0.0.1:9091", "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	series := `margay_policy_packets_total{action="allow",direction="ingress",kind="NetworkPolicy",name="no-window",namespace="x",tier="default"}`
+	m := regexp.MustCompile(regexp.QuoteMeta(series) + ` (\d+)`).FindStringSubmatch(metrics)
+	if m == nil {
+		t.Fatalf("%s's metrics lack %s", node.Name, series)
+	}
+	counted, _ := strconv.Atoi(m[1])
+	t.Logf("%s %d", series, counted)
+	if counted < tr.flowsOK[a]*9/10 || counted > tr.flowsOK[a]+tr.pingsSent[a]/100+10 {
+		t.Errorf("the policy counted %d allowed packets; %d new flows got through", counted, tr.flowsOK[a])
+	}
 }
 
 // nodeOf is the lab node a pod runs on.
@@ -317,6 +336,17 @@ func TestPolicyCutsDeniedFlows(t *testing.T) {
 	}
 	for name, d := range cutAt {
 		t.Logf("%s: cut %s after the policy was applied", name, d.Round(time.Millisecond))
+	}
+	metrics, err := pl.nodeOf(t, xb).HTTPGet("127.0.0.1:9091", "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^margay_policy_flows_cut_total (\d+)$`).FindStringSubmatch(metrics)
+	if m == nil {
+		t.Fatal("x/b's node has no margay_policy_flows_cut_total")
+	}
+	if n, _ := strconv.Atoi(m[1]); n < 2 {
+		t.Errorf("x/b's node counts %d flows cut, want 2 at least", n)
 	}
 }
 
