@@ -317,6 +317,10 @@ func (a *Agent) apply(out calc.Output, local []calc.Endpoint, full bool) {
 	})
 	a.health.set("tunnels", tunnels)
 	step("routes", func() (bool, error) { return a.routes.Apply(out.Routes) })
+	if full {
+		a.ipsets.Resync()
+		a.ipt.Resync()
+	}
 	if full || !reflect.DeepEqual(out.IPSets, a.applied.IPSets) {
 		step("ipsets", func() (bool, error) { return a.ipsets.Apply(out.IPSets) })
 	}

@@ -24,9 +24,19 @@ const SetPrefix = "mgy-"
 // IPSets keeps margay's ipsets equal to the desired ones, through netlink (no
 // ipset binary needed). Apply and Cleanup work in the network namespace of the
 // thread that calls them: they open their netlink socket there.
+//
+// Listing the kernel's sets costs about a millisecond a set (netlink's
+// attribute parser), so Apply works from what it last left in the kernel,
+// and lists only when that is unknown: the first time, after an error, and
+// after Resync, which the agent calls on its timer to repair drift.
 type IPSets struct {
-	log *slog.Logger
+	log   *slog.Logger
+	known map[string]*kernelSet // the kernel's sets after the last Apply; nil: unknown
 }
+
+// Resync makes the next Apply read the kernel's sets rather than trust what
+// the last one left, so that it repairs what others changed.
+func (s *IPSets) Resync() { s.known = nil }
 
 // NewIPSets returns an ipset reconciler.
 func NewIPSets(log *slog.Logger) *IPSets { return &IPSets{log: log} }
@@ -78,12 +88,16 @@ func (s *IPSets) Apply(desired []calc.IPSet) (changed bool, err error) {
 		return false, err
 	}
 	defer h.Close()
-	have, err := listSets(h)
-	if err != nil {
-		return false, err
+	have := s.known
+	s.known = nil // until this Apply has succeeded
+	if have == nil {
+		if have, err = listSets(h); err != nil {
+			return false, err
+		}
 	}
 	var errs []error
 	want := map[string]bool{}
+	after := map[string]*kernelSet{}
 	for _, d := range desired {
 		want[d.Name] = true // even if invalid: a bad input must not destroy the set
 		if err := validSet(d); err != nil {
@@ -95,6 +109,11 @@ func (s *IPSets) Apply(desired []calc.IPSet) (changed bool, err error) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("ipset %s: %w", d.Name, err))
 		}
+		k := &kernelSet{typ: d.Type, family: unix.AF_INET, members: map[member]bool{}}
+		for _, m := range members(d) {
+			k.members[m] = true
+		}
+		after[d.Name] = k
 	}
 	for name := range have {
 		if want[name] {
@@ -104,6 +123,7 @@ func (s *IPSets) Apply(desired []calc.IPSet) (changed bool, err error) {
 		switch {
 		case errors.Is(err, nl.IPSetError(nl.IPSET_ERR_BUSY)):
 			s.log.Debug("stale ipset still referenced; retried on the next Apply", "set", name)
+			after[name] = have[name]
 		case err != nil && !errors.Is(err, unix.ENOENT):
 			errs = append(errs, fmt.Errorf("destroy ipset %s: %w", name, err))
 		default:
@@ -111,12 +131,16 @@ func (s *IPSets) Apply(desired []calc.IPSet) (changed bool, err error) {
 			changed = true
 		}
 	}
+	if len(errs) == 0 {
+		s.known = after
+	}
 	return changed, errors.Join(errs...)
 }
 
 // Cleanup destroys every margay ipset. Run it after IPTables.Cleanup: the kernel
 // refuses to destroy a set that a rule references.
 func (s *IPSets) Cleanup() (err error) {
+	s.known = nil
 	defer recoverNetlink(&err)
 	h, err := openIPSets()
 	if err != nil {

@@ -209,6 +209,11 @@ func TestIPSetsApply(t *testing.T) {
 	}
 	for _, d := range drift {
 		inNS(t, ns, d.mess)
+		// Apply trusts what it left, until Resync has it look again.
+		if applySets(t, ns, s, sets) {
+			t.Errorf("%s: Apply before Resync changed something: %q", d.name, l.take())
+		}
+		s.Resync()
 		if !applySets(t, ns, s, sets) {
 			t.Errorf("%s: Apply reported no change", d.name)
 		}
@@ -305,6 +310,7 @@ func TestIPSetsNamedPorts(t *testing.T) {
 		}
 		return h.IpsetAdd("mgy-p-test", &netlink.IPSetEntry{IP: net.ParseIP("10.244.1.9"), Protocol: &tcp, Port: &p81})
 	})
+	s.Resync()
 	if !applySets(t, ns, s, []calc.IPSet{set}) {
 		t.Error("repair reported no change")
 	}

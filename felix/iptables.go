@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os/exec"
+	"reflect"
 	"slices"
 	"strings"
 
@@ -35,7 +36,18 @@ type IPTables struct {
 	// OnReset, if set, is told the counts of each rule of a margay chain
 	// just before Apply rewrites or removes the chain, which zeroes them.
 	OnReset func(RuleCount)
+	written map[string][][]string   // table/chain -> the rules Apply last wrote
+	applied map[string]appliedTable // what each table held after the last Apply
 }
+
+type appliedTable struct {
+	chains []calc.Chain
+	jumps  []calc.Jump
+}
+
+// Resync makes the next Apply read every table rather than trust what the
+// last one left, so that it repairs what others changed.
+func (t *IPTables) Resync() { clear(t.applied) }
 
 // RuleCount is what a rule of one of margay's chains has matched.
 type RuleCount struct {
@@ -50,7 +62,7 @@ func NewIPTables(log *slog.Logger) (*IPTables, error) {
 	if err != nil {
 		return nil, fmt.Errorf("iptables: %w", err)
 	}
-	t := &IPTables{log: log, ipt: ipt}
+	t := &IPTables{log: log, ipt: ipt, written: map[string][][]string{}, applied: map[string]appliedTable{}}
 	for _, b := range []struct {
 		path *string
 		name string
@@ -143,11 +155,20 @@ func (t *IPTables) Apply(chains []calc.Chain, jumps []calc.Jump) (changed bool, 
 			}
 			js = append(js, j)
 		}
+		// A table Apply left as wanted is not read again (a read costs tens
+		// of milliseconds with thousands of rules) until Resync.
+		last, ok := t.applied[tab]
+		if ok && reflect.DeepEqual(last.chains, want) && reflect.DeepEqual(last.jumps, js) {
+			continue
+		}
+		delete(t.applied, tab)
 		c, err := t.applyTable(tab, want, js)
 		changed = changed || c
 		if err != nil {
 			errs = append(errs, err)
+			continue
 		}
+		t.applied[tab] = appliedTable{want, js}
 	}
 	return changed, errors.Join(errs...)
 }
@@ -167,6 +188,7 @@ func (t *IPTables) applyTable(tab string, want []calc.Chain, jumps []calc.Jump) 
 		}
 		if exists {
 			t.log.Info("iptables chain differs; rewriting", "table", tab, "chain", c.Name, "have", len(have), "want", len(c.Rules))
+			t.warnNonCanonical(tab, c, have)
 			t.reset(cur, c.Name)
 		} else {
 			t.log.Info("iptables chain created", "table", tab, "chain", c.Name, "rules", len(c.Rules))
@@ -205,23 +227,30 @@ func (t *IPTables) applyTable(tab string, want []calc.Chain, jumps []calc.Jump) 
 	if err := t.run(tab, b.String()); err != nil {
 		return true, err
 	}
-	// A rule iptables prints differently from how calc writes it would be
-	// rewritten on every Apply: say which, so calc's canonical form gets fixed.
-	after, err := t.read(tab)
-	if err != nil {
-		return true, err
-	}
 	for _, c := range want {
-		have := after.chains[c.Name]
-		for i := range max(len(have), len(c.Rules)) {
-			if i >= len(have) || i >= len(c.Rules) || !slices.Equal(have[i], c.Rules[i]) {
-				t.log.Warn("iptables lists a rule differently from how it was written; the chain will be rewritten on every Apply",
-					"table", tab, "chain", c.Name, "rule", i+1, "written", ruleText(c.Rules, i), "listed", ruleText(have, i))
-				break
-			}
+		if b.rewrites(c.Name) {
+			t.written[tab+"/"+c.Name] = c.Rules
 		}
 	}
 	return true, nil
+}
+
+// warnNonCanonical says which rule of a chain margay wrote as it wants it
+// last time lists differently now: a rule iptables prints differently from
+// how calc writes it is rewritten on every Apply, so calc's canonical form
+// needs fixing (or someone edits the chain).
+func (t *IPTables) warnNonCanonical(tab string, c calc.Chain, have [][]string) {
+	last, ok := t.written[tab+"/"+c.Name]
+	if !ok || !slices.EqualFunc(last, c.Rules, slices.Equal) || len(have) != len(c.Rules) {
+		return
+	}
+	for i := range c.Rules {
+		if !slices.Equal(have[i], c.Rules[i]) {
+			t.log.Warn("iptables lists a rule differently from how margay wrote it; the chain is rewritten on every Apply",
+				"table", tab, "chain", c.Name, "rule", i+1, "written", ruleText(c.Rules, i), "listed", ruleText(have, i))
+			return
+		}
+	}
 }
 
 // removeChains adds to b the deletion of the rules in other chains that jump
@@ -255,6 +284,7 @@ func (t *IPTables) removeChains(b *restoreBuilder, cur table, chains []string) {
 // Cleanup removes every rule that jumps into a margay chain, then margay's
 // chains in the filter and nat tables.
 func (t *IPTables) Cleanup() error {
+	t.Resync()
 	var errs []error
 	for _, tab := range tables {
 		cur, err := t.read(tab)

@@ -21,8 +21,11 @@ func newIPTables(t *testing.T, log *slog.Logger) *IPTables {
 	return ipt
 }
 
+// applyRules applies out as the agent's timer pass does: after Resync, so
+// that Apply reads the kernel and repairs what the test changed.
 func applyRules(t *testing.T, ns *nstest.NS, ipt *IPTables, out calc.Output) bool {
 	t.Helper()
+	ipt.Resync()
 	var changed bool
 	if err := ns.Do(func() (err error) { changed, err = ipt.Apply(out.Chains, out.Jumps); return err }); err != nil {
 		t.Fatal(err)
@@ -341,12 +344,12 @@ func TestIPTablesNonCanonicalRule(t *testing.T) {
 		{"-i", "mgyx", "-s", "10.244.0.5", "-j", "RETURN"}, // iptables lists -s first, with /32
 	}}}}
 	applyRules(t, ns, ipt, out)
+	if !applyRules(t, ns, ipt, out) {
+		t.Error("a non-canonical rule compared equal")
+	}
 	got := strings.Join(l.take(), "\n")
 	if !strings.Contains(got, "level=WARN") || !strings.Contains(got, `listed="-s 10.244.0.5/32 -i mgyx -j RETURN"`) {
 		t.Errorf("no warning naming the rule; logged:\n%s", got)
-	}
-	if !applyRules(t, ns, ipt, out) {
-		t.Error("a non-canonical rule compared equal")
 	}
 	if err := ns.Do(ipt.Cleanup); err != nil {
 		t.Fatal(err)
@@ -411,4 +414,31 @@ func TestIPTablesCounters(t *testing.T) {
 
 func equalCount(a, b RuleCount) bool {
 	return a.Table == b.Table && a.Chain == b.Chain && slices.Equal(a.Rule, b.Rule) && a.Packets == b.Packets && a.Bytes == b.Bytes
+}
+
+// Between Resyncs, Apply trusts what it left: a table whose desired chains
+// are unchanged is not read again, so drift waits for the timer pass.
+func TestIPTablesTrustsItsLastApply(t *testing.T) {
+	ns := nstest.New(t, "node")
+	ipt := newIPTables(t, slog.New(slog.DiscardHandler))
+	out := calc.Output{Chains: []calc.Chain{{Table: "filter", Name: "MGY-TEST", Rules: [][]string{{"-j", "RETURN"}}}}}
+	apply := func() bool {
+		var changed bool
+		if err := ns.Do(func() (err error) { changed, err = ipt.Apply(out.Chains, out.Jumps); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return changed
+	}
+	apply()
+	ns.MustRun(t, "iptables", "-F", "MGY-TEST")
+	if apply() {
+		t.Error("Apply with the same input read the table again")
+	}
+	ipt.Resync()
+	if !apply() {
+		t.Error("Apply after Resync did not repair the flushed chain")
+	}
+	if got := ns.MustRun(t, "iptables", "-S", "MGY-TEST"); !strings.Contains(got, "-A MGY-TEST -j RETURN") {
+		t.Errorf("after the repair: %s", got)
+	}
 }
