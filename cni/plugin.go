@@ -207,13 +207,21 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 }
 
 // podLabels are the labels and named ports of a pod's endpoint, read from
-// the API server with the conflist's kubeconfig; nil without one, or for a
-// container that is not a pod. margay-kube-controllers keeps them up to date
-// after ADD. The ports are there at ADD so that a policy's named port admits
-// the pod's first connections.
+// the API server with the conflist's kubeconfig. margay-kube-controllers
+// keeps them up to date after ADD. The ports are there at ADD so that a
+// policy's named port admits the pod's first connections. Without a
+// kubeconfig the endpoint has its namespace's label only (from CNI_ARGS),
+// as Calico's plugin gives, so that selectors on it work; a container that
+// is not a pod has none.
 func podLabels(ctx context.Context, conf *NetConf, p pod) (map[string]string, []api.EndpointPort, error) {
-	if conf.Kubernetes.Kubeconfig == "" || p.name == "" {
+	if p.name == "" {
 		return nil, nil, nil
+	}
+	if conf.Kubernetes.Kubeconfig == "" {
+		if p.namespace == "" {
+			return nil, nil, nil
+		}
+		return map[string]string{api.LabelNamespace: p.namespace}, nil, nil
 	}
 	return endpoint.Read(ctx, conf.Kubernetes.Kubeconfig, "margay-cni/"+api.Version, p.namespace, p.name)
 }

@@ -4,7 +4,8 @@
 //	go run ./test/bench/policybench [-cases latency,add,scale] [-trials 10] [-big 21] [-policies 1000] [-endpoints 5000]
 //
 // It prints:
-//   - latency: from a GlobalNetworkPolicy written to etcd until the last node
+//   - latency: from the start of `margayctl apply` of a GlobalNetworkPolicy
+//     (run in a lab node: the lab's etcd is reachable only there) until the last node
 //     enforces it (a pod behind it on every node answers a prober), p50 and
 //     p99, in a 3-node lab and a big one;
 //   - add: from the start of a pod's CNI ADD until its address is in the
@@ -39,7 +40,6 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/margay-dev/margay/api"
-	"github.com/margay-dev/margay/datastore"
 	"github.com/margay-dev/margay/felix"
 	"github.com/margay-dev/margay/felix/calc"
 	"github.com/margay-dev/margay/test/lab"
@@ -100,7 +100,6 @@ func main() {
 // each answering UDP echo on port 7, and a prober pod on the first node.
 type benchLab struct {
 	l       *lab.Lab
-	store   *datastore.Store
 	prober  *lab.Pod
 	targets []*lab.Pod
 	stop    []func()
@@ -109,9 +108,6 @@ type benchLab struct {
 func (b *benchLab) down() {
 	for _, f := range b.stop {
 		f()
-	}
-	if b.store != nil {
-		b.store.Close()
 	}
 	b.l.Down()
 }
@@ -133,9 +129,6 @@ func newBenchLab(bin string, nodes int) (*benchLab, error) {
 		}
 		return nil
 	})
-	if err == nil {
-		b.store, err = datastore.New(datastore.Config{Endpoints: []string{l.Endpoint()}})
-	}
 	if err == nil {
 		b.prober, err = l.AddPodIn(ctx, l.Nodes[0], "probe", "prober")
 	}
@@ -216,30 +209,32 @@ func (b *benchLab) allAnswer(want bool) error {
 	return nil
 }
 
+// apply writes resources with margayctl, run in the first node: the lab's
+// etcd is reachable only from inside the lab, never from this namespace.
 func (b *benchLab) apply(doc string) error {
-	rs, err := api.Decode([]byte(doc))
+	f, err := os.CreateTemp(b.l.Dir(), "bench-*.yaml")
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for _, r := range rs {
-		r.SetDefaults()
-		if err := r.Validate(); err != nil {
-			return err
-		}
-		if _, err := b.store.Create(ctx, r); err != nil {
-			return err
-		}
+	defer os.Remove(f.Name())
+	if _, err := f.WriteString(doc); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if out, err := b.l.Ctl(b.l.Nodes[0], "apply", "-f", f.Name()); err != nil {
+		return fmt.Errorf("margayctl apply: %v: %s", err, out)
 	}
 	return nil
 }
 
-func (b *benchLab) delete(k api.KindInfo, name string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err := b.store.Delete(ctx, k, name, "")
-	return err
+func (b *benchLab) delete(kind, name string) error {
+	if out, err := b.l.Ctl(b.l.Nodes[0], "delete", kind, name); err != nil {
+		return fmt.Errorf("margayctl delete %s %s: %v: %s", kind, name, err, out)
+	}
+	return nil
 }
 
 const (
@@ -298,14 +293,14 @@ func latency(b *benchLab, nodes, trials int) error {
 		}
 		each = append(each, got...)
 		last = append(last, slices.Max(got))
-		if err := b.delete(api.KindOf(api.NewGlobalNetworkPolicy("")), "bench-allow"); err != nil {
+		if err := b.delete("globalnetworkpolicy", "bench-allow"); err != nil {
 			return err
 		}
 		if err := lab.WaitFor(30*time.Second, func() error { return b.allAnswer(false) }); err != nil {
 			return fmt.Errorf("after deleting the policy: %w", err)
 		}
 	}
-	fmt.Printf("%d nodes: policy written to etcd -> enforced (a new flow through it answered), %d trials:\n", nodes, trials)
+	fmt.Printf("%d nodes: margayctl apply start -> enforced (a new flow through it answered), %d trials:\n", nodes, trials)
 	fmt.Printf("  last node: p50 %s, p99 %s, max %s\n", pct(last, 50), pct(last, 99), pct(last, 100))
 	fmt.Printf("  each node: p50 %s, p99 %s (%d samples)\n\n", pct(each, 50), pct(each, 99), len(each))
 	return nil
