@@ -76,6 +76,7 @@ bench: deps
 	$(GO) run ./test/bench/ipambench
 	$(GO) run ./test/bench/cnibench
 	$(GO) run ./test/bench/nodebench
+	$(GO) run ./test/bench/policybench
 	test/k8s/build.sh
 	MARGAY_K8S_REQUIRE=1 $(GO) test -count=1 -run '^$$' -bench PodStartup -benchtime 3x ./test/k8s
 
