@@ -126,18 +126,8 @@ func TestPolicyNoWindow(t *testing.T) {
 	pl := newPolicyLab(t)
 	xa, xb, ya := pl.pods[0], pl.pods[1], pl.pods[2]
 	allowed, denied := flow{xa, xb, tcp80}, flow{ya, xb, tcp80}
-	if out, err := apply(pl.l, allowFromA("no-window", 0)); err != nil {
-		t.Fatalf("apply: %v: %s", err, out)
-	}
+	pl.applyAndWait(t, allowFromA("no-window", 0), allowed, denied)
 	node := pl.nodeOf(t, xb)
-	if err := lab.WaitFor(30*time.Second, func() error {
-		if probe(denied) || !probe(allowed) {
-			return fmt.Errorf("not enforced yet")
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
 
 	stop := make(chan struct{})
 	tr := runTraffic([]flow{allowed, denied}, stop, 5*time.Minute)
@@ -206,6 +196,23 @@ func TestPolicyNoWindow(t *testing.T) {
 	}
 }
 
+// applyAndWait applies policy and waits until allowed gets through and
+// denied does not.
+func (pl *policyLab) applyAndWait(t *testing.T, policy string, allowed, denied flow) {
+	t.Helper()
+	if out, err := apply(pl.l, policy); err != nil {
+		t.Fatalf("apply: %v: %s", err, out)
+	}
+	if err := lab.WaitFor(30*time.Second, func() error {
+		if probe(denied) || !probe(allowed) {
+			return fmt.Errorf("%s or %s not enforced yet", allowed, denied)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // nodeOf is the lab node a pod runs on.
 func (pl *policyLab) nodeOf(t *testing.T, p *peer) *lab.Node {
 	t.Helper()
@@ -234,35 +241,28 @@ func TestPolicyCutsDeniedFlows(t *testing.T) {
 	pl := newPolicyLab(t)
 	xa, xb, ya := pl.pods[0], pl.pods[1], pl.pods[2]
 	const echoPort = 82
-	if err := xb.ns.Do(func() error {
-		ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", echoPort))
-		if err != nil {
-			return err
+	var mu sync.Mutex
+	var accepted []net.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range accepted {
+			c.Close()
 		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				t.Cleanup(func() { c.Close() })
-				go func() {
-					buf := make([]byte, 64)
-					for {
-						n, err := c.Read(buf)
-						if err != nil {
-							return
-						}
-						c.Write(buf[:n])
-					}
-				}()
+	})
+	serveTCP(t, xb.ns, echoPort, func(c net.Conn) { // echo
+		mu.Lock()
+		accepted = append(accepted, c)
+		mu.Unlock()
+		buf := make([]byte, 64)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return
 			}
-		}()
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+			c.Write(buf[:n])
+		}
+	})
 	// One connection each, kept for the whole test.
 	type conn struct {
 		name string
@@ -357,17 +357,7 @@ func TestPolicyDrift(t *testing.T) {
 	pl := newPolicyLab(t)
 	xa, xb, ya := pl.pods[0], pl.pods[1], pl.pods[2]
 	allowed, denied := flow{xa, xb, tcp80}, flow{ya, xb, tcp80}
-	if out, err := apply(pl.l, allowFromA("drift", 0)); err != nil {
-		t.Fatalf("apply: %v: %s", err, out)
-	}
-	if err := lab.WaitFor(30*time.Second, func() error {
-		if probe(denied) || !probe(allowed) {
-			return fmt.Errorf("not enforced yet")
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	pl.applyAndWait(t, allowFromA("drift", 0), allowed, denied)
 	node := pl.nodeOf(t, xb)
 	save, err := node.NS.Run("iptables-save", "-t", "filter")
 	if err != nil {

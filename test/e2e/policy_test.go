@@ -60,25 +60,14 @@ func (f flow) String() string { return fmt.Sprintf("%s -> %s %s", f.from.name, f
 func serveAll(t *testing.T, ns *nstest.NS) {
 	t.Helper()
 	for _, s := range services {
+		if s.proto == "tcp" {
+			serveTCP(t, ns, s.port, func(c net.Conn) {
+				c.Write([]byte("ok"))
+				c.Close()
+			})
+			continue
+		}
 		err := ns.Do(func() error {
-			if s.proto == "tcp" {
-				ln, err := net.Listen("tcp4", fmt.Sprintf(":%d", s.port))
-				if err != nil {
-					return err
-				}
-				t.Cleanup(func() { ln.Close() })
-				go func() {
-					for {
-						c, err := ln.Accept()
-						if err != nil {
-							return
-						}
-						c.Write([]byte("ok"))
-						c.Close()
-					}
-				}()
-				return nil
-			}
 			pc, err := net.ListenPacket("udp4", fmt.Sprintf(":%d", s.port))
 			if err != nil {
 				return err
@@ -100,6 +89,26 @@ func serveAll(t *testing.T, ns *nstest.NS) {
 			t.Fatalf("serve %s in %s: %v", s, ns.Name, err)
 		}
 	}
+}
+
+// serveTCP accepts connections on port in ns until the test ends, and hands
+// each to handle on a goroutine of its own.
+func serveTCP(t *testing.T, ns *nstest.NS, port int, handle func(net.Conn)) {
+	t.Helper()
+	var ln net.Listener
+	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port)); return err }); err != nil {
+		t.Fatalf("serve tcp/%d in %s: %v", port, ns.Name, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handle(c)
+		}
+	}()
 }
 
 // probeTimeout bounds one probe: a denied one takes all of it.
