@@ -24,16 +24,38 @@ func (m EncapMode) valid() bool {
 // Enabled reports whether the mode ever encapsulates.
 func (m EncapMode) Enabled() bool { return m == EncapCrossSubnet || m == EncapAlways }
 
-// Defaults of an IPPool.
+// Defaults and limits of an IPPool's blockSize, per family (Calico's).
 const (
-	DefaultBlockSize = 26
-	MinBlockSize     = 20
-	MaxBlockSize     = 32
-	AllSelector      = "all()"
+	DefaultBlockSize   = 26
+	MinBlockSize       = 20
+	MaxBlockSize       = 32
+	DefaultBlockSizeV6 = 122
+	MinBlockSizeV6     = 116
+	MaxBlockSizeV6     = 128
+	AllSelector        = "all()"
 )
 
-// linkLocal is reserved for the pod-side gateway 169.254.1.1.
-var linkLocal = netip.MustParsePrefix("169.254.0.0/16")
+// BlockSizeRange is the smallest and largest blockSize (prefix length) of an
+// IPv4 or (v6) IPv6 pool.
+func BlockSizeRange(v6 bool) (minBits, maxBits int) {
+	if v6 {
+		return MinBlockSizeV6, MaxBlockSizeV6
+	}
+	return MinBlockSize, MaxBlockSize
+}
+
+// Ranges a pool must not overlap: 169.254.0.0/16 holds the pod gateway
+// 169.254.1.1 and fe80::/10 the v6 gateway fe80::ecee:eeff:feee:eeee; the
+// others are not unicast, or are IPv4 written as IPv6.
+var reserved = []struct {
+	pfx netip.Prefix
+	why string
+}{
+	{netip.MustParsePrefix("169.254.0.0/16"), "which is reserved for link-local addresses and the pod gateway 169.254.1.1"},
+	{netip.MustParsePrefix("fe80::/10"), "which is reserved for link-local addresses and the pod gateway fe80::ecee:eeff:feee:eeee"},
+	{netip.MustParsePrefix("ff00::/8"), "which is multicast"},
+	{netip.MustParsePrefix("::ffff:0:0/96"), "which holds IPv4-mapped addresses; write an IPv4 pool as IPv4"},
+}
 
 // IPPool is a range of pod addresses, cut into blocks that nodes claim.
 type IPPool struct {
@@ -65,6 +87,9 @@ func (p *IPPool) GetMetadata() *ObjectMeta { return &p.Metadata }
 func (p *IPPool) SetDefaults() {
 	if p.Spec.BlockSize == 0 {
 		p.Spec.BlockSize = DefaultBlockSize
+		if pfx, err := netip.ParsePrefix(p.Spec.CIDR); err == nil && pfx.Addr().Is6() {
+			p.Spec.BlockSize = DefaultBlockSizeV6
+		}
 	}
 	if p.Spec.IPIPMode == "" {
 		p.Spec.IPIPMode = EncapNever
@@ -83,6 +108,10 @@ func (p *IPPool) Prefix() netip.Prefix {
 	return pfx
 }
 
+// IsIPv6 reports whether the pool holds IPv6 addresses; it is only meaningful
+// on a valid pool.
+func (p *IPPool) IsIPv6() bool { return p.Prefix().Addr().Is6() }
+
 // Validate implements Resource.
 func (p *IPPool) Validate() error {
 	var e errs
@@ -94,21 +123,32 @@ func (p *IPPool) Validate() error {
 		e.add("spec.cidr", nil, "is required, for example 10.244.0.0/16")
 	case err != nil:
 		e.add("spec.cidr", s.CIDR, "is not a CIDR; write it as 10.244.0.0/16")
-	case !pfx.Addr().Is4():
-		e.add("spec.cidr", s.CIDR, "only IPv4 pools are supported")
 	case pfx.Masked() != pfx:
 		e.add("spec.cidr", s.CIDR, "has host bits set; did you mean %s?", pfx.Masked())
-	case pfx.Overlaps(linkLocal):
-		e.add("spec.cidr", s.CIDR, "overlaps 169.254.0.0/16, which is reserved for link-local addresses and the pod gateway 169.254.1.1")
+	default:
+		for _, r := range reserved {
+			if pfx.Overlaps(r.pfx) {
+				e.add("spec.cidr", s.CIDR, "overlaps %s, %s", r.pfx, r.why)
+				break
+			}
+		}
 	}
+	family, v6 := "IPv4", err == nil && pfx.Addr().Is6()
+	if v6 {
+		family = "IPv6"
+	}
+	minBits, maxBits := BlockSizeRange(v6)
 	switch {
-	case s.BlockSize < MinBlockSize || s.BlockSize > MaxBlockSize:
-		e.add("spec.blockSize", s.BlockSize, "is out of range; use %d to %d", MinBlockSize, MaxBlockSize)
-	case err == nil && pfx.Addr().Is4() && s.BlockSize < pfx.Bits():
+	case s.BlockSize < minBits || s.BlockSize > maxBits:
+		e.add("spec.blockSize", s.BlockSize, "is out of range for an %s pool; use %d to %d", family, minBits, maxBits)
+	case err == nil && s.BlockSize < pfx.Bits():
 		e.add("spec.blockSize", s.BlockSize, "a /%d block is larger than the pool /%d; use a blockSize of at least %d", s.BlockSize, pfx.Bits(), pfx.Bits())
 	}
-	if !s.IPIPMode.valid() {
+	switch {
+	case !s.IPIPMode.valid():
 		e.add("spec.ipipMode", string(s.IPIPMode), "must be Never, CrossSubnet or Always")
+	case v6 && s.IPIPMode.Enabled():
+		e.add("spec.ipipMode", string(s.IPIPMode), "IPIP carries IPv4 only; set ipipMode: Never and use vxlanMode for an IPv6 pool")
 	}
 	if !s.VXLANMode.valid() {
 		e.add("spec.vxlanMode", string(s.VXLANMode), "must be Never, CrossSubnet or Always")

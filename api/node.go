@@ -49,10 +49,12 @@ func (n *Node) K8sNodeName() string {
 	return ""
 }
 
-// NodeBGPSpec is a node's BGP identity. IPv4Address is the node's address with the
-// prefix length of its subnet (198.18.1.2/24): the mask decides CrossSubnet.
+// NodeBGPSpec is a node's BGP identity. IPv4Address and IPv6Address are the
+// node's addresses with the prefix length of their subnet (198.18.1.2/24,
+// fd00:18:1::2/64): the mask decides CrossSubnet.
 type NodeBGPSpec struct {
 	IPv4Address             string    `json:"ipv4Address,omitempty"`
+	IPv6Address             string    `json:"ipv6Address,omitempty"`
 	ASNumber                *ASNumber `json:"asNumber,omitempty"`
 	RouteReflectorClusterID string    `json:"routeReflectorClusterID,omitempty"`
 	IPv4IPIPTunnelAddr      string    `json:"ipv4IPIPTunnelAddr,omitempty"`
@@ -69,8 +71,11 @@ func (n *Node) GetMetadata() *ObjectMeta { return &n.Metadata }
 // SetDefaults implements Resource.
 func (n *Node) SetDefaults() {}
 
-// errBGPAddress says what spec.bgp.ipv4Address must be.
-const errBGPAddress = constError("must be the node's IPv4 address with its subnet's prefix length, such as 198.18.1.2/24")
+// What spec.bgp.ipv4Address and ipv6Address must be.
+const (
+	errBGPAddress   = constError("must be the node's IPv4 address with its subnet's prefix length, such as 198.18.1.2/24")
+	errBGPAddressV6 = constError("must be the node's global IPv6 address with its subnet's prefix length, such as fd00:18:1::2/64")
+)
 
 // BGPAddress is spec.bgp.ipv4Address parsed: the node's address with its
 // subnet's prefix length. The zero Prefix with no error means none is set.
@@ -85,6 +90,19 @@ func (n *Node) BGPAddress() (netip.Prefix, error) {
 	return p, nil
 }
 
+// BGPAddressV6 is spec.bgp.ipv6Address parsed, as BGPAddress. A link-local
+// address is refused: it cannot be a next hop for another subnet.
+func (n *Node) BGPAddressV6() (netip.Prefix, error) {
+	if n.Spec.BGP == nil || n.Spec.BGP.IPv6Address == "" {
+		return netip.Prefix{}, nil
+	}
+	p, err := netip.ParsePrefix(n.Spec.BGP.IPv6Address)
+	if err != nil || !p.Addr().Is6() || p.Addr().Is4In6() || !p.Addr().IsGlobalUnicast() {
+		return netip.Prefix{}, errBGPAddressV6
+	}
+	return p, nil
+}
+
 // Validate implements Resource.
 func (n *Node) Validate() error {
 	var e errs
@@ -92,6 +110,9 @@ func (n *Node) Validate() error {
 	if b := n.Spec.BGP; b != nil {
 		if _, err := n.BGPAddress(); err != nil {
 			e.add("spec.bgp.ipv4Address", b.IPv4Address, "%v", err)
+		}
+		if _, err := n.BGPAddressV6(); err != nil {
+			e.add("spec.bgp.ipv6Address", b.IPv6Address, "%v", err)
 		}
 		if b.ASNumber != nil && *b.ASNumber == 0 {
 			e.add("spec.bgp.asNumber", 0, "is out of range; use 1 to 4294967295")

@@ -113,13 +113,31 @@ func TestValidateErrors(t *testing.T) {
 		{"pool cidr bare address", func() Resource { p := validPool(); p.Spec.CIDR = "10.244.0.0"; return p }, "spec.cidr", "is not a CIDR; write it as 10.244.0.0/16"},
 		{"pool cidr garbage", func() Resource { p := validPool(); p.Spec.CIDR = "ten.0.0.0/8"; return p }, "spec.cidr", "is not a CIDR"},
 		{"pool cidr bad length", func() Resource { p := validPool(); p.Spec.CIDR = "10.0.0.0/33"; return p }, "spec.cidr", "is not a CIDR"},
-		{"pool ipv6", func() Resource { p := validPool(); p.Spec.CIDR = "fd00:10::/48"; return p }, "spec.cidr", "only IPv4 pools are supported"},
-		{"pool ipv4-mapped ipv6", func() Resource { p := validPool(); p.Spec.CIDR = "::ffff:10.0.0.0/112"; return p }, "spec.cidr", "only IPv4 pools are supported"},
+		{"pool ipv4-mapped ipv6", func() Resource {
+			p := validPool()
+			p.Spec.CIDR = "::ffff:10.0.0.0/112"
+			p.Spec.BlockSize = 122
+			return p
+		}, "spec.cidr", "holds IPv4-mapped addresses"},
+		{"pool v6 link-local", func() Resource { p := validPool(); p.Spec.CIDR = "fe80::/64"; p.Spec.BlockSize = 122; return p }, "spec.cidr", "overlaps fe80::/10, which is reserved for link-local addresses and the pod gateway fe80::ecee:eeff:feee:eeee"},
+		{"pool v6 multicast", func() Resource { p := validPool(); p.Spec.CIDR = "ff02::/16"; p.Spec.BlockSize = 122; return p }, "spec.cidr", "which is multicast"},
+		{"pool v6 contains link-local", func() Resource { p := validPool(); p.Spec.CIDR = "fe00::/7"; p.Spec.BlockSize = 122; return p }, "spec.cidr", "overlaps fe80::/10"},
+		{"pool v6 zone", func() Resource { p := validPool(); p.Spec.CIDR = "fd00::%eth0/64"; p.Spec.BlockSize = 122; return p }, "spec.cidr", "is not a CIDR"},
+		{"pool v6 host bits", func() Resource { p := validPool(); p.Spec.CIDR = "fd00:10::1/48"; p.Spec.BlockSize = 122; return p }, "spec.cidr", "did you mean fd00:10::/48?"},
+		{"pool v6 v4 blockSize", func() Resource { p := validPool(); p.Spec.CIDR = "fd00:10::/48"; return p }, "spec.blockSize", "is out of range for an IPv6 pool; use 116 to 128"},
+		{"pool v6 blockSize too small", func() Resource { p := validPool(); p.Spec.CIDR = "fd00:10::/48"; p.Spec.BlockSize = 115; return p }, "spec.blockSize", "use 116 to 128"},
+		{"pool v6 blockSize too large", func() Resource { p := validPool(); p.Spec.CIDR = "fd00:10::/48"; p.Spec.BlockSize = 129; return p }, "spec.blockSize", "use 116 to 128"},
+		{"pool v6 block larger than pool", func() Resource { p := validPool(); p.Spec.CIDR = "fd00:10::/120"; p.Spec.BlockSize = 118; return p }, "spec.blockSize", "a /118 block is larger than the pool /120"},
+		{"pool v6 ipip", func() Resource {
+			p := validPool()
+			p.Spec.CIDR, p.Spec.BlockSize, p.Spec.IPIPMode = "fd00:10::/48", 122, EncapCrossSubnet
+			return p
+		}, "spec.ipipMode", "IPIP carries IPv4 only; set ipipMode: Never and use vxlanMode for an IPv6 pool"},
 		{"pool is link-local", func() Resource { p := validPool(); p.Spec.CIDR = "169.254.0.0/16"; return p }, "spec.cidr", "overlaps 169.254.0.0/16, which is reserved"},
 		{"pool inside link-local", func() Resource { p := validPool(); p.Spec.CIDR = "169.254.1.0/24"; return p }, "spec.cidr", "pod gateway 169.254.1.1"},
 		{"pool contains link-local", func() Resource { p := validPool(); p.Spec.CIDR = "169.0.0.0/8"; return p }, "spec.cidr", "overlaps 169.254.0.0/16"},
-		{"blockSize too small", func() Resource { p := validPool(); p.Spec.BlockSize = 19; return p }, "spec.blockSize", "is out of range; use 20 to 32"},
-		{"blockSize too large", func() Resource { p := validPool(); p.Spec.BlockSize = 33; return p }, "spec.blockSize", "is out of range; use 20 to 32"},
+		{"blockSize too small", func() Resource { p := validPool(); p.Spec.BlockSize = 19; return p }, "spec.blockSize", "is out of range for an IPv4 pool; use 20 to 32"},
+		{"blockSize too large", func() Resource { p := validPool(); p.Spec.BlockSize = 33; return p }, "spec.blockSize", "is out of range for an IPv4 pool; use 20 to 32"},
 		{"blockSize negative", func() Resource { p := validPool(); p.Spec.BlockSize = -1; return p }, "spec.blockSize", "use 20 to 32"},
 		{"blockSize larger than pool", func() Resource {
 			p := validPool()
@@ -207,6 +225,10 @@ func TestValidateErrors(t *testing.T) {
 		{"node ipv4Address without mask", func() Resource { n := validNode(); n.Spec.BGP.IPv4Address = "198.18.1.2"; return n }, "spec.bgp.ipv4Address", "with its subnet's prefix length, such as 198.18.1.2/24"},
 		{"node ipv4Address garbage", func() Resource { n := validNode(); n.Spec.BGP.IPv4Address = "node-1"; return n }, "spec.bgp.ipv4Address", "IPv4 address"},
 		{"node ipv4Address ipv6", func() Resource { n := validNode(); n.Spec.BGP.IPv4Address = "fd00::2/64"; return n }, "spec.bgp.ipv4Address", "IPv4 address"},
+		{"node ipv6Address ipv4", func() Resource { n := validNode(); n.Spec.BGP.IPv6Address = "198.18.1.2/24"; return n }, "spec.bgp.ipv6Address", "global IPv6 address with its subnet's prefix length, such as fd00:18:1::2/64"},
+		{"node ipv6Address without mask", func() Resource { n := validNode(); n.Spec.BGP.IPv6Address = "fd00:18:1::2"; return n }, "spec.bgp.ipv6Address", "prefix length"},
+		{"node ipv6Address link-local", func() Resource { n := validNode(); n.Spec.BGP.IPv6Address = "fe80::2/64"; return n }, "spec.bgp.ipv6Address", "global IPv6 address"},
+		{"node ipv6Address mapped", func() Resource { n := validNode(); n.Spec.BGP.IPv6Address = "::ffff:198.18.1.2/120"; return n }, "spec.bgp.ipv6Address", "global IPv6 address"},
 		{"node asNumber 0", func() Resource { n := validNode(); n.Spec.BGP.ASNumber = ptr(ASNumber(0)); return n }, "spec.bgp.asNumber", "use 1 to 4294967295"},
 		{"node bad routeReflectorClusterID", func() Resource { n := validNode(); n.Spec.BGP.RouteReflectorClusterID = "rr-1"; return n }, "spec.bgp.routeReflectorClusterID", "must be written as an IPv4 address, such as 224.0.0.1"},
 		{"node ipv6 routeReflectorClusterID", func() Resource { n := validNode(); n.Spec.BGP.RouteReflectorClusterID = "::1"; return n }, "spec.bgp.routeReflectorClusterID", "IPv4 address"},
@@ -292,6 +314,12 @@ func TestValidateValid(t *testing.T) {
 			return p
 		}},
 		{"pool vxlan only", func() Resource { p := validPool(); p.Spec.VXLANMode = EncapAlways; return p }},
+		{"pool v6", func() Resource {
+			p := validPool()
+			p.Spec.CIDR, p.Spec.BlockSize, p.Spec.VXLANMode, p.Spec.NATOutgoing = "fd00:10::/48", 122, EncapCrossSubnet, true
+			return p
+		}},
+		{"pool v6 blockSize 128", func() Resource { p := validPool(); p.Spec.CIDR, p.Spec.BlockSize = "2001:db8::/64", 128; return p }},
 		{"pool blockSize equals pool", func() Resource {
 			p := validPool()
 			p.Spec.CIDR = "10.9.0.0/20"
@@ -346,10 +374,16 @@ func TestValidateValid(t *testing.T) {
 			return p
 		}},
 		{"node empty spec", func() Resource { return NewNode("bare") }},
+		{"node ipv6 only", func() Resource {
+			n := NewNode("v6")
+			n.Spec.BGP = &NodeBGPSpec{IPv6Address: "2001:db8:1::2/64"}
+			return n
+		}},
 		{"node full", func() Resource {
 			n := validNode()
 			n.Spec.BGP.ASNumber = ptr(ASNumber(65010))
 			n.Spec.BGP.RouteReflectorClusterID = "224.0.0.1"
+			n.Spec.BGP.IPv6Address = "fd00:18:1::2/64"
 			n.Spec.BGP.IPv4IPIPTunnelAddr = "10.244.0.1"
 			n.Spec.IPv4VXLANTunnelAddr = "10.244.0.2"
 			n.Spec.VXLANTunnelMACAddr = "66:1f:3a:00:00:01"
@@ -526,6 +560,11 @@ func TestDefaults(t *testing.T) {
 	p.SetDefaults()
 	if p.Spec.BlockSize != 26 || p.Spec.IPIPMode != EncapNever || p.Spec.VXLANMode != EncapNever || p.Spec.NodeSelector != "all()" {
 		t.Errorf("IPPool defaults = %+v, want blockSize 26, Never, Never, all()", p.Spec)
+	}
+	p = NewIPPool("p")
+	p.Spec.CIDR = "fd00:10::/48"
+	if p.SetDefaults(); p.Spec.BlockSize != 122 {
+		t.Errorf("IPv6 pool default blockSize = %d, want 122", p.Spec.BlockSize)
 	}
 	// Set fields are kept.
 	p = NewIPPool("p")

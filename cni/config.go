@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/margay-dev/margay/datastore"
+	"github.com/margay-dev/margay/ipam"
 )
 
 // DefaultTimeout bounds a whole plugin invocation, so an unreachable etcd fails the
@@ -47,11 +48,49 @@ type KubernetesConf struct {
 	Kubeconfig string `json:"kubeconfig,omitempty"`
 }
 
-// IPAMConf is the "ipam" section.
+// IPAMConf is the "ipam" section, with Calico's keys.
 type IPAMConf struct {
 	Type string `json:"type"`
-	// IPv4Pools restricts assignment to these pools (names or CIDRs), in order.
+	// AssignIPv4 and AssignIPv6 are "true" or "false" (strings, as in Calico):
+	// whether the pod gets an address of the family. Default: IPv4 only.
+	AssignIPv4 string `json:"assign_ipv4,omitempty"`
+	AssignIPv6 string `json:"assign_ipv6,omitempty"`
+	// IPv4Pools and IPv6Pools restrict assignment to these pools (names or
+	// CIDRs), in order.
 	IPv4Pools []string `json:"ipv4_pools,omitempty"`
+	IPv6Pools []string `json:"ipv6_pools,omitempty"`
+}
+
+// Families is what the pod is to get: one address of each family, from its pools.
+// Only meaningful on a parsed configuration.
+func (c *IPAMConf) Families() []ipam.FamilyPools {
+	var out []ipam.FamilyPools
+	if c.AssignIPv4 != "false" {
+		out = append(out, ipam.FamilyPools{Family: ipam.IPv4, Pools: c.IPv4Pools})
+	}
+	if c.AssignIPv6 == "true" {
+		out = append(out, ipam.FamilyPools{Family: ipam.IPv6, Pools: c.IPv6Pools})
+	}
+	return out
+}
+
+// check refuses flags other than "true" and "false", no family at all, and pools
+// of a family that is not assigned, which would otherwise be ignored silently.
+func (c *IPAMConf) check() *types.Error {
+	for _, f := range []struct{ key, v string }{{"assign_ipv4", c.AssignIPv4}, {"assign_ipv6", c.AssignIPv6}} {
+		if f.v != "" && f.v != "true" && f.v != "false" {
+			return invalid("ipam."+f.key, "%q: use \"true\" or \"false\"", f.v)
+		}
+	}
+	switch {
+	case c.AssignIPv4 == "false" && c.AssignIPv6 != "true":
+		return invalid("ipam.assign_ipv4", "is \"false\" and assign_ipv6 is not \"true\": the pod would get no address")
+	case c.AssignIPv4 == "false" && len(c.IPv4Pools) > 0:
+		return invalid("ipam.ipv4_pools", "is set but assign_ipv4 is \"false\"; remove one of them")
+	case c.AssignIPv6 != "true" && len(c.IPv6Pools) > 0:
+		return invalid("ipam.ipv6_pools", "is set but assign_ipv6 is not \"true\"; set \"assign_ipv6\": \"true\" for dual-stack pods")
+	}
+	return nil
 }
 
 // Timeout is the bound on one invocation.
@@ -116,6 +155,9 @@ func ParseConf(stdin []byte, hostname func() (string, error)) (*NetConf, error) 
 		return nil, invalid("etcd_cert_file", "give both etcd_cert_file and etcd_key_file, or neither")
 	case c.Kubernetes.Kubeconfig != "" && !filepath.IsAbs(c.Kubernetes.Kubeconfig):
 		return nil, invalid("kubernetes.kubeconfig", "%q is not an absolute path", c.Kubernetes.Kubeconfig)
+	}
+	if err := c.IPAM.check(); err != nil {
+		return nil, err
 	}
 	switch strings.ToLower(c.LogLevel) {
 	case "", "debug", "info", "warn", "error":

@@ -3,11 +3,14 @@ package cni
 import (
 	"errors"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/margay-dev/margay/ipam"
 )
 
 func hostname() (string, error) { return "node-a", nil }
@@ -32,6 +35,30 @@ func TestParseConf(t *testing.T) {
 	}
 }
 
+func TestIPAMFamilies(t *testing.T) {
+	for _, tc := range []struct {
+		ipam string
+		want []ipam.FamilyPools
+	}{
+		{`{}`, []ipam.FamilyPools{{Family: ipam.IPv4}}},
+		{`{"ipv4_pools":["a"]}`, []ipam.FamilyPools{{Family: ipam.IPv4, Pools: []string{"a"}}}},
+		{`{"assign_ipv6":"true"}`, []ipam.FamilyPools{{Family: ipam.IPv4}, {Family: ipam.IPv6}}},
+		{`{"assign_ipv4":"true","assign_ipv6":"true","ipv4_pools":["a"],"ipv6_pools":["fd00::/48","b6"]}`,
+			[]ipam.FamilyPools{{Family: ipam.IPv4, Pools: []string{"a"}}, {Family: ipam.IPv6, Pools: []string{"fd00::/48", "b6"}}}},
+		{`{"assign_ipv4":"false","assign_ipv6":"true"}`, []ipam.FamilyPools{{Family: ipam.IPv6}}},
+		{`{"assign_ipv6":"false"}`, []ipam.FamilyPools{{Family: ipam.IPv4}}},
+	} {
+		c, err := ParseConf([]byte(`{"type":"margay","etcd_endpoints":"http://e","nodename":"n","ipam":`+tc.ipam+`}`), hostname)
+		if err != nil {
+			t.Errorf("%s: %v", tc.ipam, err)
+			continue
+		}
+		if got := c.IPAM.Families(); !slices.EqualFunc(got, tc.want, func(x, y ipam.FamilyPools) bool { return x.Family == y.Family && slices.Equal(x.Pools, y.Pools) }) {
+			t.Errorf("%s: families %+v, want %+v", tc.ipam, got, tc.want)
+		}
+	}
+}
+
 func TestParseConfErrors(t *testing.T) {
 	cases := []struct {
 		name, conf string
@@ -50,6 +77,11 @@ func TestParseConfErrors(t *testing.T) {
 		{"no type", `{"etcd_endpoints":"http://e","nodename":"n"}`, types.ErrInvalidNetworkConfig, "type: required"},
 		{"endpoint not a URL", `{"type":"margay","etcd_endpoints":"10.0.0.1:2379","nodename":"n"}`, types.ErrInvalidNetworkConfig, "is not an http:// or https:// URL"},
 		{"wrong type", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","mtu":"big"}`, types.ErrDecodingFailure, "cannot decode"},
+		{"assign_ipv6 not a flag", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","ipam":{"assign_ipv6":"yes"}}`, types.ErrInvalidNetworkConfig, `ipam.assign_ipv6: "yes": use "true" or "false"`},
+		{"assign_ipv4 bool", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","ipam":{"assign_ipv4":false}}`, types.ErrDecodingFailure, "cannot decode"},
+		{"no family", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","ipam":{"assign_ipv4":"false"}}`, types.ErrInvalidNetworkConfig, "the pod would get no address"},
+		{"v6 pools without v6", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","ipam":{"ipv6_pools":["p6"]}}`, types.ErrInvalidNetworkConfig, `ipam.ipv6_pools: is set but assign_ipv6 is not "true"`},
+		{"v4 pools without v4", `{"type":"margay","etcd_endpoints":"http://e","nodename":"n","ipam":{"assign_ipv4":"false","assign_ipv6":"true","ipv4_pools":["p"]}}`, types.ErrInvalidNetworkConfig, `ipam.ipv4_pools: is set but assign_ipv4 is "false"`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -70,6 +102,7 @@ func TestParseConfErrors(t *testing.T) {
 func FuzzParseConf(f *testing.F) {
 	f.Add([]byte(`{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"margay","etcd_endpoints":"http://127.0.0.1:2379","nodename":"n","ipam":{"type":"margay-ipam","ipv4_pools":["p"]}}`))
 	f.Add([]byte(`{"type":"margay","etcd_endpoints":"http://a,https://b","mtu":1500,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.1/32"}]}}`))
+	f.Add([]byte(`{"type":"margay","etcd_endpoints":"http://a","ipam":{"type":"margay-ipam","assign_ipv4":"false","assign_ipv6":"true","ipv6_pools":["fd00::/48"]}}`))
 	f.Add([]byte(`{}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := ParseConf(data, hostname)
@@ -80,7 +113,7 @@ func FuzzParseConf(f *testing.F) {
 			}
 			return
 		}
-		if len(c.Datastore().Endpoints) == 0 || c.Nodename == "" || c.Timeout() <= 0 {
+		if len(c.Datastore().Endpoints) == 0 || c.Nodename == "" || c.Timeout() <= 0 || len(c.IPAM.Families()) == 0 {
 			t.Fatalf("accepted an unusable configuration: %+v", c)
 		}
 	})

@@ -81,13 +81,10 @@ func ipamAdd(s *session, args *skel.CmdArgs) error {
 func assign(s *session, args *skel.CmdArgs) (*current.Result, error) {
 	handle := ipam.PodHandle(args.ContainerID)
 	// A repeated ADD for the same container (kubelet retrying after a timeout)
-	// returns what the first one assigned instead of taking another address. The
+	// returns what the first one assigned instead of taking more addresses. The
 	// assignment itself finds that out, so a first ADD pays no extra read.
-	held, err := s.alloc.AutoAssign(s.ctx, ipam.AssignArgs{Handle: handle, Node: s.conf.Nodename,
-		Pools: s.conf.IPAM.IPv4Pools, Attrs: podAttrs(args.Args), NewHandle: true})
-	if errors.Is(err, ipam.ErrHandleExists) {
-		held, err = s.alloc.IPsByHandle(s.ctx, handle)
-	}
+	held, err := s.alloc.AssignPerFamily(s.ctx, ipam.AssignArgs{Handle: handle, Node: s.conf.Nodename,
+		Attrs: podAttrs(args.Args)}, s.conf.IPAM.Families())
 	if err != nil {
 		return nil, cniError(s.ctx, "assigning an address", err)
 	}

@@ -294,3 +294,65 @@ func TestIPAMPluginOwnNetNS(t *testing.T) {
 		t.Errorf("ipam check after the refused ADD: %d allocations, %d handles; want none", rep.Allocations, rep.Handles)
 	}
 }
+
+// Dual stack in every spec version: one address of each family under one
+// handle, the same on a repeated ADD, CHECK verifying both, one DEL freeing both.
+func TestIPAMPluginDualStack(t *testing.T) {
+	e := newIPAMEnv(t, "10.244.0.0/16", 26)
+	p6 := api.NewIPPool("pods-v6")
+	p6.Spec.CIDR = "fd00:244::/48"
+	if _, err := e.store.Create(context.Background(), p6); err != nil {
+		t.Fatal(err)
+	}
+	dual := map[string]any{"ipam": map[string]any{"type": "margay-ipam", "assign_ipv4": "true", "assign_ipv6": "true", "ipv6_pools": []string{"pods-v6"}}}
+	for _, v := range []string{"0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
+		t.Run(v, func(t *testing.T) {
+			id := "dual-" + v
+			conf := e.conf(v, dual)
+			r, err := e.add(conf, id)
+			if err != nil {
+				t.Fatalf("ADD: %v", err)
+			}
+			if len(r.IPs) != 2 || r.IPs[0].Address.IP.To4() == nil || r.IPs[1].Address.IP.To4() != nil {
+				t.Fatalf("ADD result %+v: want an IPv4 then an IPv6 address", r)
+			}
+			v6, _ := netip.AddrFromSlice(r.IPs[1].Address.IP)
+			if ones, bits := r.IPs[1].Address.Mask.Size(); ones != 128 || bits != 128 || !netip.MustParsePrefix("fd00:244::/48").Contains(v6) {
+				t.Errorf("ADD gave %s, want a /128 in fd00:244::/48", &r.IPs[1].Address)
+			}
+			again, err := e.add(conf, id)
+			if err != nil || len(again.IPs) != 2 || !again.IPs[1].Address.IP.Equal(r.IPs[1].Address.IP) {
+				t.Errorf("repeated ADD gave %v, %v; want the same addresses", again, err)
+			}
+			if v != "0.3.1" {
+				if err := e.run("CHECK", withPrev(t, conf, r, v), id); err != nil {
+					t.Errorf("CHECK: %v", err)
+				}
+				lost := *r
+				lost.IPs = r.IPs[:1]
+				if err := e.run("CHECK", withPrev(t, conf, &lost, v), id); cniCode(err) != ErrReservation {
+					t.Errorf("CHECK with the IPv6 address missing from prevResult: %v, want code %d", err, ErrReservation)
+				}
+			}
+			if err := e.run("DEL", conf, id); err != nil {
+				t.Errorf("DEL: %v", err)
+			}
+			if held := e.held(id); len(held) != 0 {
+				t.Errorf("after DEL the handle holds %v", held)
+			}
+		})
+	}
+	// IPv6 only, and a pool of the wrong family named.
+	only6 := map[string]any{"ipam": map[string]any{"type": "margay-ipam", "assign_ipv4": "false", "assign_ipv6": "true"}}
+	r, err := e.add(e.conf("1.0.0", only6), "v6only")
+	if err != nil || len(r.IPs) != 1 || r.IPs[0].Address.IP.To4() != nil {
+		t.Errorf("IPv6-only ADD = %+v, %v", r, err)
+	}
+	wrong := map[string]any{"ipam": map[string]any{"type": "margay-ipam", "assign_ipv6": "true", "ipv6_pools": []string{"pods"}}}
+	if _, err := e.add(e.conf("1.0.0", wrong), "wrong"); err == nil || !strings.Contains(err.Error(), `IP pool "pods" (10.244.0.0/16) is IPv4 and cannot serve an IPv6 address`) {
+		t.Errorf("an IPv4 pool in ipv6_pools: err = %v", err)
+	}
+	if held := e.held("wrong"); len(held) != 0 {
+		t.Errorf("the failed dual-stack ADD left %v", held)
+	}
+}

@@ -201,9 +201,23 @@ func cmdAdd(ss *session, args *skel.CmdArgs) error {
 		ip.Address = *ips[i]
 		ip.Gateway = nil // the default route below says how to leave
 	}
-	result.Routes = []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, GW: PodGateway}}
+	result.Routes = defaultRoutes(ips)
 	ok = true
 	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// defaultRoutes are the pod's default routes, one per family it has an address
+// of, as wire installs them.
+func defaultRoutes(ips []*net.IPNet) []*types.Route {
+	v4, v6 := families(ips)
+	var out []*types.Route
+	if v4 {
+		out = append(out, &types.Route{Dst: net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, GW: PodGateway})
+	}
+	if v6 {
+		out = append(out, &types.Route{Dst: net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}, GW: PodGatewayV6})
+	}
+	return out
 }
 
 // podLabels are the labels and named ports of a pod's endpoint, read from
@@ -308,13 +322,16 @@ func cmdStatus(ss *session, args *skel.CmdArgs) error {
 	if err := store.Ping(ctx); err != nil {
 		return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: the datastore is unreachable", err.Error())
 	}
-	if conf.ipamType() == "margay-ipam" {
-		_, err := ipam.UsablePools(ctx, store, conf.Nodename, conf.IPAM.IPv4Pools)
+	if conf.ipamType() != "margay-ipam" {
+		return nil
+	}
+	for _, f := range conf.IPAM.Families() {
+		_, err := ipam.UsablePools(ctx, store, conf.Nodename, f.Family, f.Pools)
 		if errors.Is(err, ipam.ErrUnknownNode) {
 			return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: node "+conf.Nodename+" is not registered", err.Error())
 		}
 		if err != nil {
-			return types.NewError(types.ErrPluginNotAvailable, "margay cannot add pods: no pool serves node "+conf.Nodename, err.Error())
+			return types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf("margay cannot add pods: no %s pool serves node %s", f.Family, conf.Nodename), err.Error())
 		}
 	}
 	return nil

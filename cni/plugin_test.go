@@ -215,8 +215,24 @@ func TestPluginStatus(t *testing.T) {
 	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
 		t.Fatalf("disable the pool: %v: %s", err, out)
 	}
-	if err := status(r.list); cniCode(err) != types.ErrPluginNotAvailable || !strings.Contains(err.Error(), "no pool serves node node-a") {
+	if err := status(r.list); cniCode(err) != types.ErrPluginNotAvailable || !strings.Contains(err.Error(), "no IPv4 pool serves node node-a") {
 		t.Errorf("STATUS with the only pool disabled: %v, want code 50", err)
+	}
+	// A dual-stack network also needs an IPv6 pool.
+	dual, err := libcni.ConfListFromBytes([]byte(strings.Replace(string(r.list.Bytes), `"type": "margay-ipam"`, `"type": "margay-ipam", "assign_ipv6": "true"`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16}\n"), 0o600)
+	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
+		t.Fatalf("enable the pool: %v: %s", err, out)
+	}
+	if err := status(dual); cniCode(err) != types.ErrPluginNotAvailable || !strings.Contains(err.Error(), "no IPv6 pool serves node node-a") || !strings.Contains(err.Error(), "no IPv6 pools exist") {
+		t.Errorf("dual-stack STATUS without an IPv6 pool: %v, want code 50", err)
+	}
+	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods}\nspec: {cidr: 10.244.0.0/16, disabled: true}\n"), 0o600)
+	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
+		t.Fatalf("disable the pool: %v: %s", err, out)
 	}
 	unregistered, err := libcni.ConfListFromBytes([]byte(strings.Replace(string(r.list.Bytes), `"node-a"`, `"node-z"`, 1)))
 	if err != nil {
@@ -332,5 +348,91 @@ func TestPluginMTUFile(t *testing.T) {
 	}
 	if err := r.del(podRT(p, "web")); err != nil {
 		t.Error(err)
+	}
+}
+
+// dualStack adds an IPv6 pool, gives the node an IPv6 address and makes the
+// plugin assign both families.
+func (r *runtime) dualStack(cniVersion string) {
+	t := r.t
+	poolFile := filepath.Join(t.TempDir(), "pool6.yaml")
+	os.WriteFile(poolFile, []byte("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: pods-v6}\nspec: {cidr: 'fd00:244::/48'}\n"), 0o600)
+	if out, err := r.ctl("apply", "-f", poolFile); err != nil {
+		t.Fatalf("create the v6 pool: %v: %s", err, out)
+	}
+	r.node.MustRun(t, "ip", "-6", "addr", "add", "fd00:18:1::2/64", "dev", "uplink0", "nodad")
+	conf := fmt.Sprintf(`{"cniVersion": %q, "name": "k8s-pod-network", "plugins": [
+		{"type": "margay", "etcd_endpoints": %q, "nodename": "node-a", "mtu": 1440,
+		 "ipam": {"type": "margay-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}}]}`, cniVersion, r.etcd)
+	var err error
+	if r.list, err = libcni.ConfListFromBytes([]byte(conf)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Dual stack in every spec version: both addresses on eth0, the IPv6 default
+// route via the host veth's link-local address, v6 pod to pod and pod to node,
+// CHECK noticing a lost v6 route, and DEL removing both.
+func TestPluginDualStack(t *testing.T) {
+	for _, v := range []string{"0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
+		t.Run(v, func(t *testing.T) {
+			r := newRuntime(t, v)
+			r.dualStack(v)
+			podA, podB := nstest.New(t, "pod"), nstest.New(t, "pod")
+			rtA, rtB := podRT(podA, "pod-a"), podRT(podB, "pod-b")
+			resA, err := r.add(rtA)
+			if err != nil {
+				t.Fatalf("ADD pod-a: %v", err)
+			}
+			resB, err := r.add(rtB)
+			if err != nil {
+				t.Fatalf("ADD pod-b: %v", err)
+			}
+			if len(resA.IPs) != 2 || resA.IPs[1].Address.IP.To4() != nil || *resA.IPs[1].Interface != 1 {
+				t.Fatalf("ips %+v: want an IPv4 and an IPv6 address on interface 1", resA.IPs)
+			}
+			v4, v6 := resA.IPs[0].Address.IP.String(), resA.IPs[1].Address.IP.String()
+			gws := map[string]string{}
+			for _, rt := range resA.Routes {
+				gws[rt.Dst.String()] = rt.GW.String()
+			}
+			if gws["0.0.0.0/0"] != "169.254.1.1" || gws["::/0"] != "fe80::ecee:eeff:feee:eeee" || len(gws) != 2 {
+				t.Errorf("result routes %v: want the v4 and v6 defaults", gws)
+			}
+			if got := podA.MustRun(t, "ip", "-o", "-6", "addr", "show", "eth0", "scope", "global"); !strings.Contains(got, v6+"/128") || strings.Contains(got, "tentative") {
+				t.Errorf("pod eth0: %q, want %s/128, not tentative", got, v6)
+			}
+			if got := podA.MustRun(t, "ip", "-6", "route", "show", "default"); !strings.Contains(got, "via fe80::ecee:eeff:feee:eeee dev eth0") {
+				t.Errorf("pod v6 default route %q", got)
+			}
+			var wep api.WorkloadEndpoint
+			out, err := r.ctl("get", "workloadendpoints", "node-a.default.pod-a.eth0", "-o", "json")
+			if err != nil || json.Unmarshal([]byte(out), &wep) != nil || strings.Join(wep.Spec.IPNetworks, ",") != v4+"/32,"+v6+"/128" {
+				t.Errorf("WorkloadEndpoint: %v: %s", err, out)
+			}
+			for _, dst := range []string{resB.IPs[1].Address.IP.String(), "fd00:18:1::2", resB.IPs[0].Address.IP.String()} {
+				if out, err := podA.Run("ping", "-c", "2", "-W", "2", "-i", "0.2", dst); err != nil {
+					t.Errorf("ping %s from pod-a: %v\n%s", dst, err, out)
+				}
+			}
+			if v != "0.3.1" {
+				if err := r.check(rtA); err != nil {
+					t.Errorf("CHECK: %v", err)
+				}
+				r.node.MustRun(t, "ip", "-6", "route", "del", v6+"/128")
+				if err := r.check(rtA); cniCode(err) != ErrEndpoint || !strings.Contains(err.Error(), "no host route to "+v6) {
+					t.Errorf("CHECK after the v6 host route was deleted: %v, want code %d naming it", err, ErrEndpoint)
+				}
+			}
+			if err := r.del(rtA); err != nil {
+				t.Errorf("DEL: %v", err)
+			}
+			for _, ip := range []string{v4, v6} {
+				var info ipam.IPInfo
+				if out, err := r.ctl("ipam", "show", "--ip", ip, "-o", "json"); err != nil || json.Unmarshal([]byte(out), &info) != nil || info.Allocated {
+					t.Errorf("%s after DEL: %v: %s, want free", ip, err, out)
+				}
+			}
+		})
 	}
 }

@@ -15,11 +15,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Pod-side gateway and host-side MAC: every pod routes through 169.254.1.1, which
-// the host end of its veth answers for by proxy ARP, as in Calico.
+// Pod-side gateways and host-side MAC, as in Calico. IPv4 pods route through
+// 169.254.1.1, which the host end of their veth answers for by proxy ARP. IPv6
+// pods route through fe80::ecee:eeff:feee:eeee, the link-local address the kernel
+// derives (EUI-64) from HostMAC on the host end: no proxy is needed.
 var (
-	PodGateway = net.IPv4(169, 254, 1, 1)
-	HostMAC    = net.HardwareAddr{0xee, 0xee, 0xee, 0xee, 0xee, 0xee}
+	PodGateway   = net.IPv4(169, 254, 1, 1)
+	PodGatewayV6 = net.ParseIP("fe80::ecee:eeff:feee:eeee")
+	HostMAC      = net.HardwareAddr{0xee, 0xee, 0xee, 0xee, 0xee, 0xee}
 )
 
 // HostVethName is the host end of a pod's veth: "mgy" and the first 11 hex
@@ -80,7 +83,8 @@ func wire(podNSPath, hostName, podIf string, mtu int, ips []*net.IPNet) (w Wirin
 	if err != nil {
 		return w, err
 	}
-	if err := hostSysctls(hostName); err != nil {
+	v4, v6 := families(ips)
+	if err := hostSysctls(hostName, v6); err != nil {
 		return w, err
 	}
 	if err := host.LinkSetUp(hostLink); err != nil {
@@ -91,19 +95,29 @@ func wire(podNSPath, hostName, podIf string, mtu int, ips []*net.IPNet) (w Wirin
 		return w, fmt.Errorf("find %s in the pod: %w", podIf, err)
 	}
 	for _, ip := range ips {
-		if err := pod.AddrAdd(podLink, &netlink.Addr{IPNet: ip}); err != nil {
+		// No duplicate address detection: IPAM made the address unique, and DAD
+		// would hold it unusable for a second.
+		if err := pod.AddrAdd(podLink, &netlink.Addr{IPNet: ip, Flags: unix.IFA_F_NODAD}); err != nil {
 			return w, fmt.Errorf("add %s to %s: %w", ip, podIf, err)
 		}
 	}
 	if err := pod.LinkSetUp(podLink); err != nil {
 		return w, fmt.Errorf("set %s up: %w", podIf, err)
 	}
-	gw := &net.IPNet{IP: PodGateway, Mask: net.CIDRMask(32, 32)}
-	if err := pod.RouteAdd(&netlink.Route{LinkIndex: podLink.Attrs().Index, Dst: gw, Scope: netlink.SCOPE_LINK}); err != nil {
-		return w, fmt.Errorf("route to %s in the pod: %w", PodGateway, err)
+	if v4 {
+		gw := &net.IPNet{IP: PodGateway, Mask: net.CIDRMask(32, 32)}
+		if err := pod.RouteAdd(&netlink.Route{LinkIndex: podLink.Attrs().Index, Dst: gw, Scope: netlink.SCOPE_LINK}); err != nil {
+			return w, fmt.Errorf("route to %s in the pod: %w", PodGateway, err)
+		}
+		if err := pod.RouteAdd(&netlink.Route{LinkIndex: podLink.Attrs().Index, Gw: PodGateway}); err != nil {
+			return w, fmt.Errorf("default route in the pod: %w", err)
+		}
 	}
-	if err := pod.RouteAdd(&netlink.Route{LinkIndex: podLink.Attrs().Index, Gw: PodGateway}); err != nil {
-		return w, fmt.Errorf("default route in the pod: %w", err)
+	if v6 {
+		dflt := &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+		if err := pod.RouteAdd(&netlink.Route{LinkIndex: podLink.Attrs().Index, Dst: dflt, Gw: PodGatewayV6}); err != nil {
+			return w, fmt.Errorf("IPv6 default route in the pod: %w", err)
+		}
 	}
 	for _, ip := range ips {
 		r := &netlink.Route{LinkIndex: hostLink.Attrs().Index, Dst: ip, Scope: netlink.SCOPE_LINK}
@@ -114,15 +128,35 @@ func wire(podNSPath, hostName, podIf string, mtu int, ips []*net.IPNet) (w Wirin
 	return Wiring{HostIndex: hostLink.Attrs().Index, PodIndex: podLink.Attrs().Index, PodMAC: podLink.Attrs().HardwareAddr}, nil
 }
 
-// hostSysctls lets the host end answer ARP for the pod gateway at once and forward.
-func hostSysctls(name string) error {
+// families says which families ips hold.
+func families(ips []*net.IPNet) (v4, v6 bool) {
+	for _, ip := range ips {
+		v4, v6 = v4 || ip.IP.To4() != nil, v6 || ip.IP.To4() == nil
+	}
+	return v4, v6
+}
+
+// hostSysctls lets the host end answer ARP for the pod gateway at once and
+// forward. For an IPv6 pod it also keeps IPv6 on, skips DAD so the gateway
+// address is usable the moment the link is up, and turns on IPv6 forwarding,
+// which Linux only has per host.
+func hostSysctls(name string, v6 bool) error {
 	settings := []struct{ path, value string }{
 		{"ipv4/conf/" + name + "/proxy_arp", "1"},
 		{"ipv4/neigh/" + name + "/proxy_delay", "0"},
 		{"ipv4/conf/" + name + "/forwarding", "1"},
 	}
+	if v6 {
+		settings = append(settings, []struct{ path, value string }{
+			{"ipv6/conf/" + name + "/disable_ipv6", "0"},
+			{"ipv6/conf/" + name + "/accept_dad", "0"},
+			{"ipv6/conf/all/forwarding", "1"},
+		}...)
+	}
 	if _, err := os.Stat("/proc/sys/net/ipv6"); err == nil {
 		settings = append(settings, struct{ path, value string }{"ipv6/conf/" + name + "/accept_ra", "0"})
+	} else if v6 {
+		return fmt.Errorf("the pod has an IPv6 address, but this kernel has no IPv6 (%w)", err)
 	}
 	for _, s := range settings {
 		p := filepath.Join("/proc/sys/net", s.path)
@@ -175,7 +209,7 @@ func checkWiring(podNSPath, hostName, podIf string, ips []*net.IPNet) []string {
 			diffs = append(diffs, fmt.Sprintf("proxy_arp is off on %s", hostName))
 		}
 		for _, ip := range ips {
-			routes, err := host.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: ip}, netlink.RT_FILTER_DST)
+			routes, err := host.RouteListFiltered(family(ip), &netlink.Route{Dst: ip}, netlink.RT_FILTER_DST)
 			if err != nil || len(routes) == 0 || routes[0].LinkIndex != a.Index {
 				diffs = append(diffs, fmt.Sprintf("no host route to %s through %s", ip, hostName))
 			}
@@ -195,7 +229,7 @@ func checkWiring(podNSPath, hostName, podIf string, ips []*net.IPNet) []string {
 	if err != nil {
 		return append(diffs, fmt.Sprintf("pod interface %s is missing", podIf))
 	}
-	addrs, _ := pod.AddrList(podLink, netlink.FAMILY_V4)
+	addrs, _ := pod.AddrList(podLink, netlink.FAMILY_ALL)
 	for _, ip := range ips {
 		found := false
 		for _, a := range addrs {
@@ -205,13 +239,36 @@ func checkWiring(podNSPath, hostName, podIf string, ips []*net.IPNet) []string {
 			diffs = append(diffs, fmt.Sprintf("%s lacks address %s", podIf, ip))
 		}
 	}
-	routes, _ := pod.RouteList(podLink, netlink.FAMILY_V4)
-	hasDefault := false
-	for _, r := range routes {
-		hasDefault = hasDefault || ((r.Dst == nil || r.Dst.String() == "0.0.0.0/0") && r.Gw.Equal(PodGateway))
-	}
-	if !hasDefault {
-		diffs = append(diffs, fmt.Sprintf("the pod has no default route via %s", PodGateway))
+	v4, v6 := families(ips)
+	for _, gw := range []struct {
+		want   bool
+		family int
+		gw     net.IP
+	}{{v4, netlink.FAMILY_V4, PodGateway}, {v6, netlink.FAMILY_V6, PodGatewayV6}} {
+		if !gw.want {
+			continue
+		}
+		routes, _ := pod.RouteList(podLink, gw.family)
+		hasDefault := false
+		for _, r := range routes {
+			hasDefault = hasDefault || ((r.Dst == nil || r.Dst.IP.IsUnspecified() && isZeroMask(r.Dst.Mask)) && r.Gw.Equal(gw.gw))
+		}
+		if !hasDefault {
+			diffs = append(diffs, fmt.Sprintf("the pod has no default route via %s", gw.gw))
+		}
 	}
 	return diffs
+}
+
+func isZeroMask(m net.IPMask) bool {
+	ones, _ := m.Size()
+	return ones == 0
+}
+
+// family is the netlink family of ip.
+func family(ip *net.IPNet) int {
+	if ip.IP.To4() != nil {
+		return netlink.FAMILY_V4
+	}
+	return netlink.FAMILY_V6
 }

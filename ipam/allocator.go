@@ -127,6 +127,18 @@ type snapshot struct {
 	affRev     int64 // revision the affinities were listed at
 }
 
+// blocksOf counts the node's affinities of family f: maxBlocksPerHost caps each
+// family, so that a dual-stack node has as many v4 blocks as a v4-only one.
+func (s *snapshot) blocksOf(f Family) int {
+	n := 0
+	for c := range s.affinities {
+		if FamilyOf(c.Addr()) == f {
+			n++
+		}
+	}
+	return n
+}
+
 // guards are the compares that make a write conditional on the snapshot's view of
 // cidr's pool, the IPAM configuration and the node's labels still holding.
 func (s *snapshot) guards(node string, cidr netip.Prefix) []clientv3.Cmp {

@@ -3,7 +3,9 @@ package ipam
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -686,5 +688,106 @@ func TestAssignSeveral(t *testing.T) {
 	}
 	if r := e.check(DefaultLeakGrace); !r.Clean() {
 		t.Errorf("check: %+v", r)
+	}
+}
+
+func TestDualStack(t *testing.T) {
+	e := newEnv(t, pool("v4", "10.0.0.0/24"), pool("v6", "fd00:10::/120"), pool("v6b", "fd00:20::/120"))
+	ctx := context.Background()
+	a := e.alloc()
+	both := []FamilyPools{{Family: IPv4}, {Family: IPv6}}
+	got, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "pod", Node: "n1"}, both)
+	if err != nil || len(got) != 2 || !got[0].IP.Is4() || !got[1].IP.Is6() {
+		t.Fatalf("dual-stack assign = %v, %v; want one IPv4 then one IPv6 address", got, err)
+	}
+	if !netip.MustParsePrefix("fd00:10::/120").Contains(got[1].IP) || got[1].Block.Bits() != 122 {
+		t.Errorf("v6 address %s in block %s: want a /122 of the first v6 pool by name", got[1].IP, got[1].Block)
+	}
+	// A repeated ADD gets the same two addresses.
+	again, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "pod", Node: "n1"}, both)
+	if err != nil || !slices.Equal(again, got) {
+		t.Errorf("repeated assign = %v, %v; want %v", again, err, got)
+	}
+	// An ADD cut short after its IPv4 address gets only the IPv6 one it lacks.
+	if _, err := a.AutoAssign(ctx, AssignArgs{Handle: "half", Node: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+	half, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "half", Node: "n1"}, both)
+	if err != nil || len(half) != 2 || !half[1].IP.Is6() {
+		t.Errorf("completing a half assignment = %v, %v", half, err)
+	}
+	// Pools are per family, by name or CIDR.
+	named, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "named", Node: "n2"},
+		[]FamilyPools{{Family: IPv4, Pools: []string{"v4"}}, {Family: IPv6, Pools: []string{"fd00:20::/120"}}})
+	if err != nil || len(named) != 2 || !netip.MustParsePrefix("fd00:20::/120").Contains(named[1].IP) {
+		t.Errorf("assign from named pools = %v, %v", named, err)
+	}
+	if _, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "wrong", Node: "n2"}, []FamilyPools{{Family: IPv6, Pools: []string{"v4"}}}); err == nil || !strings.Contains(err.Error(), "is IPv4 and cannot serve an IPv6 address") {
+		t.Errorf("a v4 pool for v6: err = %v", err)
+	}
+	// IPv6 only.
+	only6, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "v6only", Node: "n2"}, []FamilyPools{{Family: IPv6}})
+	if err != nil || len(only6) != 1 || !only6[0].IP.Is6() {
+		t.Errorf("IPv6-only assign = %v, %v", only6, err)
+	}
+	// One release frees both families.
+	ips, err := a.ReleaseByHandle(ctx, "pod")
+	if err != nil || len(ips) != 2 {
+		t.Errorf("release = %v, %v; want both addresses", ips, err)
+	}
+	for _, g := range got {
+		if info, err := a.LookupIP(ctx, g.IP); err != nil || info.Allocated {
+			t.Errorf("%s after release: %+v, %v", g.IP, info, err)
+		}
+	}
+	if r := e.check(DefaultLeakGrace); !r.Clean() {
+		t.Errorf("check: %+v", r)
+	}
+}
+
+// When the second family has no space, the first family's new address is
+// released again: a failed dual-stack ADD leaks nothing.
+func TestDualStackAllOrNothing(t *testing.T) {
+	e := newEnv(t, pool("v4", "10.0.0.0/24"), sized("v6", "fd00:10::/127", 127)) // 2 v6 addresses
+	e.configure(func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = true })
+	ctx := context.Background()
+	a := e.alloc()
+	both := []FamilyPools{{Family: IPv4}, {Family: IPv6}}
+	for _, h := range []string{"a", "b"} {
+		if _, err := a.AssignPerFamily(ctx, AssignArgs{Handle: h, Node: "n1"}, both); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "c", Node: "n1"}, both); !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), "v6 (fd00:10::/127)") {
+		t.Fatalf("third pod with 2 v6 addresses: err = %v, want ErrNoSpace naming the v6 pool", err)
+	}
+	if held, _ := a.IPsByHandle(ctx, "c"); len(held) != 0 {
+		t.Errorf("the failed assignment left %v", held)
+	}
+	u, _ := a.Usage(ctx)
+	for _, p := range u.Pools {
+		if p.InUse != 2 {
+			t.Errorf("pool %s: %d in use, want 2", p.Name, p.InUse)
+		}
+		if want := map[string]int64{"v4": 256, "v6": 2}[p.Name]; p.Size.Int64() != want {
+			t.Errorf("pool %s: size %s, want %d", p.Name, p.Size, want)
+		}
+	}
+}
+
+// maxBlocksPerHost caps each family on its own.
+func TestMaxBlocksPerFamily(t *testing.T) {
+	e := newEnv(t, sized("v4", "10.0.0.0/24", 31), sized("v6", "fd00:10::/120", 127))
+	e.configure(func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = true; s.MaxBlocksPerHost = ptrTo(2) })
+	ctx := context.Background()
+	a := e.alloc()
+	both := []FamilyPools{{Family: IPv4}, {Family: IPv6}}
+	for i := range 4 {
+		if _, err := a.AssignPerFamily(ctx, AssignArgs{Handle: fmt.Sprint("h", i), Node: "n1"}, both); err != nil {
+			t.Fatalf("pod %d of 4 (2 blocks of 2 per family): %v", i, err)
+		}
+	}
+	if _, err := a.AssignPerFamily(ctx, AssignArgs{Handle: "h5", Node: "n1"}, []FamilyPools{{Family: IPv6}}); !errors.Is(err, ErrNoSpace) {
+		t.Errorf("5th v6 address: err = %v, want ErrNoSpace", err)
 	}
 }

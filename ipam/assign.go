@@ -22,9 +22,12 @@ type AssignArgs struct {
 	// a pod, TunnelHandle for a tunnel address.
 	Handle string
 	Node   string
+	// Family is the family of the addresses: IPv4 (the default when unset) or IPv6.
+	Family Family
 	// Num is how many addresses to assign (default 1). Assignment is all or nothing.
 	Num int
-	// Pools restricts the pools, by name or CIDR, in order of preference.
+	// Pools restricts the pools, by name or CIDR, in order of preference. They
+	// must be of Family.
 	Pools []string
 	// Attrs are recorded with each allocation (pod, namespace, ...).
 	Attrs map[string]string
@@ -43,6 +46,13 @@ func (a *Allocator) AutoAssign(ctx context.Context, args AssignArgs) ([]Assigned
 	}
 	if strings.Contains(args.Node, "/") {
 		return nil, fmt.Errorf("node name %q must not contain '/'", args.Node)
+	}
+	switch args.Family {
+	case 0:
+		args.Family = IPv4
+	case IPv4, IPv6:
+	default:
+		return nil, fmt.Errorf("family %d: use ipam.IPv4 or ipam.IPv6", args.Family)
 	}
 	num := max(args.Num, 1)
 	nc := a.node(args.Node)
@@ -114,7 +124,7 @@ func (a *Allocator) assignOnce(ctx context.Context, nc *nodeCache, args AssignAr
 		nc.snap = s
 	}
 	snap := nc.snap
-	pools, err := eligiblePools(snap.pools, args.Pools, snap.nodeLabels)
+	pools, err := eligiblePools(snap.pools, args.Family, args.Pools, snap.nodeLabels)
 	if err != nil {
 		return nil, fmt.Errorf("node %s: %w", nc.name, err)
 	}
@@ -132,9 +142,9 @@ func (a *Allocator) assignOnce(ctx context.Context, nc *nodeCache, args AssignAr
 			return a.commit(ctx, nc, b, true, args, handle, num, false)
 		}
 	}
-	canClaim := snap.config.MaxBlocks() == 0 || len(snap.affinities) < snap.config.MaxBlocks()
+	canClaim := snap.config.MaxBlocks() == 0 || snap.blocksOf(args.Family) < snap.config.MaxBlocks()
 	if canClaim {
-		if claimed, err := a.claimUnused(ctx, nc, pools); err != nil || claimed {
+		if claimed, err := a.claimUnused(ctx, nc, args.Family, pools); err != nil || claimed {
 			if err == nil {
 				err = errRetry // assign from the new block on the next pass
 			}
@@ -365,7 +375,7 @@ func cloneBlock(b *Block) *Block {
 // claimUnused claims a CIDR that has no block yet, in the first pool that has one.
 // Blocks are never deleted, so the cached set of taken CIDRs only grows: a CIDR it
 // wrongly thinks free makes the claim fail and the set reload.
-func (a *Allocator) claimUnused(ctx context.Context, nc *nodeCache, pools []*api.IPPool) (bool, error) {
+func (a *Allocator) claimUnused(ctx context.Context, nc *nodeCache, f Family, pools []*api.IPPool) (bool, error) {
 	if nc.taken == nil {
 		resp, err := a.store.Get(ctx, datastore.BlocksPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 		if err != nil {
@@ -378,7 +388,7 @@ func (a *Allocator) claimUnused(ctx context.Context, nc *nodeCache, pools []*api
 			}
 		}
 	}
-	finest := finestBits(nc.taken)
+	finest := finestBits(nc.taken, f)
 	free := func(c netip.Prefix) bool {
 		_, mine := nc.snap.affinities[c] // e.g. a claim of ours still pending
 		return !mine && !overlapsAny(c, nc.taken, finest)
@@ -445,4 +455,51 @@ func (a *Allocator) claim(ctx context.Context, nc *nodeCache, cidr netip.Prefix,
 	}
 	a.opts.Logger.Info("claimed block", "node", nc.name, "block", cidr)
 	return true, nil
+}
+
+// FamilyPools asks for one address of Family, from Pools (by name or CIDR, in
+// order) or from every pool of the family when Pools is empty.
+type FamilyPools struct {
+	Family Family
+	Pools  []string
+}
+
+// AssignPerFamily gives args.Handle one address of each family in want, as a
+// dual-stack pod needs. What the handle already holds is kept: a repeated ADD gets
+// the same addresses, and one cut short between the families gets the one it
+// lacks. If a family cannot be served, the addresses this call assigned are
+// released again, so the handle is left as it was. args.Family, Pools, Num and
+// NewHandle are set per family. The result is sorted, IPv4 first.
+func (a *Allocator) AssignPerFamily(ctx context.Context, args AssignArgs, want []FamilyPools) ([]Assigned, error) {
+	var held, got []Assigned
+	known := false // held is what the handle holds
+	has := func(f Family) bool {
+		return known && slices.ContainsFunc(held, func(x Assigned) bool { return FamilyOf(x.IP) == f })
+	}
+	for _, w := range want {
+		if has(w.Family) {
+			continue
+		}
+		args.Family, args.Pools, args.Num, args.NewHandle = w.Family, w.Pools, 1, !known
+		r, err := a.AutoAssign(ctx, args)
+		if errors.Is(err, ErrHandleExists) {
+			if held, err = a.IPsByHandle(ctx, args.Handle); err == nil {
+				known = true
+				if has(w.Family) {
+					continue
+				}
+				args.NewHandle = false
+				r, err = a.AutoAssign(ctx, args)
+			}
+		}
+		if err != nil {
+			if len(got) > 0 {
+				a.rollback(args.Node, args.Handle, got)
+			}
+			return nil, err
+		}
+		got, held, known = append(got, r...), append(held, r...), true
+	}
+	slices.SortFunc(held, func(x, y Assigned) int { return x.IP.Compare(y.IP) })
+	return held, nil
 }

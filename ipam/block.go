@@ -1,7 +1,6 @@
 package ipam
 
 import (
-	"encoding/binary"
 	"net/netip"
 	"time"
 )
@@ -49,24 +48,15 @@ func newBlock(cidr netip.Prefix, affinity string) *Block {
 
 func blockLen(cidr netip.Prefix) int { return 1 << (cidr.Addr().BitLen() - cidr.Bits()) }
 
-func u32(a netip.Addr) uint32 {
-	b := a.As4()
-	return binary.BigEndian.Uint32(b[:])
-}
+func (b *Block) addr(ord int) netip.Addr { return offset(b.CIDR.Addr(), uint64(ord), 0) }
 
-func fromU32(v uint32) netip.Addr {
-	var b [4]byte
-	binary.BigEndian.PutUint32(b[:], v)
-	return netip.AddrFrom4(b)
-}
-
-func (b *Block) addr(ord int) netip.Addr { return fromU32(u32(b.CIDR.Addr()) + uint32(ord)) }
-
+// ordinal is ip's index in the block. A block holds at most 2^12 addresses
+// (api.MinBlockSize and MinBlockSizeV6), so the low word is the whole difference.
 func (b *Block) ordinal(ip netip.Addr) (int, bool) {
-	if !ip.Is4() || !b.CIDR.Contains(ip) {
+	if !b.CIDR.Contains(ip) {
 		return 0, false
 	}
-	return int(u32(ip) - u32(b.CIDR.Addr())), true
+	return int(toU128(ip).sub(toU128(b.CIDR.Addr())).lo), true
 }
 
 // InUse counts allocated addresses.

@@ -102,6 +102,43 @@ func TestBlockOrdinals(t *testing.T) {
 	if _, ok := b.ordinal(netip.MustParseAddr("10.2.0.0")); ok {
 		t.Error("10.2.0.0 is not in 10.1.255.192/26")
 	}
+	if _, ok := b.ordinal(netip.MustParseAddr("::ffff:10.1.255.193")); ok {
+		t.Error("an IPv4-mapped IPv6 address is not in an IPv4 block")
+	}
+}
+
+func TestBlockOrdinalsV6(t *testing.T) {
+	// A block that straddles a 64-bit word boundary carries into the high word.
+	cases := []struct {
+		cidr      string
+		ord       int
+		addr      string
+		ordinals  int
+		notInside string
+	}{
+		{"fd00:10::/122", 63, "fd00:10::3f", 64, "fd00:10::40"},
+		{"fd00:10:0:1:ffff:ffff:ffff:ffc0/122", 63, "fd00:10:0:1:ffff:ffff:ffff:ffff", 64, "fd00:10:0:2::"},
+		{"2001:db8::1000/116", 4095, "2001:db8::1fff", 4096, "2001:db8::fff"},
+		{"2001:db8::7/128", 0, "2001:db8::7", 1, "2001:db8::8"},
+	}
+	for _, c := range cases {
+		b := newBlock(netip.MustParsePrefix(c.cidr), "")
+		if len(b.Allocations) != c.ordinals {
+			t.Errorf("%s has %d ordinals, want %d", c.cidr, len(b.Allocations), c.ordinals)
+		}
+		if got := b.addr(c.ord).String(); got != c.addr {
+			t.Errorf("%s: addr(%d) = %s, want %s", c.cidr, c.ord, got, c.addr)
+		}
+		if got, ok := b.ordinal(netip.MustParseAddr(c.addr)); !ok || got != c.ord {
+			t.Errorf("%s: ordinal(%s) = %d, %v", c.cidr, c.addr, got, ok)
+		}
+		if _, ok := b.ordinal(netip.MustParseAddr(c.notInside)); ok {
+			t.Errorf("%s holds %s", c.cidr, c.notInside)
+		}
+	}
+	if _, ok := newBlock(netip.MustParsePrefix("fd00::/122"), "").ordinal(netip.MustParseAddr("0.0.0.1")); ok {
+		t.Error("an IPv4 address is in an IPv6 block")
+	}
 }
 
 func TestEligiblePools(t *testing.T) {
@@ -114,16 +151,25 @@ func TestEligiblePools(t *testing.T) {
 	a := mk("a", "10.0.0.0/16", "", false)
 	b := mk("b", "10.1.0.0/16", "zone == 'east'", false)
 	c := mk("c", "10.2.0.0/16", "", true)
-	all := []*api.IPPool{a, b, c}
+	v6 := mk("v6", "fd00:10::/48", "", false)
+	v6east := mk("v6-east", "fd00:11::/48", "zone == 'east'", false)
+	all := []*api.IPPool{a, b, c, v6, v6east}
 	east := map[string]string{"zone": "east"}
 	cases := []struct {
 		name    string
+		family  Family
 		names   []string
 		labels  map[string]string
 		want    []string
 		wantErr string
 	}{
 		{name: "all eligible", labels: east, want: []string{"a", "b"}},
+		{name: "v6 all eligible", family: IPv6, labels: east, want: []string{"v6", "v6-east"}},
+		{name: "v6 selector excludes", family: IPv6, want: []string{"v6"}},
+		{name: "v6 by CIDR", family: IPv6, names: []string{"fd00:11::/48"}, labels: east, want: []string{"v6-east"}},
+		{name: "v6 pool for v4", names: []string{"v6"}, wantErr: `IP pool "v6" (fd00:10::/48) is IPv6 and cannot serve an IPv4 address`},
+		{name: "v4 pool for v6", family: IPv6, names: []string{"a"}, wantErr: `IP pool "a" (10.0.0.0/16) is IPv4 and cannot serve an IPv6 address`},
+		{name: "v6 only unselected", family: IPv6, names: []string{"v6-east"}, wantErr: "no usable IPv6 pool: v6-east's nodeSelector"},
 		{name: "selector excludes", want: []string{"a"}},
 		{name: "by name, in order", names: []string{"b", "a"}, labels: east, want: []string{"b", "a"}},
 		{name: "by CIDR", names: []string{"10.1.0.0/16"}, labels: east, want: []string{"b"}},
@@ -133,7 +179,11 @@ func TestEligiblePools(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := eligiblePools(all, tc.names, tc.labels)
+			f := tc.family
+			if f == 0 {
+				f = IPv4
+			}
+			got, err := eligiblePools(all, f, tc.names, tc.labels)
 			if tc.wantErr != "" {
 				if err == nil || !contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err = %v, want %q", err, tc.wantErr)
@@ -149,8 +199,11 @@ func TestEligiblePools(t *testing.T) {
 			}
 		})
 	}
-	if _, err := eligiblePools(nil, nil, nil); err == nil || !contains(err.Error(), "no IP pools exist") {
+	if _, err := eligiblePools(nil, IPv4, nil, nil); err == nil || !contains(err.Error(), "no IPv4 pools exist") {
 		t.Errorf("no pools: err = %v", err)
+	}
+	if _, err := eligiblePools([]*api.IPPool{a}, IPv6, nil, nil); err == nil || !contains(err.Error(), "no IPv6 pools exist; create one") {
+		t.Errorf("no v6 pools: err = %v", err)
 	}
 }
 
@@ -195,6 +248,43 @@ func TestBlockCandidates(t *testing.T) {
 	}
 }
 
+func TestBlockCandidatesV6(t *testing.T) {
+	// A /120 of /122s: every block, each once, all inside the pool.
+	p := pool("p", "fd00:10::100/120")
+	p.SetDefaults()
+	seen := map[netip.Prefix]bool{}
+	for c := range blockCandidates(p, func(netip.Prefix) bool { return true }, "node-a") {
+		if c.Bits() != 122 || !p.Prefix().Contains(c.Addr()) || c.Masked() != c || seen[c] {
+			t.Errorf("candidate %s: want a distinct /122 inside %s", c, p.Spec.CIDR)
+		}
+		seen[c] = true
+	}
+	if len(seen) != 4 {
+		t.Errorf("%d candidates, want 4", len(seen))
+	}
+	// A /48 holds 2^74 /122s: the index is capped, and still inside the pool.
+	wide := pool("wide", "fd00:10::/48")
+	wide.SetDefaults()
+	starts := map[netip.Prefix]bool{}
+	for _, node := range []string{"node-a", "node-b", "node-c"} {
+		n := 0
+		for c := range blockCandidates(wide, func(netip.Prefix) bool { return true }, node) {
+			if !wide.Prefix().Contains(c.Addr()) || c.Bits() != 122 {
+				t.Errorf("candidate %s is not a /122 of %s", c, wide.Spec.CIDR)
+			}
+			if n == 0 {
+				starts[c] = true
+			}
+			if n++; n == 100 {
+				break
+			}
+		}
+	}
+	if len(starts) != 3 {
+		t.Errorf("3 nodes start at %d distinct blocks of a /48, want 3", len(starts))
+	}
+}
+
 func addrs(as []Assigned) []string {
 	var out []string
 	for _, a := range as {
@@ -211,7 +301,7 @@ func TestOverlapsAny(t *testing.T) {
 		netip.MustParsePrefix("10.0.8.0/24"):  true,
 		netip.MustParsePrefix("10.0.16.4/30"): true,
 	}
-	finest := finestBits(taken)
+	finest := finestBits(taken, IPv4)
 	cases := map[string]bool{
 		"10.0.0.0/24":  true,  // contains a taken /26
 		"10.0.0.0/26":  true,  // equal
@@ -222,6 +312,28 @@ func TestOverlapsAny(t *testing.T) {
 	}
 	for c, want := range cases {
 		if got := overlapsAny(netip.MustParsePrefix(c), taken, finest); got != want {
+			t.Errorf("overlapsAny(%s) = %v, want %v", c, got, want)
+		}
+	}
+
+	// IPv6 blocks beside the IPv4 ones: each family's finest is its own.
+	taken[netip.MustParsePrefix("fd00::/116")] = true
+	taken[netip.MustParsePrefix("fd00::1:40/122")] = true
+	taken[netip.MustParsePrefix("fd00::2:7/128")] = true
+	if f := finestBits(taken, IPv4); f != 30 {
+		t.Errorf("IPv4 finest = %d, want 30", f)
+	}
+	finest6 := finestBits(taken, IPv6)
+	cases6 := map[string]bool{
+		"fd00::40/122":   true,  // inside the taken /116
+		"fd00::1:0/116":  true,  // contains the taken /122
+		"fd00::1:0/122":  false, // beside it
+		"fd00::2:0/122":  true,  // contains the taken /128
+		"fd00::3:0/122":  false,
+		"::ffff:0:0/122": false,
+	}
+	for c, want := range cases6 {
+		if got := overlapsAny(netip.MustParsePrefix(c), taken, finest6); got != want {
 			t.Errorf("overlapsAny(%s) = %v, want %v", c, got, want)
 		}
 	}

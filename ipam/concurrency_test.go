@@ -32,16 +32,17 @@ func TestConcurrentAllocation(t *testing.T) {
 	cases := []struct {
 		name    string
 		pool    string
+		pool6   string // a dual-stack case: each pod gets an address of each family
 		strict  bool
 		total   int
 		restart bool // restart etcd in the middle of the first phase
 	}{
 		{name: "default", pool: "10.10.0.0/20", total: 3000},
 		{name: "strict-affinity", pool: "10.10.0.0/20", strict: true, total: 3000},
-		// 4 blocks for 8 nodes: half the nodes get no block and must borrow; the
-		// second phase also has to reuse cooling addresses.
-		{name: "borrowing", pool: "10.10.0.0/24", total: 200},
-		{name: "etcd-restart", pool: "10.10.0.0/20", total: 3000, restart: true},
+		// 4 blocks of each family for 8 nodes: half the nodes get no block and
+		// must borrow; the second phase also has to reuse cooling addresses.
+		{name: "borrowing-dual-stack", pool: "10.10.0.0/24", pool6: "fd00:10::/120", total: 200},
+		{name: "etcd-restart-dual-stack", pool: "10.10.0.0/20", pool6: "fd00:10::/112", total: 3000, restart: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -49,6 +50,11 @@ func TestConcurrentAllocation(t *testing.T) {
 			store := newStore(t, srv)
 			ctx := context.Background()
 			mustCreate(t, store, pool("p", tc.pool))
+			want := []FamilyPools{{Family: IPv4}}
+			if tc.pool6 != "" {
+				mustCreate(t, store, pool("p6", tc.pool6))
+				want = append(want, FamilyPools{Family: IPv6})
+			}
 			if tc.strict {
 				if _, err := Configure(ctx, store, func(s *api.IPAMConfigurationSpec) { s.StrictAffinity = true }); err != nil {
 					t.Fatal(err)
@@ -95,7 +101,7 @@ func TestConcurrentAllocation(t *testing.T) {
 								once.Do(midway)
 							}
 							began := time.Now()
-							h, got, err := addPod(ctx, a, node, func() string { return fmt.Sprintf("k8s-pod-network.c%d", seq.Add(1)) }, &failed)
+							h, got, err := addPod(ctx, a, node, want, func() string { return fmt.Sprintf("k8s-pod-network.c%d", seq.Add(1)) }, &failed)
 							if outage.spans(began, time.Now()) {
 								spanned.Add(1)
 							}
@@ -105,7 +111,7 @@ func TestConcurrentAllocation(t *testing.T) {
 								return
 							}
 							mu.Lock()
-							held = append(held, heldAddr{h, node, got[0]})
+							held = append(held, heldAddr{h, node, got})
 							mu.Unlock()
 						}
 					})
@@ -133,7 +139,7 @@ func TestConcurrentAllocation(t *testing.T) {
 			}
 			start := time.Now()
 			allocate(quota, midway)
-			t.Logf("phase 1: %d addresses in %s, %d etcd round trips, %d failed ADDs retried, %d ADDs under way through the etcd outage",
+			t.Logf("phase 1: %d pods in %s, %d etcd round trips, %d failed ADDs retried, %d ADDs under way through the etcd outage",
 				len(held), time.Since(start), store.RoundTrips(), failed.Load(), spanned.Load())
 			// Whether an ADD fails or just waits for etcd depends on which
 			// request was in flight at the kill; either way some must have
@@ -162,8 +168,8 @@ func TestConcurrentAllocation(t *testing.T) {
 					a := New(store, Options{})
 					for j := i; j < len(release); j += workers {
 						ips, err := a.ReleaseByHandle(ctx, release[j].handle)
-						if err != nil || len(ips) != 1 || ips[0] != release[j].a.IP {
-							t.Errorf("release %s: got %v, %v; want [%s]", release[j].handle, ips, err, release[j].a.IP)
+						if err != nil || !slices.Equal(ips, release[j].ips()) {
+							t.Errorf("release %s: got %v, %v; want %v", release[j].handle, ips, err, release[j].ips())
 						}
 					}
 				})
@@ -173,10 +179,10 @@ func TestConcurrentAllocation(t *testing.T) {
 
 			start = time.Now()
 			allocate(quota, nil)
-			t.Logf("phase 2: %d addresses in %s, %d etcd round trips", len(release), time.Since(start), store.RoundTrips())
+			t.Logf("phase 2: %d pods in %s, %d etcd round trips", len(release), time.Since(start), store.RoundTrips())
 			rep := audit(t, store, held, tc.strict)
-			if rep.Allocations != total {
-				t.Errorf("%d allocations stored, want %d", rep.Allocations, total)
+			if rep.Allocations != total*len(want) {
+				t.Errorf("%d allocations stored, want %d", rep.Allocations, total*len(want))
 			}
 			// A claim cut short by the restart stays pending until its node's next
 			// assignment or a check 30 s on settles it; nothing else may be left.
@@ -199,13 +205,19 @@ func TestConcurrentAllocation(t *testing.T) {
 				t.Logf("%d claims the restart cut short, repaired", pending)
 				audit(t, store, held, tc.strict)
 			}
-			if tc.name == "borrowing" {
+			if strings.HasPrefix(tc.name, "borrowing") {
 				u, err := New(store, Options{}).Usage(ctx)
 				if err != nil {
 					t.Fatal(err)
 				}
-				if len(u.Borrowed) == 0 {
-					t.Errorf("no address was borrowed, but only 4 blocks exist for 8 nodes")
+				borrowed := map[Family]int{}
+				for _, b := range u.Borrowed {
+					borrowed[FamilyOf(b.IP)]++
+				}
+				for _, f := range want {
+					if borrowed[f.Family] == 0 {
+						t.Errorf("no %s address was borrowed, but only 4 blocks exist for 8 nodes", f.Family)
+					}
 				}
 			}
 		})
@@ -215,20 +227,32 @@ func TestConcurrentAllocation(t *testing.T) {
 // first keeps failure messages short.
 func first(fs []Finding) []Finding { return fs[:min(len(fs), 3)] }
 
+// heldAddr is a pod's handle and what it holds, one address per family.
 type heldAddr struct {
 	handle, node string
-	a            Assigned
+	as           []Assigned
+}
+
+func (h heldAddr) ips() []netip.Addr {
+	var out []netip.Addr
+	for _, a := range h.as {
+		out = append(out, a.IP)
+	}
+	return out
 }
 
 // addPod does what kubelet does for a pod: ADD; if that fails retryably (contention,
 // etcd restarting), DEL the attempt's handle until that succeeds, then ADD again
 // with a new container ID. A write that etcd applied just before it died is thus
 // cleaned up, never leaked.
-func addPod(ctx context.Context, a *Allocator, node string, newHandle func() string, failures *atomic.Int64) (string, []Assigned, error) {
+func addPod(ctx context.Context, a *Allocator, node string, want []FamilyPools, newHandle func() string, failures *atomic.Int64) (string, []Assigned, error) {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		h := newHandle()
-		got, err := a.AutoAssign(ctx, AssignArgs{Handle: h, Node: node})
+		got, err := a.AssignPerFamily(ctx, AssignArgs{Handle: h, Node: node}, want)
+		if err == nil && len(got) != len(want) {
+			return h, got, fmt.Errorf("assigned %v, want one address of each of %d families", got, len(want))
+		}
 		if err == nil || !retryable(err) || time.Now().After(deadline) {
 			return h, got, err
 		}
@@ -277,21 +301,26 @@ func audit(t *testing.T, store *datastore.Store, held []heldAddr, strict bool) *
 		t.Fatal(err)
 	}
 	seen := map[netip.Addr]string{}
+	addrs := 0
 	for _, h := range held {
-		if prev, dup := seen[h.a.IP]; dup {
-			t.Errorf("duplicate IP %s: held by %s and %s", h.a.IP, prev, h.handle)
-		}
-		seen[h.a.IP] = h.handle
-		ok := false
-		for _, p := range s.pools {
-			ok = ok || p.Prefix().Contains(h.a.IP)
-		}
-		if !ok {
-			t.Errorf("%s is in no pool", h.a.IP)
+		for _, as := range h.as {
+			addrs++
+			if prev, dup := seen[as.IP]; dup {
+				t.Errorf("duplicate IP %s: held by %s and %s", as.IP, prev, h.handle)
+			}
+			seen[as.IP] = h.handle
+			ok := false
+			for _, p := range s.pools {
+				ok = ok || p.Prefix().Contains(as.IP)
+			}
+			if !ok {
+				t.Errorf("%s is in no pool", as.IP)
+			}
 		}
 		ips, err := a.IPsByHandle(ctx, h.handle)
-		if err != nil || len(ips) != 1 || ips[0] != h.a {
-			t.Errorf("handle %s lists %v (%v), want [%v]", h.handle, ips, err, h.a)
+		slices.SortFunc(ips, func(x, y Assigned) int { return x.IP.Compare(y.IP) })
+		if err != nil || !slices.Equal(ips, h.as) {
+			t.Errorf("handle %s lists %v (%v), want %v", h.handle, ips, err, h.as)
 		}
 	}
 	stored := 0
@@ -316,10 +345,15 @@ func audit(t *testing.T, store *datastore.Store, held []heldAddr, strict bool) *
 			t.Errorf("strict affinity, yet block %s of %q lends %d of its %d addresses", b.v.CIDR, b.v.Affinity, b.v.InUse()-owned, b.v.InUse())
 		}
 	}
-	// Affinities and block owners agree, and no node has more blocks than allowed.
-	perNode := map[string]int{}
+	// Affinities and block owners agree, and no node has more blocks of a family
+	// than allowed.
+	type nodeFamily struct {
+		node string
+		f    Family
+	}
+	perNode := map[nodeFamily]int{}
 	for _, e := range s.affinities {
-		perNode[e.node]++
+		perNode[nodeFamily{e.node, FamilyOf(e.cidr.Addr())}]++
 		if e.af.v.State != affinityConfirmed {
 			continue // a claim in progress; Check judges how old it is
 		}
@@ -328,13 +362,13 @@ func audit(t *testing.T, store *datastore.Store, held []heldAddr, strict bool) *
 			t.Errorf("%s has a confirmed affinity to %s, whose block does not name it", e.node, e.cidr)
 		}
 	}
-	for node, n := range perNode {
+	for nf, n := range perNode {
 		if n > api.DefaultMaxBlocksPerHost {
-			t.Errorf("%s has %d block affinities, more than maxBlocksPerHost %d", node, n, api.DefaultMaxBlocksPerHost)
+			t.Errorf("%s has %d %s block affinities, more than maxBlocksPerHost %d", nf.node, n, nf.f, api.DefaultMaxBlocksPerHost)
 		}
 	}
-	if stored != len(held) {
-		t.Errorf("%d allocations stored, test holds %d", stored, len(held))
+	if stored != addrs {
+		t.Errorf("%d allocations stored, test holds %d", stored, addrs)
 	}
 	rep, err := a.Check(ctx, 0)
 	if err != nil {

@@ -13,26 +13,34 @@ import (
 	"github.com/margay-dev/margay/datastore"
 )
 
-// eligiblePools picks the pools a node may allocate from, in the order to try them.
-// With names, only those pools (in that order, each matched by name or CIDR); else
-// every pool, sorted by name. Disabled pools and pools whose nodeSelector rejects the
-// node are skipped; if nothing is left the error says why for each pool.
-func eligiblePools(all []*api.IPPool, names []string, nodeLabels map[string]string) ([]*api.IPPool, error) {
-	candidates := all
-	if len(names) > 0 {
-		candidates = nil
-		for _, n := range names {
-			var found *api.IPPool
-			for _, p := range all {
-				if p.Metadata.Name == n || p.Spec.CIDR == n {
-					found = p
-					break
-				}
+// eligiblePools picks the pools of family f a node may allocate from, in the
+// order to try them. With names, only those pools (in that order, each matched by
+// name or CIDR); else every pool of the family, sorted by name. Disabled pools and
+// pools whose nodeSelector rejects the node are skipped; if nothing is left the
+// error says why for each pool.
+func eligiblePools(all []*api.IPPool, f Family, names []string, nodeLabels map[string]string) ([]*api.IPPool, error) {
+	var candidates []*api.IPPool
+	for _, n := range names {
+		var found *api.IPPool
+		for _, p := range all {
+			if p.Metadata.Name == n || p.Spec.CIDR == n {
+				found = p
+				break
 			}
-			if found == nil {
-				return nil, fmt.Errorf("IP pool %q does not exist", n)
+		}
+		if found == nil {
+			return nil, fmt.Errorf("IP pool %q does not exist", n)
+		}
+		if pf := FamilyOf(found.Prefix().Addr()); pf != f {
+			return nil, fmt.Errorf("IP pool %q (%s) is %s and cannot serve an %s address", n, found.Spec.CIDR, pf, f)
+		}
+		candidates = append(candidates, found)
+	}
+	if len(names) == 0 {
+		for _, p := range all {
+			if FamilyOf(p.Prefix().Addr()) == f {
+				candidates = append(candidates, p)
 			}
-			candidates = append(candidates, found)
 		}
 	}
 	var out []*api.IPPool
@@ -49,9 +57,9 @@ func eligiblePools(all []*api.IPPool, names []string, nodeLabels map[string]stri
 	}
 	if len(out) == 0 {
 		if len(candidates) == 0 {
-			return nil, fmt.Errorf("no IP pools exist; create one with margayctl apply")
+			return nil, fmt.Errorf("no %s pools exist; create one with margayctl apply", f)
 		}
-		return nil, fmt.Errorf("no usable IP pool: %s", strings.Join(why, "; "))
+		return nil, fmt.Errorf("no usable %s pool: %s", f, strings.Join(why, "; "))
 	}
 	return out, nil
 }
@@ -70,7 +78,8 @@ func poolOf(pools []*api.IPPool, cidr netip.Prefix) *api.IPPool {
 // finest bits. Blocks of a deleted pool stay, and a pool recreated with another
 // blockSize must not cut blocks across them.
 func overlapsAny(c netip.Prefix, taken map[netip.Prefix]bool, finest int) bool {
-	for bits := api.MinBlockSize; bits <= c.Bits(); bits++ {
+	minBits, _ := api.BlockSizeRange(c.Addr().Is6())
+	for bits := minBits; bits <= c.Bits(); bits++ {
 		if taken[netip.PrefixFrom(c.Addr(), bits).Masked()] {
 			return true
 		}
@@ -86,13 +95,20 @@ func overlapsAny(c netip.Prefix, taken map[netip.Prefix]bool, finest int) bool {
 	return false
 }
 
-func finestBits(taken map[netip.Prefix]bool) int {
-	f := 0
+// finestBits is the longest prefix among the taken blocks of family f.
+func finestBits(taken map[netip.Prefix]bool, f Family) int {
+	finest := 0
 	for t := range taken {
-		f = max(f, t.Bits())
+		if FamilyOf(t.Addr()) == f {
+			finest = max(finest, t.Bits())
+		}
 	}
-	return f
+	return finest
 }
+
+// maxCandidateBits bounds the block index: an IPv6 pool can hold 2^80 blocks,
+// and the first 2^62 of them are more than any cluster claims.
+const maxCandidateBits = 62
 
 // blockCandidates lists the block CIDRs of pool for which free is true, starting at
 // an offset derived from the node name, so nodes claiming at once rarely collide.
@@ -100,15 +116,14 @@ func finestBits(taken map[netip.Prefix]bool) int {
 func blockCandidates(pool *api.IPPool, free func(netip.Prefix) bool, node string) iter.Seq[netip.Prefix] {
 	pfx := pool.Prefix()
 	size := pool.Spec.BlockSize
-	n := 1 << (size - pfx.Bits())
-	step := uint32(1) << (32 - size)
-	h := fnv.New32a()
+	n := uint64(1) << min(size-pfx.Bits(), maxCandidateBits)
+	shift := pfx.Addr().BitLen() - size
+	h := fnv.New64a()
 	h.Write([]byte(node))
-	start := int(h.Sum32() % uint32(n))
+	start := h.Sum64() % n
 	return func(yield func(netip.Prefix) bool) {
 		for i := range n {
-			idx := (start + i) % n
-			cidr := netip.PrefixFrom(fromU32(u32(pfx.Addr())+uint32(idx)*step), size)
+			cidr := netip.PrefixFrom(offset(pfx.Addr(), (start+i)%n, shift), size)
 			if free(cidr) && !yield(cidr) {
 				return
 			}
@@ -116,9 +131,9 @@ func blockCandidates(pool *api.IPPool, free func(netip.Prefix) bool, node string
 	}
 }
 
-// UsablePools returns the pools node may assign from (names restricts them, as in
-// AssignArgs.Pools), or an error saying why there are none.
-func UsablePools(ctx context.Context, store *datastore.Store, node string, names []string) ([]*api.IPPool, error) {
+// UsablePools returns the pools of family f node may assign from (names restricts
+// them, as in AssignArgs.Pools), or an error saying why there are none.
+func UsablePools(ctx context.Context, store *datastore.Store, node string, f Family, names []string) ([]*api.IPPool, error) {
 	pools, err := datastore.List[*api.IPPool](ctx, store)
 	if err != nil {
 		return nil, err
@@ -130,7 +145,7 @@ func UsablePools(ctx context.Context, store *datastore.Store, node string, names
 	case err != nil:
 		return nil, err
 	}
-	return eligiblePools(pools, names, n.Metadata.Labels)
+	return eligiblePools(pools, f, names, n.Metadata.Labels)
 }
 
 // unknownNode is ErrUnknownNode for node, with the likely causes.

@@ -212,9 +212,6 @@ func (a *Allocator) release(ctx context.Context, ip netip.Addr, handle string, s
 
 // blockOf finds and reads the block containing ip.
 func (a *Allocator) blockOf(ctx context.Context, ip netip.Addr) (*versioned[Block], error) {
-	if !ip.Is4() {
-		return nil, fmt.Errorf("%s: only IPv4 addresses are managed", ip)
-	}
 	resp, err := a.store.Get(ctx, datastore.BlocksPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		return nil, err

@@ -3,6 +3,7 @@ package ipam
 import (
 	"context"
 	"errors"
+	"math/big"
 	"net/netip"
 	"strings"
 	"time"
@@ -20,11 +21,12 @@ type Usage struct {
 
 // PoolUsage is one pool's occupancy.
 type PoolUsage struct {
-	Name   string `json:"name"`
-	CIDR   string `json:"cidr"`
-	Size   int    `json:"size"`
-	InUse  int    `json:"inUse"`
-	Blocks int    `json:"blocks"`
+	Name string `json:"name"`
+	CIDR string `json:"cidr"`
+	// Size is exact: an IPv6 pool can hold more addresses than an int64.
+	Size   *big.Int `json:"size"`
+	InUse  int      `json:"inUse"`
+	Blocks int      `json:"blocks"`
 }
 
 // BlockUsage is one block's occupancy.
@@ -77,7 +79,7 @@ func (a *Allocator) Usage(ctx context.Context) (*Usage, error) {
 	idx := map[string]int{}
 	for _, p := range s.pools {
 		idx[p.Metadata.Name] = len(u.Pools)
-		u.Pools = append(u.Pools, PoolUsage{Name: p.Metadata.Name, CIDR: p.Spec.CIDR, Size: 1 << (32 - p.Prefix().Bits())})
+		u.Pools = append(u.Pools, PoolUsage{Name: p.Metadata.Name, CIDR: p.Spec.CIDR, Size: poolSize(p.Prefix())})
 	}
 	for _, vb := range s.blocks {
 		b := vb.v
@@ -95,6 +97,11 @@ func (a *Allocator) Usage(ctx context.Context) (*Usage, error) {
 		u.Blocks = append(u.Blocks, bu)
 	}
 	return u, nil
+}
+
+// poolSize is the number of addresses in p.
+func poolSize(p netip.Prefix) *big.Int {
+	return new(big.Int).Lsh(big.NewInt(1), uint(p.Addr().BitLen()-p.Bits()))
 }
 
 // LookupIP says who holds ip, or that nobody does.

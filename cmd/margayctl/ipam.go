@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net/netip"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -116,7 +118,9 @@ func (a *app) ipamShowCmd() *cobra.Command {
 			default:
 				fmt.Fprintln(tw, "POOL\tCIDR\tIN USE\tFREE\tBLOCKS")
 				for _, p := range u.Pools {
-					fmt.Fprintf(tw, "%s\t%s\t%d (%.0f%%)\t%d\t%d\n", p.Name, p.CIDR, p.InUse, 100*float64(p.InUse)/float64(p.Size), p.Size-p.InUse, p.Blocks)
+					free := new(big.Int).Sub(p.Size, big.NewInt(int64(p.InUse)))
+					size, _ := new(big.Float).SetInt(p.Size).Float64()
+					fmt.Fprintf(tw, "%s\t%s\t%d (%.0f%%)\t%s\t%d\n", p.Name, p.CIDR, p.InUse, 100*float64(p.InUse)/size, bigCount(free), p.Blocks)
 				}
 			}
 			return tw.Flush()
@@ -341,4 +345,14 @@ func (a *app) ipamConfigureCmd() *cobra.Command {
 	cmd.Flags().BoolVar(&strict, "strict-affinity", false, "forbid borrowing addresses from other nodes' blocks")
 	cmd.Flags().IntVar(&maxBlocks, "max-blocks-per-host", api.DefaultMaxBlocksPerHost, "how many blocks one node may claim; 0 means no limit")
 	return cmd
+}
+
+// bigCount writes n exactly below 2^50 and in e-notation above, as an IPv6
+// pool's free addresses need (1.209e+24 for a /48).
+func bigCount(n *big.Int) string {
+	if n.BitLen() < 50 {
+		return n.String()
+	}
+	f, _ := new(big.Float).SetInt(n).Float64()
+	return strconv.FormatFloat(f, 'g', 4, 64)
 }

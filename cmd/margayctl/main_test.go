@@ -390,8 +390,8 @@ func TestApplyAndGet(t *testing.T) {
 			{[]string{"get", "bgppeers"}, [][]string{{"NAME", "PEERIP", "NODE", "ASN"}, {"tor-1", "192.0.2.1", "(global)", "64513"}}},
 			{[]string{"get", "bgppeers", "-o", "wide"}, [][]string{{"NAME", "PEERIP", "NODE", "ASN", "PEERSELECTOR", "KEEPALIVE", "HOLD", "MAXPREFIXES"}, {"tor-1", "192.0.2.1", "(global)", "64513", "-", "-", "-", "-"}}},
 			{[]string{"get", "bgpconfigurations"}, [][]string{{"NAME", "ASN", "MESH"}, {"default", "64512", "false"}}},
-			{[]string{"get", "nodes"}, [][]string{{"NAME", "ASN", "IPV4"}, {"node1", "-", "198.18.1.2/24"}}},
-			{[]string{"get", "node", "node1", "-o", "wide"}, [][]string{{"NAME", "ASN", "IPV4", "IPIPADDR", "VXLANADDR", "RRCLUSTERID"}, {"node1", "-", "198.18.1.2/24", "-", "-", "-"}}},
+			{[]string{"get", "nodes"}, [][]string{{"NAME", "ASN", "IPV4", "IPV6"}, {"node1", "-", "198.18.1.2/24", "-"}}},
+			{[]string{"get", "node", "node1", "-o", "wide"}, [][]string{{"NAME", "ASN", "IPV4", "IPV6", "IPIPADDR", "VXLANADDR", "RRCLUSTERID"}, {"node1", "-", "198.18.1.2/24", "-", "-", "-", "-"}}},
 			{[]string{"get", "workloadendpoints"}, [][]string{{"NAME", "NODE", "NETWORKS", "INTERFACE"}}},
 		}
 		for _, tt := range tests {
@@ -677,7 +677,11 @@ spec: {node: node1, containerID: withwep, interfaceName: cali1, ipNetworks: [`+i
 		if got, want := strings.Fields(l[1]), []string{"pods", "10.99.0.0/26", "4", "(6%)", "60", "1"}; !slices.Equal(got, want) {
 			t.Errorf("pool row %q, want %q", got, want)
 		}
-		if pu := poolUsage(t); pu != (ipam.PoolUsage{Name: "pods", CIDR: "10.99.0.0/26", Size: 64, InUse: 4, Blocks: 1}) {
+		pu := poolUsage(t)
+		if size := pu.Size; size == nil || size.Int64() != 64 {
+			t.Errorf("ipam show -o json: size %v, want 64", size)
+		}
+		if pu.Size = nil; pu != (ipam.PoolUsage{Name: "pods", CIDR: "10.99.0.0/26", InUse: 4, Blocks: 1}) {
 			t.Errorf("ipam show -o json: %+v", pu)
 		}
 	})
@@ -1121,4 +1125,55 @@ func TestPolicies(t *testing.T) {
 	wantFail(t, c.run("get", "netpol", "web", "-n", "team-a"), exitError, "not found")
 	c.ok(t, "apply", "-f", file, "-n", "team-a")
 	wantEach(t, c.ok(t, "delete", "-f", file, "-n", "team-a"), "deleted", refs)
+}
+
+// TestIPAMDualStack: ipam show, show --ip and check over both families.
+func TestIPAMDualStack(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	c.okIn(t, `apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods}
+spec: {cidr: 10.99.0.0/24}
+---
+{apiVersion: margay.dev/v1, kind: IPPool, metadata: {name: pods-v6}, spec: {cidr: "fd00:99::/48"}}
+---
+{apiVersion: margay.dev/v1, kind: Node, metadata: {name: node1}, spec: {bgp: {ipv4Address: 10.0.0.1/24, ipv6Address: "fd00:0:0:1::1/64"}}}
+`, "apply", "-f", "-")
+	al := ipam.New(c.store(t), ipam.Options{Logger: slog.New(slog.DiscardHandler)})
+	got, err := al.AssignPerFamily(context.Background(), ipam.AssignArgs{Handle: "k8s-pod-network.dual", Node: "node1"},
+		[]ipam.FamilyPools{{Family: ipam.IPv4}, {Family: ipam.IPv6}})
+	if err != nil || len(got) != 2 {
+		t.Fatalf("dual-stack assign: %v, %v", got, err)
+	}
+	if rows := table(c.ok(t, "get", "nodes")); len(rows) != 2 || !slices.Equal(rows[1], []string{"node1", "-", "10.0.0.1/24", "fd00:0:0:1::1/64"}) {
+		t.Errorf("get nodes: %q", rows)
+	}
+	want := [][]string{
+		{"POOL", "CIDR", "IN", "USE", "FREE", "BLOCKS"},
+		{"pods", "10.99.0.0/24", "1", "(0%)", "255", "1"},
+		{"pods-v6", "fd00:99::/48", "1", "(0%)", "1.209e+24", "1"},
+	}
+	if rows := table(c.ok(t, "ipam", "show")); !slices.EqualFunc(rows, want, slices.Equal) {
+		t.Errorf("ipam show: %q, want %q", rows, want)
+	}
+	var pu []ipam.PoolUsage
+	if err := json.Unmarshal([]byte(c.ok(t, "ipam", "show", "-o", "json")), &pu); err != nil || len(pu) != 2 || pu[1].Size.String() != "1208925819614629174706176" {
+		t.Errorf("ipam show -o json: %+v, %v; want the exact size of a /48", pu, err)
+	}
+	rows := table(c.ok(t, "ipam", "show", "--show-blocks"))
+	if len(rows) != 3 || rows[2][0] != got[1].Block.String() || rows[2][4] != "63" || !strings.HasSuffix(rows[2][0], "/122") {
+		t.Errorf("ipam show --show-blocks: %q, want the v6 /122 with 63 free", rows)
+	}
+	var info ipam.IPInfo
+	if err := json.Unmarshal([]byte(c.ok(t, "ipam", "show", "--ip", got[1].IP.String(), "-o", "json")), &info); err != nil ||
+		!info.Allocated || info.Handle != "k8s-pod-network.dual" || info.Pool != "pods-v6" {
+		t.Errorf("ipam show --ip %s: %+v, %v", got[1].IP, info, err)
+	}
+	// Without a WorkloadEndpoint and with no grace, both addresses are leaks.
+	var rep ipam.Report
+	r := c.run("ipam", "check", "--grace", "0s", "-o", "json")
+	if err := json.Unmarshal([]byte(r.stdout), &rep); err != nil || len(rep.Leaked) != 2 || r.code == 0 {
+		t.Errorf("ipam check: %+v, %v; want both addresses leaked\n%s", rep, err, r)
+	}
 }

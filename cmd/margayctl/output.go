@@ -186,6 +186,7 @@ func (t tableContext) columnsFor(k api.KindInfo) []column {
 		return []column{name,
 			{name: "ASN", value: func(r api.Resource) string { return asn(b(r).ASNumber) }},
 			{name: "IPV4", value: func(r api.Resource) string { return b(r).IPv4Address }},
+			{name: "IPV6", value: func(r api.Resource) string { return b(r).IPv6Address }},
 			{name: "IPIPADDR", wide: true, value: func(r api.Resource) string { return b(r).IPv4IPIPTunnelAddr }},
 			{name: "VXLANADDR", wide: true, value: func(r api.Resource) string { return r.(*api.Node).Spec.IPv4VXLANTunnelAddr }},
 			{name: "RRCLUSTERID", wide: true, value: func(r api.Resource) string { return b(r).RouteReflectorClusterID }},
