@@ -38,6 +38,10 @@ type Config struct {
 	// AutodetectMethod.
 	IP               string
 	AutodetectMethod string
+	// IP6 is the node's IPv6 address as a CIDR, "autodetect" to find it with
+	// Autodetect6Method, or "" / "none" for none.
+	IP6               string
+	Autodetect6Method string
 	// AS overrides the node's AS number (0: inherit from BGPConfiguration).
 	AS api.ASNumber
 	// DefaultPool is created when the datastore has no pool at all ("" never).
@@ -70,6 +74,7 @@ type Agent struct {
 	log            *slog.Logger
 	store          *datastore.Store
 	addr           netip.Prefix
+	addr6          netip.Prefix // invalid: the node has no IPv6 address
 	iface          string
 	view           *view
 	kickC          chan struct{}
@@ -123,12 +128,18 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 	log := cfg.Logger.With("node", cfg.NodeName)
 	a := &Agent{cfg: cfg, log: log, kickC: make(chan struct{}, 1), metrics: newMetrics()}
 	a.health = newHealth(a.metrics.registry)
-	addr, iface, err := nodeAddress(cfg.IP, cfg.AutodetectMethod)
+	addr, iface, err := nodeAddress(cfg.IP, cfg.AutodetectMethod, ipam.IPv4)
 	if err != nil {
 		return nil, err
 	}
 	a.addr, a.iface = addr, iface
 	log.Info("node address", "ip", addr.String(), "interface", iface)
+	if cfg.IP6 != "" && cfg.IP6 != "none" {
+		if a.addr6, iface, err = nodeAddress(cfg.IP6, cfg.Autodetect6Method, ipam.IPv6); err != nil {
+			return nil, err
+		}
+		log.Info("node IPv6 address", "ip", a.addr6.String(), "interface", iface)
+	}
 	// Before registering: a second agent on this host must not touch the node.
 	if err := a.health.serve(ctx, cfg.HealthAddr, cfg.MetricsAddr, log); err != nil {
 		return nil, err
@@ -163,15 +174,18 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 	return a, nil
 }
 
-// nodeAddress is the explicit address, or the autodetected one.
-func nodeAddress(ip, method string) (netip.Prefix, string, error) {
+// nodeAddress is the explicit address of family f, or the autodetected one.
+func nodeAddress(ip, method string, f ipam.Family) (netip.Prefix, string, error) {
 	ifaces, err := LocalIfaces()
 	if err != nil {
 		return netip.Prefix{}, "", fmt.Errorf("list interfaces: %w", err)
 	}
 	if ip != "" && ip != "autodetect" {
 		p, err := netip.ParsePrefix(ip)
-		if err != nil || !p.Addr().Is4() {
+		if err != nil || ipam.FamilyOf(p.Addr()) != f || p.Addr().Is4In6() || !p.Addr().IsGlobalUnicast() {
+			if f == ipam.IPv6 {
+				return netip.Prefix{}, "", fmt.Errorf("--ip6 %q: give the node's global IPv6 address with its subnet's prefix length, such as fd00:18:1::2/64, autodetect or none", ip)
+			}
 			return netip.Prefix{}, "", fmt.Errorf("--ip %q: give the node's IPv4 address with its subnet's prefix length, such as 198.18.1.2/24, or autodetect", ip)
 		}
 		for _, i := range ifaces {
@@ -186,7 +200,7 @@ func nodeAddress(ip, method string) (netip.Prefix, string, error) {
 		iface, _ := RouteInterface(p.Addr())
 		return p, iface, nil
 	}
-	return ChooseAddress(method, ifaces, RouteSource)
+	return ChooseAddress(method, f, ifaces, RouteSource)
 }
 
 func (a *Agent) kick() {

@@ -8,9 +8,11 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/margay-dev/margay/ipam"
 )
 
-// Iface is an interface and its IPv4 addresses, as autodetection sees it.
+// Iface is an interface and its addresses, as autodetection sees it.
 type Iface struct {
 	Name  string
 	Addrs []netip.Prefix
@@ -20,15 +22,19 @@ type Iface struct {
 // pod plumbing, tunnels and bridges of other software.
 var skipFirstFound = regexp.MustCompile(`^(lo|docker.*|veth.*|mgy.*|cali.*|tunl.*|vxlan.*|flannel.*|cni.*|kube-ipvs.*|virbr.*|br-.*|dummy.*|cilium.*|weave.*|nodelocaldns.*|wg.*)$`)
 
-// ChooseAddress picks the node's address by an autodetection method:
-//   - first-found: the first global IPv4 address of the first real interface;
+// ChooseAddress picks the node's address of family f by an autodetection method:
+//   - first-found: the first global address of the first real interface;
 //   - interface=REGEX: the first address of the first interface whose name
 //     matches;
 //   - cidr=CIDR: the first address inside CIDR;
 //   - can-reach=IP: the address the kernel uses to reach IP, which reach gives.
 //
 // The result keeps the interface's prefix length: it decides the node's subnet.
-func ChooseAddress(method string, ifaces []Iface, reach func(netip.Addr) (netip.Addr, error)) (netip.Prefix, string, error) {
+func ChooseAddress(method string, f ipam.Family, ifaces []Iface, reach func(netip.Addr) (netip.Addr, error)) (netip.Prefix, string, error) {
+	flag, ipFlag, example := "--ip-autodetection-method", "--ip", "198.18.0.0/16"
+	if f == ipam.IPv6 {
+		flag, ipFlag, example = "--ip6-autodetection-method", "--ip6", "fd00:18::/48"
+	}
 	kind, arg, _ := strings.Cut(method, "=")
 	var match func(Iface, netip.Prefix) bool
 	switch kind {
@@ -37,40 +43,43 @@ func ChooseAddress(method string, ifaces []Iface, reach func(netip.Addr) (netip.
 	case "interface":
 		re, err := regexp.Compile("^(" + arg + ")$")
 		if err != nil || arg == "" {
-			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: interface= needs a regular expression: %v", method, err)
+			return netip.Prefix{}, "", fmt.Errorf("%s %q: interface= needs a regular expression: %v", flag, method, err)
 		}
 		match = func(i Iface, _ netip.Prefix) bool { return re.MatchString(i.Name) }
 	case "cidr":
 		c, err := netip.ParsePrefix(arg)
-		if err != nil {
-			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: cidr= needs a CIDR such as 198.18.0.0/16", method)
+		if err != nil || ipam.FamilyOf(c.Addr()) != f {
+			return netip.Prefix{}, "", fmt.Errorf("%s %q: cidr= needs an %s CIDR such as %s", flag, method, f, example)
 		}
 		match = func(_ Iface, a netip.Prefix) bool { return c.Contains(a.Addr()) }
 	case "can-reach":
 		dst, err := netip.ParseAddr(arg)
-		if err != nil {
-			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: can-reach= needs an IP address", method)
+		if err != nil || ipam.FamilyOf(dst) != f {
+			return netip.Prefix{}, "", fmt.Errorf("%s %q: can-reach= needs an %s address", flag, method, f)
 		}
 		src, err := reach(dst)
 		if err != nil {
-			return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: no route to %s: %w", method, dst, err)
+			return netip.Prefix{}, "", fmt.Errorf("%s %q: no route to %s: %w", flag, method, dst, err)
 		}
 		match = func(_ Iface, a netip.Prefix) bool { return a.Addr() == src }
 	default:
-		return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q: use first-found, interface=REGEX, cidr=CIDR or can-reach=IP", method)
+		return netip.Prefix{}, "", fmt.Errorf("%s %q: use first-found, interface=REGEX, cidr=CIDR or can-reach=IP", flag, method)
 	}
 	for _, i := range ifaces {
 		for _, a := range i.Addrs {
-			if a.Addr().Is4() && a.Addr().IsGlobalUnicast() && !a.Addr().IsLinkLocalUnicast() && match(i, a) {
+			// IsGlobalUnicast excludes link-local addresses of both families:
+			// they cannot be a next hop beyond their link.
+			ip := a.Addr()
+			if ipam.FamilyOf(ip) == f && !ip.Is4In6() && ip.IsGlobalUnicast() && match(i, a) {
 				return a, i.Name, nil
 			}
 		}
 	}
-	return netip.Prefix{}, "", fmt.Errorf("--ip-autodetection-method %q found no IPv4 address; give the node's address with --ip CIDR", method)
+	return netip.Prefix{}, "", fmt.Errorf("%s %q found no %s address; give the node's address with %s CIDR", flag, method, f, ipFlag)
 }
 
-// LocalIfaces lists this namespace's interfaces that are up, with their IPv4
-// addresses, in index order.
+// LocalIfaces lists this namespace's interfaces that are up, with their
+// addresses of both families, in index order.
 func LocalIfaces() ([]Iface, error) {
 	links, err := netlink.LinkList()
 	if err != nil {
@@ -81,7 +90,7 @@ func LocalIfaces() ([]Iface, error) {
 		if l.Attrs().Flags&net.FlagUp == 0 {
 			continue
 		}
-		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return nil, err
 		}

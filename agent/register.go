@@ -36,6 +36,11 @@ func (a *Agent) register(ctx context.Context) error {
 	if other := nodeWithIP(nodes, name, a.addr.Addr()); other != "" {
 		return fmt.Errorf("node IP %s is already used by node %q; if that node is gone, delete it (margayctl delete node %s), otherwise give this node its own address with --ip", ip, other, other)
 	}
+	if a.addr6.IsValid() {
+		if other := nodeWithIP(nodes, name, a.addr6.Addr()); other != "" {
+			return fmt.Errorf("node IPv6 address %s is already used by node %q; if that node is gone, delete it (margayctl delete node %s), otherwise give this node its own address with --ip6", a.addr6.Addr(), other, other)
+		}
+	}
 	for attempt := 0; ; attempt++ {
 		err = a.putNode(ctx)
 		if err == nil || !errors.Is(err, datastore.ErrConflict) && !errors.Is(err, datastore.ErrAlreadyExists) || attempt == 5 {
@@ -49,13 +54,17 @@ func (a *Agent) register(ctx context.Context) error {
 	return a.ensureDefaultPool(ctx)
 }
 
-// nodeWithIP names another node whose BGP address is ip, or "".
+// nodeWithIP names another node whose BGP address (of ip's family) is ip, or "".
 func nodeWithIP(nodes []*api.Node, self string, ip netip.Addr) string {
 	for _, n := range nodes {
 		if n.Metadata.Name == self {
 			continue
 		}
-		if p, err := n.BGPAddress(); err == nil && p.IsValid() && p.Addr() == ip {
+		addr := n.BGPAddress
+		if ip.Is6() {
+			addr = n.BGPAddressV6
+		}
+		if p, err := addr(); err == nil && p.IsValid() && p.Addr() == ip {
 			return n.Metadata.Name
 		}
 	}
@@ -77,6 +86,10 @@ func (a *Agent) putNode(ctx context.Context) error {
 	}
 	before := *n.Spec.BGP
 	n.Spec.BGP.IPv4Address = a.addr.String()
+	n.Spec.BGP.IPv6Address = ""
+	if a.addr6.IsValid() {
+		n.Spec.BGP.IPv6Address = a.addr6.String()
+	}
 	if a.cfg.AS != 0 {
 		as := a.cfg.AS
 		n.Spec.BGP.ASNumber = &as
@@ -90,7 +103,7 @@ func (a *Agent) putNode(ctx context.Context) error {
 		_, err = a.store.Create(ctx, n)
 		return err
 	}
-	if !refChanged && before.IPv4Address == n.Spec.BGP.IPv4Address && (a.cfg.AS == 0 || before.ASNumber != nil && *before.ASNumber == a.cfg.AS) {
+	if !refChanged && before.IPv4Address == n.Spec.BGP.IPv4Address && before.IPv6Address == n.Spec.BGP.IPv6Address && (a.cfg.AS == 0 || before.ASNumber != nil && *before.ASNumber == a.cfg.AS) {
 		return nil
 	}
 	_, err = a.store.Update(ctx, n)

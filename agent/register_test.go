@@ -83,4 +83,26 @@ func TestRegister(t *testing.T) {
 		!strings.Contains(err.Error(), `node name "node1" is in use by a running margay-node at 198.18.1.2`) {
 		t.Errorf("same name, another host: %v", err)
 	}
+
+	// An IPv6 address is registered beside the IPv4 one, refused if another
+	// node has it, and cleared when the agent runs without one.
+	a.addr6 = netip.MustParsePrefix("fd00:18:1::2/64")
+	if err := a.register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ = datastore.Get[*api.Node](ctx, store, "node1"); n.Spec.BGP.IPv6Address != "fd00:18:1::2/64" || n.Spec.BGP.IPv4Address != "198.18.1.2/24" {
+		t.Errorf("dual-stack node: %+v", n.Spec.BGP)
+	}
+	b := newTestAgent(t, store, "node3", "198.18.1.3/24")
+	b.addr6 = netip.MustParsePrefix("fd00:18:1::2/64")
+	if err := b.register(ctx); err == nil || !strings.Contains(err.Error(), `node IPv6 address fd00:18:1::2 is already used by node "node1"`) || !strings.Contains(err.Error(), "--ip6") {
+		t.Errorf("same IPv6 address, another name: %v", err)
+	}
+	a.addr6 = netip.Prefix{}
+	if err := a.register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ = datastore.Get[*api.Node](ctx, store, "node1"); n.Spec.BGP.IPv6Address != "" {
+		t.Errorf("node without --ip6 kept %q", n.Spec.BGP.IPv6Address)
+	}
 }

@@ -97,6 +97,9 @@ func rootCmd() *cobra.Command {
 	f.StringVar(&cfg.IP, "ip", env("MARGAY_IP", "autodetect"), "the node's address with its subnet's prefix length (198.18.1.2/24), or autodetect (env MARGAY_IP)")
 	f.StringVar(&cfg.AutodetectMethod, "ip-autodetection-method", env("MARGAY_IP_AUTODETECTION_METHOD", "first-found"),
 		"first-found, interface=REGEX, can-reach=IP or cidr=CIDR (env MARGAY_IP_AUTODETECTION_METHOD)")
+	f.StringVar(&cfg.IP6, "ip6", env("MARGAY_IP6", "none"), "the node's IPv6 address with its subnet's prefix length (fd00:18:1::2/64), autodetect, or none (env MARGAY_IP6)")
+	f.StringVar(&cfg.Autodetect6Method, "ip6-autodetection-method", env("MARGAY_IP6_AUTODETECTION_METHOD", "first-found"),
+		"how --ip6 autodetect finds the address: first-found, interface=REGEX, can-reach=IP or cidr=CIDR (env MARGAY_IP6_AUTODETECTION_METHOD)")
 	f.StringVar(&as, "as", env("MARGAY_AS", ""), "this node's AS number, overriding BGPConfiguration (env MARGAY_AS)")
 	f.StringVar(&cfg.DefaultPool, "default-ipv4-pool", env("MARGAY_DEFAULT_IPV4_POOL", agent.DefaultPoolCIDR),
 		"pool to create when the datastore has none; empty for none (env MARGAY_DEFAULT_IPV4_POOL)")
