@@ -27,53 +27,43 @@ func TestChooseAddress(t *testing.T) {
 		}
 		return netip.Addr{}, errors.New("network unreachable")
 	}
-	tests6 := []struct{ method, want, iface, err string }{
-		{"first-found", "fd00:18:1::2/64", "eth0", ""},
-		{"interface=eth1", "2001:db8:2::7/64", "eth1", ""},
-		{"cidr=2001:db8::/32", "2001:db8:2::7/64", "eth1", ""},
-		{"cidr=198.18.0.0/16", "", "", "--ip6-autodetection-method \"cidr=198.18.0.0/16\": cidr= needs an IPv6 CIDR"},
-		{"can-reach=2001:db8:2::1", "2001:db8:2::7/64", "eth1", ""},
-		{"can-reach=198.18.2.1", "", "", "can-reach= needs an IPv6 address"},
-		{"interface=docker0", "", "", "found no IPv6 address; give the node's address with --ip6 CIDR"},
-	}
-	for _, tc := range tests6 {
-		got, iface, err := ChooseAddress(tc.method, ipam.IPv6, ifaces, reach)
-		if tc.err != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Errorf("v6 %q: err %v, want %q", tc.method, err, tc.err)
-			}
-			continue
-		}
-		if err != nil || got.String() != tc.want || iface != tc.iface {
-			t.Errorf("v6 %q = %s on %s, %v; want %s on %s", tc.method, got, iface, err, tc.want, tc.iface)
-		}
-	}
-	tests := []struct{ method, want, iface, err string }{
-		{"first-found", "198.18.1.2/24", "eth0", ""},
-		{"", "198.18.1.2/24", "eth0", ""},
-		{"interface=eth1", "198.18.2.7/24", "eth1", ""},
-		{"interface=eth.*", "198.18.1.2/24", "eth0", ""},
-		{"interface=docker0", "172.17.0.1/16", "docker0", ""},
-		{"interface=wlan0", "", "", "found no IPv4 address"},
-		{"interface=(", "", "", "regular expression"},
-		{"cidr=198.18.2.0/24", "198.18.2.7/24", "eth1", ""},
-		{"cidr=10.0.0.0", "", "", "needs an IPv4 CIDR"},
-		{"cidr=fd00::/8", "", "", "needs an IPv4 CIDR"},
-		{"can-reach=198.18.2.1", "198.18.2.7/24", "eth1", ""},
-		{"can-reach=203.0.113.10", "", "", "no route to 203.0.113.10"},
-		{"can-reach=x", "", "", "needs an IPv4 address"},
-		{"magic", "", "", "use first-found"},
+	v4, v6 := ipam.IPv4, ipam.IPv6
+	tests := []struct {
+		f                        ipam.Family
+		method, want, iface, err string
+	}{
+		{v4, "first-found", "198.18.1.2/24", "eth0", ""},
+		{v4, "", "198.18.1.2/24", "eth0", ""},
+		{v4, "interface=eth1", "198.18.2.7/24", "eth1", ""},
+		{v4, "interface=eth.*", "198.18.1.2/24", "eth0", ""},
+		{v4, "interface=docker0", "172.17.0.1/16", "docker0", ""},
+		{v4, "interface=wlan0", "", "", "found no IPv4 address"},
+		{v4, "interface=(", "", "", "regular expression"},
+		{v4, "cidr=198.18.2.0/24", "198.18.2.7/24", "eth1", ""},
+		{v4, "cidr=10.0.0.0", "", "", "needs an IPv4 CIDR"},
+		{v4, "cidr=fd00::/8", "", "", "needs an IPv4 CIDR"},
+		{v4, "can-reach=198.18.2.1", "198.18.2.7/24", "eth1", ""},
+		{v4, "can-reach=203.0.113.10", "", "", "no route to 203.0.113.10"},
+		{v4, "can-reach=x", "", "", "needs an IPv4 address"},
+		{v4, "magic", "", "", "use first-found"},
+		{v6, "first-found", "fd00:18:1::2/64", "eth0", ""},
+		{v6, "interface=eth1", "2001:db8:2::7/64", "eth1", ""},
+		{v6, "cidr=2001:db8::/32", "2001:db8:2::7/64", "eth1", ""},
+		{v6, "cidr=198.18.0.0/16", "", "", "--ip6-autodetection-method \"cidr=198.18.0.0/16\": cidr= needs an IPv6 CIDR"},
+		{v6, "can-reach=2001:db8:2::1", "2001:db8:2::7/64", "eth1", ""},
+		{v6, "can-reach=198.18.2.1", "", "", "can-reach= needs an IPv6 address"},
+		{v6, "interface=docker0", "", "", "found no IPv6 address; give the node's address with --ip6 CIDR"},
 	}
 	for _, tc := range tests {
-		got, iface, err := ChooseAddress(tc.method, ipam.IPv4, ifaces, reach)
+		got, iface, err := ChooseAddress(tc.method, tc.f, ifaces, reach)
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Errorf("%q: err %v, want %q", tc.method, err, tc.err)
+				t.Errorf("%s %q: err %v, want %q", tc.f, tc.method, err, tc.err)
 			}
 			continue
 		}
 		if err != nil || got.String() != tc.want || iface != tc.iface {
-			t.Errorf("%q = %s on %s, %v; want %s on %s", tc.method, got, iface, err, tc.want, tc.iface)
+			t.Errorf("%s %q = %s on %s, %v; want %s on %s", tc.f, tc.method, got, iface, err, tc.want, tc.iface)
 		}
 	}
 	if _, _, err := ChooseAddress("first-found", ipam.IPv4, ifaces[:3], reach); err == nil {
