@@ -71,3 +71,50 @@ func TestRoutesApply(t *testing.T) {
 		t.Errorf("a route margay does not own was touched: %q", out)
 	}
 }
+
+// IPv6 routes beside IPv4 ones: a v6 blackhole block and a pod's /128 are
+// programmed, left alone on a second pass, repaired and removed like v4 ones.
+func TestRoutesApplyIPv6(t *testing.T) {
+	ns := nstest.New(t, "node")
+	if err := ns.MakeHost("198.18.1.2/24"); err != nil {
+		t.Fatal(err)
+	}
+	ns.MustRun(t, "ip", "link", "add", "mgytest0", "type", "veth", "peer", "name", "mgytest0p")
+	ns.MustRun(t, "ip", "link", "set", "mgytest0", "up")
+	r := NewRoutes(slog.Default())
+	apply := func(want []calc.Route) bool {
+		t.Helper()
+		var changed bool
+		if err := ns.Do(func() (err error) { changed, err = r.Apply(want); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return changed
+	}
+	p := netip.MustParsePrefix
+	desired := []calc.Route{
+		{Dst: p("10.244.1.0/26"), Kind: calc.Blackhole},
+		{Dst: p("fd00:244::/122"), Kind: calc.Blackhole},
+		{Dst: p("fd00:244::5/128"), Kind: calc.Local, Dev: "mgytest0"},
+	}
+	show6 := func() string { return ns.MustRun(t, "ip", "-6", "route", "show", "proto", "77") }
+	if !apply(desired) {
+		t.Error("first Apply reported no change")
+	}
+	got := show6()
+	if !strings.Contains(got, "blackhole fd00:244::/122") || !strings.Contains(got, "fd00:244::5 dev mgytest0") {
+		t.Errorf("v6 routes:\n%s", got)
+	}
+	if apply(desired) {
+		t.Error("second Apply changed something")
+	}
+	ns.MustRun(t, "ip", "-6", "route", "del", "fd00:244::5/128")
+	if !apply(desired) || !strings.Contains(show6(), "fd00:244::5 dev mgytest0") {
+		t.Errorf("a deleted v6 route was not repaired:\n%s", show6())
+	}
+	if !apply(desired[:1]) || show6() != "" {
+		t.Errorf("v6 routes left after they were no longer desired:\n%s", show6())
+	}
+	if err := ns.Do(r.Cleanup); err != nil {
+		t.Fatal(err)
+	}
+}

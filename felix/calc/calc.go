@@ -197,23 +197,36 @@ type Output struct {
 func Compute(in Input) Output {
 	out := Output{Sysctls: map[string]string{"net/ipv4/ip_forward": "1"}}
 	local := map[netip.Prefix]bool{}
+	// IPv6 blocks and pods get their local routes, but BGP carries IPv4 only
+	// so far: a v6 prefix is not advertised, and v6 reaches this node's pods only.
+	unadvertised := 0
+	advertise := func(p netip.Prefix) {
+		if p.Addr().Is4() {
+			out.Advertise = append(out.Advertise, p)
+		} else {
+			unadvertised++
+		}
+	}
 	for _, b := range in.Blocks {
 		local[b] = true
 		out.Routes = append(out.Routes, Route{Dst: b, Kind: Blackhole})
-		out.Advertise = append(out.Advertise, b)
+		advertise(b)
 	}
 	for _, ep := range in.Endpoints {
 		for _, ip := range ep.IPs {
 			ip = ip.Masked()
 			if local[ip] {
-				continue // the same /32 twice: the first endpoint keeps it
+				continue // the same address twice: the first endpoint keeps it
 			}
 			local[ip] = true
 			out.Routes = append(out.Routes, Route{Dst: ip, Kind: Local, Dev: ep.Interface})
 			if !inAny(ip, in.Blocks) {
-				out.Advertise = append(out.Advertise, ip) // borrowed
+				advertise(ip) // borrowed
 			}
 		}
+	}
+	if unadvertised > 0 {
+		out.Problems = append(out.Problems, fmt.Sprintf("%d IPv6 blocks or pod addresses are not advertised: margay does not route IPv6 between nodes yet, and IPv6 traffic is not filtered by policy", unadvertised))
 	}
 	nodes := map[string]*api.Node{}
 	for _, n := range in.Nodes {
@@ -508,8 +521,8 @@ func ipsets(in Input) []IPSet {
 	all := IPSet{Name: SetAllPools, Type: "hash:net"}
 	for _, p := range in.Pools {
 		c := p.Prefix()
-		if !c.IsValid() {
-			continue
+		if !c.IsValid() || !c.Addr().Is4() {
+			continue // the sets are IPv4 (family inet)
 		}
 		all.Members = append(all.Members, c)
 		if p.Spec.NATOutgoing { // a disabled pool's pods still need their NAT

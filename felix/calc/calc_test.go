@@ -379,3 +379,45 @@ func TestPodMTU(t *testing.T) {
 		}
 	}
 }
+
+// A dual-stack node before IPv6 routing exists: v6 blocks and pods get their
+// local routes, but no v6 prefix reaches BGP, an ipset or an iptables rule,
+// where it would fail the whole IPv4 data plane; a problem says so.
+func TestComputeDualStackStaysIPv4(t *testing.T) {
+	in := Input{
+		Node:   "n1",
+		NodeIP: pfx("198.18.1.2/24"),
+		Pools: []*api.IPPool{
+			pool("v4", "10.244.0.0/16", func(s *api.IPPoolSpec) { s.NATOutgoing = true }),
+			pool("v6", "fd00:244::/48", func(s *api.IPPoolSpec) { s.NATOutgoing = true }),
+		},
+		Nodes:     []*api.Node{node("n1", "198.18.1.2/24")},
+		Blocks:    []netip.Prefix{pfx("10.244.1.0/26"), pfx("fd00:244::/122")},
+		Endpoints: []Endpoint{{Name: "a", Interface: "mgya", IPs: []netip.Prefix{pfx("10.244.1.1/32"), pfx("fd00:244::1/128"), pfx("fd00:244:0:1::9/128")}}},
+	}
+	out := Compute(in)
+	want := []string{"blackhole 10.244.1.0/26", "10.244.1.1/32 dev mgya", "blackhole fd00:244::/122", "fd00:244::1/128 dev mgya", "fd00:244:0:1::9/128 dev mgya"}
+	if got := routes(out.Routes); !slices.Equal(got, want) {
+		t.Errorf("routes %q, want %q", got, want)
+	}
+	if !slices.Equal(out.Advertise, []netip.Prefix{pfx("10.244.1.0/26")}) {
+		t.Errorf("advertised %v, want the IPv4 block only", out.Advertise)
+	}
+	for _, s := range out.IPSets {
+		for _, m := range s.Members {
+			if !m.Addr().Is4() {
+				t.Errorf("ipset %s has IPv6 member %s", s.Name, m)
+			}
+		}
+	}
+	for _, c := range out.Chains {
+		for _, r := range c.Rules {
+			if strings.Contains(strings.Join(r, " "), "fd00:") {
+				t.Errorf("chain %s has an IPv6 rule %q", c.Name, r)
+			}
+		}
+	}
+	if len(out.Problems) != 1 || !strings.Contains(out.Problems[0], "2 IPv6 blocks or pod addresses are not advertised") {
+		t.Errorf("problems %q, want one about the unadvertised IPv6 prefixes", out.Problems)
+	}
+}

@@ -41,7 +41,9 @@ func rules(in Input) ([]Chain, []Jump) {
 	to := Chain{Table: "filter", Name: ChainToWL}
 	for _, ep := range in.Endpoints {
 		for _, ip := range ep.IPs {
-			from.Rules = append(from.Rules, []string{"-s", ip.Masked().String(), "-i", ep.Interface, "-j", "RETURN"})
+			if ip.Addr().Is4() { // these are iptables rules; ip6tables has none yet
+				from.Rules = append(from.Rules, []string{"-s", ip.Masked().String(), "-i", ep.Interface, "-j", "RETURN"})
+			}
 		}
 		to.Rules = append(to.Rules, []string{"-o", ep.Interface, "-j", "RETURN"})
 	}
