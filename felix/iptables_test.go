@@ -86,6 +86,8 @@ func TestIPTablesApply(t *testing.T) {
 -A MGY-FORWARD -o mgy+ -j MGY-TO-WL
 -A MGY-FORWARD -i mgy+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A MGY-FORWARD -o mgy+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A MGY-FORWARD -i mgy+ -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m comment --comment "margay: TCP without a flow and no SYN" -j DROP
+-A MGY-FORWARD -o mgy+ -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m comment --comment "margay: TCP without a flow and no SYN" -j DROP
 -A MGY-FORWARD -i mgy+ -j MARK --set-xmark 0x0/0x30000
 -A MGY-FORWARD -i mgy+ -j MGY-FROM-EP
 -A MGY-FORWARD -i mgy+ -m mark --mark 0x0/0x10000 -m comment --comment "margay: egress policy did not accept" -j DROP

@@ -3,6 +3,7 @@ package calc
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -213,6 +214,13 @@ func (e *Evaluator) parse(words []string) evalRule {
 			}
 		case "--comment", "--log-prefix":
 			arg()
+		case "--tcp-flags":
+			// The first packet of a new TCP flow has SYN set and no other flag:
+			// the flags of MASK it has must be exactly COMP.
+			mask, comp := arg(), arg()
+			synInMask := mask == "ALL" || slices.Contains(strings.Split(mask, ","), "SYN")
+			want := synInMask && comp == "SYN" || !synInMask && comp == "NONE"
+			add(func(st *evalState) bool { return st.p.Proto == 6 && want })
 		case "--mark":
 			v, m, err := parseMark(arg())
 			if err != nil {

@@ -157,3 +157,26 @@ func TestEvaluateUnknown(t *testing.T) {
 		t.Errorf("second rule: err %v, want unknown match", err)
 	}
 }
+
+// A flow's first packet is a SYN: the mid-stream drop in MGY-FORWARD never
+// takes it, and --tcp-flags matches it as the kernel would.
+func TestEvaluateTCPFlags(t *testing.T) {
+	for _, tc := range []struct {
+		rule  []string
+		proto uint8
+		want  bool // accepted
+	}{
+		{concat([]string{"-i", "mgy+"}, midStream, []string{"-j", "DROP"}), 6, true},
+		{concat([]string{"-i", "mgy+"}, midStream, []string{"-j", "DROP"}), 17, true},
+		{[]string{"-p", "tcp", "-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN", "-j", "DROP"}, 6, false},
+		{[]string{"-p", "tcp", "-m", "tcp", "--tcp-flags", "ALL", "SYN", "-j", "DROP"}, 6, false},
+		{[]string{"-p", "tcp", "-m", "tcp", "--tcp-flags", "FIN,RST", "NONE", "-j", "DROP"}, 6, false},
+		{[]string{"-p", "tcp", "-m", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"}, 6, true},
+	} {
+		ev := NewEvaluator([]Chain{{Table: "filter", Name: ChainForward, Rules: [][]string{tc.rule, {"-j", "ACCEPT"}}}}, nil)
+		got, err := ev.Forward(Packet{In: "mgya", Proto: tc.proto, Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), DPort: 80})
+		if err != nil || got != tc.want {
+			t.Errorf("%q, proto %d: accepted %v, %v; want %v", tc.rule, tc.proto, got, err, tc.want)
+		}
+	}
+}

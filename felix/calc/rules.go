@@ -59,6 +59,12 @@ func rules(in Input) ([]Chain, []Jump) {
 		{"-o", "mgy+", "-j", ChainToWL},
 		{"-i", "mgy+", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
 		{"-o", "mgy+", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"},
+		// A TCP packet without a flow that is not a SYN is conntrack's loose
+		// pickup of a connection it has no entry for, such as one whose entry
+		// the cut deleted: taken up from the allowed side, it would open the
+		// denied one again. Such a connection must start over.
+		concat([]string{"-i", "mgy+"}, midStream, comment("margay: TCP without a flow and no SYN"), []string{"-j", "DROP"}),
+		concat([]string{"-o", "mgy+"}, midStream, comment("margay: TCP without a flow and no SYN"), []string{"-j", "DROP"}),
 		concat([]string{"-i", "mgy+"}, clearMarks),
 		{"-i", "mgy+", "-j", ChainFromEP},
 		concat([]string{"-i", "mgy+"}, notAccepted, comment("margay: egress policy did not accept"), []string{"-j", "DROP"}),
@@ -88,3 +94,6 @@ func rules(in Input) ([]Chain, []Jump) {
 		{Table: "nat", From: "POSTROUTING", To: ChainPostrouting},
 	}
 }
+
+// midStream matches a TCP packet that starts a flow without being a SYN.
+var midStream = []string{"-p", "tcp", "-m", "tcp", "!", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN", "-m", "conntrack", "--ctstate", "NEW"}

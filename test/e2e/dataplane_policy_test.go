@@ -337,6 +337,35 @@ func TestPolicyCutsDeniedFlows(t *testing.T) {
 	for name, d := range cutAt {
 		t.Logf("%s: cut %s after the policy was applied", name, d.Round(time.Millisecond))
 	}
+	// The allowed side of the cut TCP flow sends first: conntrack would take the
+	// packet up as a new flow from x/b, which policy allows, and so open the
+	// connection to y/a again. It must stay cut.
+	var server net.Conn
+	mu.Lock()
+	for _, c := range accepted {
+		if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil && ap.Addr().Unmap() == ya.addr {
+			server = c
+		}
+	}
+	mu.Unlock()
+	if server == nil {
+		t.Fatal("x/b accepted no connection from y/a")
+	}
+	if _, err := server.Write([]byte("xb")); err != nil {
+		t.Fatalf("x/b writes to y/a: %v", err)
+	}
+	for _, c := range conns {
+		if c.name != "y/a -> x/b tcp/82" {
+			continue
+		}
+		c.c.SetReadDeadline(time.Now().Add(time.Second))
+		if n, err := c.c.Read(make([]byte, 8)); err == nil {
+			t.Errorf("y/a received %d bytes x/b sent after the cut: the flow was opened again from the allowed side", n)
+		}
+		if exchange(c.c) {
+			t.Errorf("y/a's exchange succeeded after x/b sent first")
+		}
+	}
 	metrics, err := pl.nodeOf(t, xb).HTTPGet("127.0.0.1:9091", "/metrics")
 	if err != nil {
 		t.Fatal(err)
