@@ -263,7 +263,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	if err != nil {
 		a.log.Error("BGP paths", "err", err)
 	}
-	in := calc.Input{Node: a.cfg.NodeName, NodeIP: a.addr, Pools: s.pools, Nodes: s.nodes, Blocks: s.blocks,
+	in := calc.Input{Node: a.cfg.NodeName, NodeIP: a.addr, NodeIP6: a.addr6, Pools: s.pools, Nodes: s.nodes, Blocks: s.blocks,
 		Endpoints: s.eps, Owners: s.owners, Paths: paths, RandomFully: a.ipt.RandomFully(), UnderlayMTU: a.underlayMTU(), Policy: s.policy}
 	in.Gateways = a.gateways(in.Paths)
 	out := calc.Compute(in)
@@ -457,7 +457,7 @@ func (a *Agent) ensureSpeaker(ctx context.Context, self *api.Node, s api.BGPSett
 	}
 	// Sessions leave from the node's address: the passive side of a mesh pair
 	// accepts its peer only from there.
-	want := bgp.Config{RouterID: a.addr.Addr(), LocalAddress: a.addr.Addr(), ASNumber: uint32(as), ListenPort: s.ListenPort,
+	want := bgp.Config{RouterID: a.addr.Addr(), LocalAddress: a.addr.Addr(), NextHopV6: a.addr6.Addr(), ASNumber: uint32(as), ListenPort: s.ListenPort,
 		ClusterID: cluster, GRPCAddress: a.cfg.GRPCAddr, Logger: a.log}
 	if a.speaker != nil && a.speakerCfg.RouterID == want.RouterID && a.speakerCfg.ASNumber == want.ASNumber &&
 		a.speakerCfg.ListenPort == want.ListenPort && a.speakerCfg.ClusterID == want.ClusterID {
@@ -503,7 +503,7 @@ func (a *Agent) gateways(paths []api.BGPPath) map[netip.Addr]netip.Addr {
 	gws := map[netip.Addr]netip.Addr{}
 	for _, p := range paths {
 		nh := p.NextHop
-		if _, done := gws[nh]; done || !nh.Is4() || a.addr.Contains(nh) {
+		if _, done := gws[nh]; done || a.addr.Contains(nh) || a.addr6.Contains(nh) {
 			continue
 		}
 		gw, err := RouteGateway(nh)

@@ -63,7 +63,7 @@ func TestGoBGPPeer(t *testing.T) {
 }
 
 func TestLocalPath(t *testing.T) {
-	p, err := localPath(netip.MustParsePrefix("10.244.1.0/26"))
+	p, err := localPath(netip.MustParsePrefix("10.244.1.0/26"), netip.Addr{})
 	if err != nil {
 		t.Fatal(err)
 	}

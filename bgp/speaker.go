@@ -45,6 +45,7 @@ const (
 
 var (
 	ipv4Unicast = &gobgpapi.Family{Afi: gobgpapi.Family_AFI_IP, Safi: gobgpapi.Family_SAFI_UNICAST}
+	ipv6Unicast = &gobgpapi.Family{Afi: gobgpapi.Family_AFI_IP6, Safi: gobgpapi.Family_SAFI_UNICAST}
 
 	errClosed = errors.New("bgp: the speaker is closed")
 )
@@ -61,6 +62,10 @@ type Config struct {
 	// LocalAddress is the source address of outgoing sessions, and the only local
 	// address incoming sessions are accepted on; the zero Addr lets the kernel choose.
 	LocalAddress netip.Addr
+	// NextHopV6 is the node's IPv6 address. With it, every session also
+	// carries IPv6 unicast (MP-BGP over the IPv4 session) and IPv6 prefixes are
+	// advertised with it as their next hop; without it, IPv4 only.
+	NextHopV6 netip.Addr
 	// ClusterID is the route-reflector cluster ID, "" when this node is not a reflector.
 	ClusterID string
 	// GRPCAddress is where GoBGP's gRPC API listens, so that the gobgp CLI and
@@ -108,6 +113,9 @@ func Start(ctx context.Context, c Config) (*Speaker, error) {
 	}
 	if c.LocalAddress.IsValid() && !c.LocalAddress.Is4() {
 		return nil, fmt.Errorf("bgp: local address %s is not an IPv4 address", c.LocalAddress)
+	}
+	if c.NextHopV6.IsValid() && (!c.NextHopV6.Is6() || c.NextHopV6.Is4In6() || !c.NextHopV6.IsGlobalUnicast()) {
+		return nil, fmt.Errorf("bgp: IPv6 next hop %s is not a global IPv6 address", c.NextHopV6)
 	}
 	port := c.ListenPort
 	switch {
@@ -507,16 +515,20 @@ func (s *Speaker) gobgpPeer(p Peer) *gobgpapi.Peer {
 			Enabled:     true,
 			RestartTime: uint32(min(seconds(restart), maxRestartTime)),
 		},
-		AfiSafis: []*gobgpapi.AfiSafi{{
-			Config:            &gobgpapi.AfiSafiConfig{Family: ipv4Unicast, Enabled: true},
-			MpGracefulRestart: &gobgpapi.MpGracefulRestart{Config: &gobgpapi.MpGracefulRestartConfig{Enabled: true}},
-		}},
 	}
-	if p.MaxPrefixes > 0 {
-		// GoBGP counts the peer's prefixes as they arrive: one over sends a
-		// Cease (maximum number of prefixes reached), closes the session and
-		// keeps it down (admin state PFX_CT) until the peer is re-added.
-		gp.AfiSafis[0].PrefixLimits = &gobgpapi.PrefixLimit{Family: ipv4Unicast, MaxPrefixes: p.MaxPrefixes}
+	for _, f := range s.families() {
+		as := &gobgpapi.AfiSafi{
+			Config:            &gobgpapi.AfiSafiConfig{Family: f, Enabled: true},
+			MpGracefulRestart: &gobgpapi.MpGracefulRestart{Config: &gobgpapi.MpGracefulRestartConfig{Enabled: true}},
+		}
+		if p.MaxPrefixes > 0 {
+			// GoBGP counts the peer's prefixes as they arrive, per family: one
+			// over sends a Cease (maximum number of prefixes reached), closes
+			// the session and keeps it down (admin state PFX_CT) until the peer
+			// is re-added.
+			as.PrefixLimits = &gobgpapi.PrefixLimit{Family: f, MaxPrefixes: p.MaxPrefixes}
+		}
+		gp.AfiSafis = append(gp.AfiSafis, as)
 	}
 	if s.cfg.LocalAddress.IsValid() {
 		gp.Transport.LocalAddress = s.cfg.LocalAddress.String()
@@ -525,6 +537,14 @@ func (s *Speaker) gobgpPeer(p Peer) *gobgpapi.Peer {
 		gp.RouteReflector = &gobgpapi.RouteReflector{RouteReflectorClient: true, RouteReflectorClusterId: s.cfg.ClusterID}
 	}
 	return gp
+}
+
+// families are the address families the sessions carry.
+func (s *Speaker) families() []*gobgpapi.Family {
+	if s.cfg.NextHopV6.IsValid() {
+		return []*gobgpapi.Family{ipv4Unicast, ipv6Unicast}
+	}
+	return []*gobgpapi.Family{ipv4Unicast}
 }
 
 // seconds rounds d up to whole seconds, so that a short non-zero time does not
@@ -536,7 +556,8 @@ func seconds(d time.Duration) uint64 {
 	return uint64((d + time.Second - 1) / time.Second)
 }
 
-// SetAdvertised makes the speaker originate exactly prefixes (IPv4 only). It
+// SetAdvertised makes the speaker originate exactly prefixes (IPv6 ones only
+// with Config.NextHopV6). It
 // withdraws the prefixes of the previous call that are gone, and adds every prefix
 // again: GoBGP ignores an identical AddPath (nothing reaches the peers), so a
 // periodic call is cheap and repairs a path deleted behind margay's back, with the
@@ -544,8 +565,11 @@ func seconds(d time.Duration) uint64 {
 func (s *Speaker) SetAdvertised(ctx context.Context, prefixes []netip.Prefix) error {
 	want := make(map[netip.Prefix]bool, len(prefixes))
 	for _, p := range prefixes {
-		if !p.IsValid() || !p.Addr().Is4() {
-			return fmt.Errorf("bgp: cannot advertise %q: only IPv4 prefixes are supported", p)
+		switch {
+		case !p.IsValid() || p.Addr().Is4In6():
+			return fmt.Errorf("bgp: cannot advertise %q: not a prefix", p)
+		case p.Addr().Is6() && !s.cfg.NextHopV6.IsValid():
+			return fmt.Errorf("bgp: cannot advertise %s: this node has no IPv6 address (margay-node --ip6)", p)
 		}
 		want[p.Masked()] = true
 	}
@@ -566,10 +590,10 @@ func (s *Speaker) SetAdvertised(ctx context.Context, prefixes []netip.Prefix) er
 		// A withdrawal names the path (a DeletePath with neither path nor UUID
 		// deletes every local path) and says IsWithdraw, without which GoBGP wants a
 		// next hop.
-		path, err := localPath(p)
+		path, err := localPath(p, s.cfg.NextHopV6)
 		if err == nil {
 			path.IsWithdraw = true
-			err = s.srv.DeletePath(ctx, &gobgpapi.DeletePathRequest{TableType: gobgpapi.TableType_GLOBAL, Family: ipv4Unicast, Path: path})
+			err = s.srv.DeletePath(ctx, &gobgpapi.DeletePathRequest{TableType: gobgpapi.TableType_GLOBAL, Family: path.Family, Path: path})
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("bgp: withdrawing %s: %w", p, err))
@@ -582,7 +606,7 @@ func (s *Speaker) SetAdvertised(ctx context.Context, prefixes []netip.Prefix) er
 		if err := ctx.Err(); err != nil {
 			return errors.Join(append(errs, err)...)
 		}
-		path, err := localPath(p)
+		path, err := localPath(p, s.cfg.NextHopV6)
 		if err == nil {
 			_, err = s.srv.AddPath(ctx, &gobgpapi.AddPathRequest{TableType: gobgpapi.TableType_GLOBAL, Path: path})
 		}
@@ -599,22 +623,29 @@ func (s *Speaker) SetAdvertised(ctx context.Context, prefixes []netip.Prefix) er
 }
 
 // localPath is p originated here: origin IGP, next hop 0.0.0.0, which GoBGP
-// replaces with each session's local address, and the highest local
+// replaces with each session's local address (for IPv6, which travels over
+// IPv4 sessions, the node's IPv6 address instead), and the highest local
 // preference. A node originates only its own blocks and pods, and its path
 // must stay its best: a peer's path with a higher local preference would
 // otherwise win on this node, which then stops advertising its own prefix
 // (GoBGP exports best paths only) and leaves the others only the peer's path.
 // On a tie the local path wins. iBGP peers see the same preference; eBGP
 // peers are not sent it.
-func localPath(p netip.Prefix) (*gobgpapi.Path, error) {
+func localPath(p netip.Prefix, nextHopV6 netip.Addr) (*gobgpapi.Path, error) {
 	nlri, err := anypb.New(&gobgpapi.IPAddressPrefix{Prefix: p.Addr().String(), PrefixLen: uint32(p.Bits())})
 	if err != nil {
 		return nil, err
 	}
+	family := ipv4Unicast
+	var nextHop proto.Message = &gobgpapi.NextHopAttribute{NextHop: "0.0.0.0"}
+	if p.Addr().Is6() {
+		family = ipv6Unicast
+		nextHop = &gobgpapi.MpReachNLRIAttribute{Family: ipv6Unicast, NextHops: []string{nextHopV6.String()}, Nlris: []*anypb.Any{nlri}}
+	}
 	var attrs []*anypb.Any
 	for _, m := range []proto.Message{
 		&gobgpapi.OriginAttribute{Origin: 0},
-		&gobgpapi.NextHopAttribute{NextHop: "0.0.0.0"},
+		nextHop,
 		&gobgpapi.LocalPrefAttribute{LocalPref: math.MaxUint32},
 	} {
 		a, err := anypb.New(m)
@@ -623,10 +654,11 @@ func localPath(p netip.Prefix) (*gobgpapi.Path, error) {
 		}
 		attrs = append(attrs, a)
 	}
-	return &gobgpapi.Path{Family: ipv4Unicast, Nlri: nlri, Pattrs: attrs}, nil
+	return &gobgpapi.Path{Family: family, Nlri: nlri, Pattrs: attrs}, nil
 }
 
-// Paths returns every IPv4 unicast path learned from peers, best or not,
+// Paths returns every unicast path of the sessions' families learned from
+// peers, best or not,
 // sorted by prefix with each prefix's best path first. Paths this speaker
 // originates are left out. Paths a restarting peer left behind (graceful
 // restart) are included until they expire. All paths, not just the best: the
@@ -635,23 +667,25 @@ func localPath(p netip.Prefix) (*gobgpapi.Path, error) {
 func (s *Speaker) Paths(ctx context.Context) ([]api.BGPPath, error) {
 	var out []api.BGPPath
 	var bad []error
-	err := s.srv.ListPath(ctx, &gobgpapi.ListPathRequest{TableType: gobgpapi.TableType_GLOBAL, Family: ipv4Unicast},
-		func(d *gobgpapi.Destination) {
-			for _, p := range d.Paths {
-				if p.IsWithdraw || isLocal(p) {
-					continue
+	for _, f := range s.families() {
+		err := s.srv.ListPath(ctx, &gobgpapi.ListPathRequest{TableType: gobgpapi.TableType_GLOBAL, Family: f},
+			func(d *gobgpapi.Destination) {
+				for _, p := range d.Paths {
+					if p.IsWithdraw || isLocal(p) {
+						continue
+					}
+					path, err := toPath(d.Prefix, p)
+					if err != nil {
+						bad = append(bad, err)
+						continue
+					}
+					out = append(out, path)
 				}
-				path, err := toPath(d.Prefix, p)
-				if err != nil {
-					bad = append(bad, err)
-					continue
-				}
-				out = append(out, path)
-			}
-		})
-	s.syncWithServer()
-	if err != nil {
-		return nil, fmt.Errorf("bgp: listing paths: %w", err)
+			})
+		s.syncWithServer()
+		if err != nil {
+			return nil, fmt.Errorf("bgp: listing paths: %w", err)
+		}
 	}
 	// ListPath stops early without an error when ctx ends.
 	if err := ctx.Err(); err != nil {

@@ -148,6 +148,7 @@ func (r *recorder) list() []string {
 
 type speakerOpts struct {
 	as        uint32
+	nextHopV6 string // the node's IPv6 address: sessions carry IPv6 too
 	clusterID string
 	grpc      string
 	log       *slog.Logger
@@ -162,11 +163,15 @@ func startSpeaker(t *testing.T, ip string, o speakerOpts) *Speaker {
 		o.log = testLogger(t).With("speaker", ip)
 	}
 	a := netip.MustParseAddr(ip)
+	var nh6 netip.Addr
+	if o.nextHopV6 != "" {
+		nh6 = netip.MustParseAddr(o.nextHopV6)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s, err := Start(ctx, Config{
 		RouterID: a, ASNumber: o.as, ListenPort: 179, ListenAddresses: []string{ip}, LocalAddress: a,
-		ClusterID: o.clusterID, GRPCAddress: o.grpc, Logger: o.log,
+		NextHopV6: nh6, ClusterID: o.clusterID, GRPCAddress: o.grpc, Logger: o.log,
 	})
 	if err != nil {
 		t.Fatalf("Start(%s): %v", ip, err)
@@ -361,7 +366,7 @@ func TestSpeakerMeshRoutes(t *testing.T) {
 	waitPaths(t, b, path(prefixA, ipA))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	p, err := localPath(prefixA)
+	p, err := localPath(prefixA, netip.Addr{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -806,7 +811,7 @@ func TestSpeakerOwnPathStaysBest(t *testing.T) {
 	advertise(t, a, prefixA)
 	waitPaths(t, b, path(prefixA, ipA))
 
-	p, err := localPath(prefixA)
+	p, err := localPath(prefixA, netip.Addr{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -829,5 +834,35 @@ func TestSpeakerOwnPathStaysBest(t *testing.T) {
 	ps := allPaths(t, b)
 	if !slices.ContainsFunc(ps, func(p api.BGPPath) bool { return p.Peer.String() == ipA && p.NextHop.String() == ipA && p.Best }) {
 		t.Errorf("B lost A's path to %s, or it is not the best: %v", prefixA, ps)
+	}
+}
+
+// TestSpeakerIPv6: with their IPv6 addresses, two nodes exchange IPv6 prefixes
+// over their IPv4 session (MP-BGP), each with the advertiser's IPv6 address as
+// next hop, beside the IPv4 ones; a withdrawal removes only its own family's
+// prefix. A speaker without an IPv6 address refuses to advertise one.
+func TestSpeakerIPv6(t *testing.T) {
+	needNetNS(t)
+	a := startSpeaker(t, ipA, speakerOpts{nextHopV6: "fd00:18:1::1"})
+	b := startSpeaker(t, ipB, speakerOpts{nextHopV6: "fd00:18:1::2"})
+	setPeers(t, a, nodePeer(ipA, ipB, "node-b", Mesh))
+	setPeers(t, b, nodePeer(ipB, ipA, "node-a", Mesh))
+	waitEstablished(t, session{a, ipB}, session{b, ipA})
+	v6A, v6B := netip.MustParsePrefix("fd00:244::/122"), netip.MustParsePrefix("fd00:244::40/122")
+	advertise(t, a, prefixA, v6A)
+	advertise(t, b, v6B)
+	waitPaths(t, b, path(prefixA, ipA), path(v6A, "fd00:18:1::1"))
+	waitPaths(t, a, path(v6B, "fd00:18:1::2"))
+	advertise(t, a, prefixA)
+	waitPaths(t, b, path(prefixA, ipA))
+
+	c := startSpeaker(t, ipC, speakerOpts{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.SetAdvertised(ctx, []netip.Prefix{v6A}); err == nil || !strings.Contains(err.Error(), "no IPv6 address (margay-node --ip6)") {
+		t.Errorf("advertising IPv6 without an IPv6 address: %v", err)
+	}
+	if _, err := Start(ctx, Config{RouterID: netip.MustParseAddr(ipC), ASNumber: asNode, ListenPort: -1, NextHopV6: netip.MustParseAddr("fe80::1")}); err == nil || !strings.Contains(err.Error(), "not a global IPv6 address") {
+		t.Errorf("a link-local IPv6 next hop: %v", err)
 	}
 }

@@ -20,8 +20,12 @@ type Input struct {
 	// NodeIP is this node's address with its subnet's prefix length
 	// (Node spec.bgp.ipv4Address): the subnet decides which next hops are direct.
 	NodeIP netip.Prefix
-	Pools  []*api.IPPool
-	Nodes  []*api.Node // every node, this one included
+	// NodeIP6 is the node's IPv6 address with its subnet's prefix length
+	// (spec.bgp.ipv6Address); invalid when the node has none, and then no IPv6
+	// prefix is advertised or routed to other nodes.
+	NodeIP6 netip.Prefix
+	Pools   []*api.IPPool
+	Nodes   []*api.Node // every node, this one included
 	// Blocks are this node's confirmed affine blocks.
 	Blocks    []netip.Prefix
 	Endpoints []Endpoint // this node's pods
@@ -197,11 +201,10 @@ type Output struct {
 func Compute(in Input) Output {
 	out := Output{Sysctls: map[string]string{"net/ipv4/ip_forward": "1"}}
 	local := map[netip.Prefix]bool{}
-	// IPv6 blocks and pods get their local routes, but BGP carries IPv4 only
-	// so far: a v6 prefix is not advertised, and v6 reaches this node's pods only.
-	unadvertised := 0
+	// IPv6 prefixes are advertised only with an IPv6 next hop to give them.
+	unadvertised, v6Pods := 0, 0
 	advertise := func(p netip.Prefix) {
-		if p.Addr().Is4() {
+		if p.Addr().Is4() || in.NodeIP6.IsValid() {
 			out.Advertise = append(out.Advertise, p)
 		} else {
 			unadvertised++
@@ -219,6 +222,9 @@ func Compute(in Input) Output {
 				continue // the same address twice: the first endpoint keeps it
 			}
 			local[ip] = true
+			if ip.Addr().Is6() {
+				v6Pods++
+			}
 			out.Routes = append(out.Routes, Route{Dst: ip, Kind: Local, Dev: ep.Interface})
 			if !inAny(ip, in.Blocks) {
 				advertise(ip) // borrowed
@@ -226,7 +232,13 @@ func Compute(in Input) Output {
 		}
 	}
 	if unadvertised > 0 {
-		out.Problems = append(out.Problems, fmt.Sprintf("%d IPv6 blocks or pod addresses are not advertised: margay does not route IPv6 between nodes yet, and IPv6 traffic is not filtered by policy", unadvertised))
+		out.Problems = append(out.Problems, fmt.Sprintf("%d IPv6 blocks or pod addresses are not advertised: this node has no IPv6 address; give it one with margay-node --ip6", unadvertised))
+	}
+	if v6Pods > 0 {
+		out.Problems = append(out.Problems, fmt.Sprintf("the IPv6 traffic of %d pod addresses is not filtered: margay has no ip6tables rules yet (no policy, anti-spoofing or NAT66)", v6Pods))
+	}
+	if in.NodeIP6.IsValid() {
+		out.Sysctls["net/ipv6/conf/all/forwarding"] = "1"
 	}
 	nodes := map[string]*api.Node{}
 	for _, n := range in.Nodes {
@@ -247,7 +259,11 @@ func Compute(in Input) Output {
 		if pool == nil {
 			continue // only pod addresses are margay's business
 		}
-		owner, ignored := own.follow(p, in.NodeIP.Addr())
+		self := in.NodeIP
+		if dst.Addr().Is6() {
+			self = in.NodeIP6
+		}
+		owner, ignored := own.follow(p, self.Addr())
 		if ignored != nil {
 			out.Ignored = append(out.Ignored, *ignored)
 		}
@@ -255,12 +271,15 @@ func Compute(in Input) Output {
 			continue // the first path that leads to the owner wins, best first
 		}
 		routed[dst] = true
-		if !p.NextHop.Is4() {
-			out.Problems = append(out.Problems, fmt.Sprintf("%s: next hop %s is not an IPv4 address", dst, p.NextHop))
+		if p.NextHop.Is4() != dst.Addr().Is4() || p.NextHop.Is4In6() {
+			out.Problems = append(out.Problems, fmt.Sprintf("%s: next hop %s is not an address of the prefix's family", dst, p.NextHop))
 			continue
 		}
-		cross := !in.NodeIP.Contains(p.NextHop)
+		cross := !self.Contains(p.NextHop)
 		switch {
+		case dst.Addr().Is6() && encapsulates(pool.Spec.VXLANMode, cross):
+			out.Problems = append(out.Problems, fmt.Sprintf("%s: VXLAN for IPv6 is not built yet; not routed", dst))
+			continue
 		case encapsulates(pool.Spec.IPIPMode, cross):
 			r := Route{Dst: dst, Kind: Tunnel, Dev: IPIPDevice, Gw: p.NextHop}
 			if out.IPIP != nil {
@@ -287,7 +306,7 @@ func Compute(in Input) Output {
 			// through the gateway towards the next hop.
 			gw, ok := in.Gateways[p.NextHop]
 			if !ok {
-				out.Problems = append(out.Problems, fmt.Sprintf("%s: next hop %s is outside this node's subnet %s and the kernel has no route to it; not routed", dst, p.NextHop, in.NodeIP.Masked()))
+				out.Problems = append(out.Problems, fmt.Sprintf("%s: next hop %s is outside this node's subnet %s and the kernel has no route to it; not routed", dst, p.NextHop, self.Masked()))
 				continue
 			}
 			out.Routes = append(out.Routes, Route{Dst: dst, Kind: Via, Gw: gw})
@@ -333,14 +352,15 @@ type ownership struct {
 	self   string
 	blocks map[netip.Prefix]string
 	pods   map[netip.Addr]string
-	addrs  map[string]netip.Addr // node -> BGP address
-	names  map[netip.Addr]string // BGP address -> node
+	addrs  map[string]netip.Addr // node -> IPv4 BGP address
+	addrs6 map[string]netip.Addr // node -> IPv6 BGP address
+	names  map[netip.Addr]string // BGP address (either family) -> node
 }
 
 // owners merges in.Owners with this node's own blocks and pods (local).
 func owners(in Input, local map[netip.Prefix]bool) ownership {
 	o := ownership{self: in.Node, blocks: maps.Clone(in.Owners.Blocks), pods: maps.Clone(in.Owners.Pods),
-		addrs: map[string]netip.Addr{}, names: map[netip.Addr]string{}}
+		addrs: map[string]netip.Addr{}, addrs6: map[string]netip.Addr{}, names: map[netip.Addr]string{}}
 	if o.blocks == nil {
 		o.blocks = map[netip.Prefix]string{}
 	}
@@ -358,6 +378,10 @@ func owners(in Input, local map[netip.Prefix]bool) ownership {
 	for _, n := range in.Nodes {
 		if a, ok := nodeAddr(n); ok {
 			o.addrs[n.Metadata.Name] = a.Addr()
+			o.names[a.Addr()] = n.Metadata.Name
+		}
+		if a, err := n.BGPAddressV6(); err == nil && a.IsValid() {
+			o.addrs6[n.Metadata.Name] = a.Addr()
 			o.names[a.Addr()] = n.Metadata.Name
 		}
 	}
@@ -393,7 +417,11 @@ func (o ownership) owner(dst netip.Prefix) (owner string, exact bool) {
 func (o ownership) follow(p api.BGPPath, selfAddr netip.Addr) (string, *IgnoredPath) {
 	dst := p.Prefix.Masked()
 	owner, exact := o.owner(dst)
-	addr, hasAddr := o.addrs[owner]
+	addrs := o.addrs
+	if dst.Addr().Is6() {
+		addrs = o.addrs6
+	}
+	addr, hasAddr := addrs[owner]
 	var reason string
 	switch {
 	case exact && owner == o.self && p.NextHop == selfAddr:

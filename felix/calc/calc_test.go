@@ -417,7 +417,62 @@ func TestComputeDualStackStaysIPv4(t *testing.T) {
 			}
 		}
 	}
-	if len(out.Problems) != 1 || !strings.Contains(out.Problems[0], "2 IPv6 blocks or pod addresses are not advertised") {
-		t.Errorf("problems %q, want one about the unadvertised IPv6 prefixes", out.Problems)
+	if len(out.Problems) != 2 || !strings.Contains(out.Problems[0], "2 IPv6 blocks or pod addresses are not advertised: this node has no IPv6 address") ||
+		!strings.Contains(out.Problems[1], "IPv6 traffic of 2 pod addresses is not filtered") {
+		t.Errorf("problems %q, want the unadvertised IPv6 prefixes and the unfiltered pods", out.Problems)
+	}
+	if _, ok := out.Sysctls["net/ipv6/conf/all/forwarding"]; ok {
+		t.Errorf("IPv6 forwarding set on a node without an IPv6 address")
+	}
+}
+
+// With its IPv6 address a node advertises its v6 prefixes and routes other
+// nodes' v6 blocks: directly in its v6 subnet, through the kernel's gateway
+// across it, never towards a next hop that is not the owner's v6 address, and
+// not at all where the pool wants VXLAN, which IPv6 does not have yet.
+func TestComputeIPv6Routes(t *testing.T) {
+	n2, n3, n4 := node("n2", "198.18.1.3/24"), node("n3", "198.18.2.3/24"), node("n4", "198.18.1.4/24")
+	n2.Spec.BGP.IPv6Address = "fd00:18:1::3/64"
+	n3.Spec.BGP.IPv6Address = "fd00:18:2::3/64"
+	n4.Spec.BGP.IPv6Address = "fd00:18:1::4/64"
+	in := Input{
+		Node:    "n1",
+		NodeIP:  pfx("198.18.1.2/24"),
+		NodeIP6: pfx("fd00:18:1::2/64"),
+		Pools: []*api.IPPool{
+			pool("v6", "fd00:244::/48", nil),
+			pool("v6-vxlan", "fd00:245::/48", func(s *api.IPPoolSpec) { s.VXLANMode = api.EncapAlways }),
+		},
+		Nodes:  []*api.Node{node("n1", "198.18.1.2/24"), n2, n3, n4},
+		Blocks: []netip.Prefix{pfx("fd00:244::/122")},
+		Owners: Owners{Blocks: map[netip.Prefix]string{
+			pfx("fd00:244::40/122"): "n2", pfx("fd00:244::80/122"): "n3", pfx("fd00:244::c0/122"): "n4", pfx("fd00:245::/122"): "n2",
+		}},
+		Paths: []api.BGPPath{
+			path("fd00:244::40/122", "fd00:18:1::3"),
+			path("fd00:244::80/122", "fd00:18:2::3"),
+			path("fd00:244::c0/122", "fd00:18:1::3"), // n4's block with n2 as next hop
+			path("fd00:245::/122", "fd00:18:1::3"),
+			path("fd00:244::100/122", "198.18.1.3"), // a v4 next hop for a v6 prefix
+		},
+		Gateways: map[netip.Addr]netip.Addr{netip.MustParseAddr("fd00:18:2::3"): netip.MustParseAddr("fd00:18:1::1")},
+	}
+	out := Compute(in)
+	want := []string{"blackhole fd00:244::/122", "fd00:244::40/122 via fd00:18:1::3", "fd00:244::80/122 via fd00:18:1::1"}
+	if got := routes(out.Routes); !slices.Equal(got, want) {
+		t.Errorf("routes %q, want %q", got, want)
+	}
+	if !slices.Equal(out.Advertise, []netip.Prefix{pfx("fd00:244::/122")}) {
+		t.Errorf("advertised %v, want the v6 block", out.Advertise)
+	}
+	if len(out.Ignored) != 2 || out.Ignored[0].Path.Prefix != pfx("fd00:244::c0/122") || out.Ignored[0].Claimant != "n2" || !strings.Contains(out.Ignored[0].Reason, "belongs to node n4 at fd00:18:1::4") {
+		t.Errorf("ignored %v: want n4's block via n2 refused", out.Ignored)
+	}
+	problems := strings.Join(out.Problems, "\n")
+	if !strings.Contains(problems, "fd00:245::/122: VXLAN for IPv6 is not built yet") {
+		t.Errorf("problems %q: want the VXLAN pool's block reported", out.Problems)
+	}
+	if out.Sysctls["net/ipv6/conf/all/forwarding"] != "1" {
+		t.Errorf("sysctls %v: want IPv6 forwarding", out.Sysctls)
 	}
 }

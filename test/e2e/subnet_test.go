@@ -129,9 +129,11 @@ func checkRoutes(l *lab.Lab, n *lab.Node) error {
 	var want []string
 	for _, m := range l.Nodes {
 		for _, b := range blocks[m.Name] {
-			if m == n {
+			switch {
+			case strings.Contains(b, ":"): // IPv6: checkRoutes6
+			case m == n:
 				want = append(want, "blackhole "+b)
-			} else {
+			default:
 				want = append(want, fmt.Sprintf("%s via %s dev eth0", b, m.IP.Addr()))
 			}
 		}
@@ -192,7 +194,7 @@ func allPairsTCP(t *testing.T, l *lab.Lab) {
 func serve(t *testing.T, ns *nstest.NS, port int) (stop func()) {
 	t.Helper()
 	var ln net.Listener
-	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port)); return err }); err != nil {
+	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
@@ -209,11 +211,11 @@ func serve(t *testing.T, ns *nstest.NS, port int) (stop func()) {
 	return func() { ln.Close() }
 }
 
-// dial connects from inside ns and returns what the server said.
+// dial connects from inside ns, over to's family, and returns what the server said.
 func dial(ns *nstest.NS, to netip.AddrPort) (string, error) {
 	var got []byte
 	err := ns.Do(func() error {
-		c, err := net.DialTimeout("tcp4", to.String(), 3*time.Second)
+		c, err := net.DialTimeout("tcp", to.String(), 3*time.Second)
 		if err != nil {
 			return err
 		}

@@ -46,6 +46,10 @@ type Options struct {
 	Dir string
 	// Pools are applied (as margayctl apply YAML) before the agents start.
 	Pools string
+	// DualStack gives the router and every node an IPv6 address beside the
+	// IPv4 one (SubnetOf6), starts the agents with --ip6 and has pods get an
+	// address of each family (assign_ipv6).
+	DualStack bool
 	// AgentArgs are extra margay-node flags for every node.
 	AgentArgs []string
 	// ToR "bird" runs BIRD in the router as every node's eBGP peer (AS ToRAS),
@@ -83,6 +87,7 @@ type Node struct {
 	Name  string
 	NS    *nstest.NS
 	IP    netip.Prefix
+	IP6   netip.Prefix // invalid unless the lab is dual-stack
 	agent *proc
 	Pods  []*Pod
 }
@@ -93,6 +98,7 @@ type Pod struct {
 	Namespace string // the Kubernetes namespace it claims (CNI_ARGS)
 	NS        *nstest.NS
 	IP        netip.Addr
+	IP6       netip.Addr // invalid unless the lab is dual-stack
 	Node      *Node
 	rt        *libcni.RuntimeConf
 }
@@ -186,6 +192,23 @@ func SubnetOf(s int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(s + 1), 0}), 24)
 }
 
+// SubnetOf6 is subnet s's IPv6 prefix: fd00:18:<s+1>::/64, with the same host
+// numbers as SubnetOf.
+func SubnetOf6(s int) netip.Prefix {
+	a := netip.MustParseAddr("fd00:18::").As16()
+	a[5] = byte(s + 1)
+	return netip.PrefixFrom(netip.AddrFrom16(a), 64)
+}
+
+// hostIn is host number h of prefix p.
+func hostIn(p netip.Prefix, h int) netip.Addr {
+	a := p.Addr()
+	for range h {
+		a = a.Next()
+	}
+	return a
+}
+
 // topology makes the router with one bridge per subnet, the internet and etcd
 // hosts, and the nodes, round robin over the subnets (node i gets host number
 // 2 + i/subnets).
@@ -213,6 +236,12 @@ func (l *Lab) topology() error {
 			[]string{"ip", "link", "set", rt + "-port", "up"},
 			[]string{"ip", "addr", "add", netip.PrefixFrom(gw, 24).String(), "dev", rt},
 			[]string{"ip", "link", "set", rt, "up"})
+		if l.opts.DualStack {
+			steps = append(steps, []string{"ip", "-6", "addr", "add", netip.PrefixFrom(hostIn(SubnetOf6(s), 1), 64).String(), "dev", rt, "nodad"})
+		}
+	}
+	if l.opts.DualStack {
+		steps = append(steps, []string{"sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"})
 	}
 	if err := runAll(r, steps); err != nil {
 		return err
@@ -242,6 +271,15 @@ func (l *Lab) topology() error {
 		n := &Node{lab: l, Name: fmt.Sprintf("node%d", i+1), NS: ns, IP: netip.PrefixFrom(ip, 24)}
 		if err := l.link(ns, fmt.Sprintf("n%d", i+1), fmt.Sprintf("br%d", s), "", n.IP, SubnetOf(s).Addr().Next().String()); err != nil {
 			return err
+		}
+		if l.opts.DualStack {
+			n.IP6 = netip.PrefixFrom(hostIn(SubnetOf6(s), 2+i/l.opts.Subnets), 64)
+			if err := runAll(ns, [][]string{
+				{"ip", "-6", "addr", "add", n.IP6.String(), "dev", "eth0", "nodad"},
+				{"ip", "-6", "route", "add", "default", "via", hostIn(SubnetOf6(s), 1).String()},
+			}); err != nil {
+				return err
+			}
 		}
 		l.Nodes = append(l.Nodes, n)
 	}
@@ -307,6 +345,9 @@ func (n *Node) Start() error {
 	if l.opts.K8sNodeRefs {
 		args = append(args, "--k8s-node-ref", n.Name)
 	}
+	if n.IP6.IsValid() {
+		args = append(args, "--ip6", n.IP6.String())
+	}
 	// ip execs the agent in place, so the process is margay-node itself.
 	p, err := startProc(args, n.LogPath(), l.opts.Detach)
 	if err != nil {
@@ -349,9 +390,13 @@ func (l *Lab) cniConf(n *Node) (*libcni.NetworkConfigList, error) {
 	if b, err := os.ReadFile(n.MTUFile()); err == nil {
 		fmt.Sscan(string(b), &mtu)
 	}
+	v6 := "false"
+	if l.opts.DualStack {
+		v6 = "true"
+	}
 	return libcni.ConfListFromBytes(fmt.Appendf(nil, `{"cniVersion": "1.1.0", "name": "k8s-pod-network", "plugins": [
-		{"type": "margay", "etcd_endpoints": %q, "nodename": %q, "mtu": %d, "ipam": {"type": "margay-ipam"}}]}`,
-		l.Endpoint(), n.Name, mtu))
+		{"type": "margay", "etcd_endpoints": %q, "nodename": %q, "mtu": %d, "ipam": {"type": "margay-ipam", "assign_ipv6": %q}}]}`,
+		l.Endpoint(), n.Name, mtu, v6))
 }
 
 // AddPod creates a pod in namespace "lab" on node n through the CNI plugin.
@@ -383,9 +428,16 @@ func (l *Lab) AddPodIn(ctx context.Context, n *Node, namespace, name string) (*P
 	if err != nil || len(r.IPs) == 0 {
 		return nil, fmt.Errorf("ADD %s on %s: result %v: %v", name, n.Name, res, err)
 	}
-	p.IP, _ = netip.AddrFromSlice(r.IPs[0].Address.IP.To4())
+	for _, ip := range r.IPs {
+		a, _ := netip.AddrFromSlice(ip.Address.IP)
+		if a = a.Unmap(); a.Is4() {
+			p.IP = a
+		} else {
+			p.IP6 = a
+		}
+	}
 	n.Pods = append(n.Pods, p)
-	l.logf("pod %s on %s: %s", name, n.Name, p.IP)
+	l.logf("pod %s on %s: %s %s", name, n.Name, p.IP, p.IP6)
 	return p, nil
 }
 

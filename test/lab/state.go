@@ -33,6 +33,7 @@ type NodeState struct {
 	Name     string       `json:"name"`
 	NS       string       `json:"netns"`
 	IP       netip.Prefix `json:"ip"`
+	IP6      netip.Prefix `json:"ip6,omitzero"`
 	AgentPID int          `json:"agentPID"`
 	Pods     []PodState   `json:"pods,omitempty"`
 }
@@ -43,6 +44,7 @@ type PodState struct {
 	Namespace string     `json:"namespace,omitempty"`
 	NS        string     `json:"netns"`
 	IP        netip.Addr `json:"ip"`
+	IP6       netip.Addr `json:"ip6,omitzero"`
 }
 
 // State describes the lab for Load.
@@ -53,9 +55,9 @@ func (l *Lab) State() State {
 		st.BirdPID = l.bird.pid
 	}
 	for _, n := range l.Nodes {
-		ns := NodeState{Name: n.Name, NS: n.NS.Name, IP: n.IP, AgentPID: n.PID()}
+		ns := NodeState{Name: n.Name, NS: n.NS.Name, IP: n.IP, IP6: n.IP6, AgentPID: n.PID()}
 		for _, p := range n.Pods {
-			ns.Pods = append(ns.Pods, PodState{Name: p.Name, Namespace: p.Namespace, NS: p.NS.Name, IP: p.IP})
+			ns.Pods = append(ns.Pods, PodState{Name: p.Name, Namespace: p.Namespace, NS: p.NS.Name, IP: p.IP, IP6: p.IP6})
 		}
 		st.Nodes = append(st.Nodes, ns)
 	}
@@ -86,12 +88,12 @@ func Load(st State) *Lab {
 	l.etcd = adopt(st.EtcdPID, l.EtcdHost.Path)
 	l.bird = adopt(st.BirdPID, l.Router.Path)
 	for _, s := range st.Nodes {
-		n := &Node{lab: l, Name: s.Name, NS: adoptNS(s.NS), IP: s.IP}
+		n := &Node{lab: l, Name: s.Name, NS: adoptNS(s.NS), IP: s.IP, IP6: s.IP6}
 		n.agent = adopt(s.AgentPID, n.NS.Path)
 		for _, ps := range s.Pods {
 			ns := adoptNS(ps.NS)
 			pns := cmp.Or(ps.Namespace, "lab")
-			n.Pods = append(n.Pods, &Pod{Name: ps.Name, Namespace: pns, NS: ns, IP: ps.IP, Node: n, rt: runtimeConf(n, pns, ps.Name, ns)})
+			n.Pods = append(n.Pods, &Pod{Name: ps.Name, Namespace: pns, NS: ns, IP: ps.IP, IP6: ps.IP6, Node: n, rt: runtimeConf(n, pns, ps.Name, ns)})
 		}
 		l.Nodes = append(l.Nodes, n)
 	}
