@@ -1,13 +1,14 @@
 // Command nodebench measures margay-node in the namespace lab. It needs root and
 // iperf3.
 //
-//	go run ./test/bench/nodebench [-runs 3] [-seconds 5] [-big 21] [-cases direct,vxlan,ipip,convergence]
+//	go run ./test/bench/nodebench [-runs 3] [-seconds 5] [-big 21] [-cases direct,direct-v6,vxlan,ipip,convergence]
 //
 // It prints:
 //   - cross-node pod-to-pod TCP throughput (iperf3, 1 and 4 streams) as a ratio to
 //     node-to-node throughput measured in the same run over the same underlay:
-//     direct routing in one subnet, VXLAN and IPIP across two (IPIP in the
-//     kernel VM of test/vm when this kernel lacks it);
+//     direct routing in one subnet (IPv4, and IPv6 in a dual-stack lab), VXLAN
+//     and IPIP across two (IPIP in the kernel VM of test/vm when this kernel
+//     lacks it);
 //   - convergence: from the start of the CNI ADD that claims a new block on one
 //     node until the block's route is in the kernel of every other node (netlink
 //     events), in a 3-node lab and a big one;
@@ -45,11 +46,18 @@ metadata: {name: pods}
 spec: {cidr: 10.244.0.0/16, natOutgoing: true}
 `
 
+const dualPools = pools + `---
+apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods-v6}
+spec: {cidr: "fd00:244::/48"}
+`
+
 func main() {
 	runs := flag.Int("runs", 3, "iperf3 runs per path and stream count; the median is reported")
 	seconds := flag.Int("seconds", 5, "seconds per iperf3 run")
 	big := flag.Int("big", 21, "nodes in the big lab (convergence and memory)")
-	cases := flag.String("cases", "direct,vxlan,ipip,convergence", "what to measure, comma-separated")
+	cases := flag.String("cases", "direct,direct-v6,vxlan,ipip,convergence", "what to measure, comma-separated")
 	binFlag := flag.String("bin", "", "directory of prebuilt margay binaries (default: build them)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
@@ -74,15 +82,17 @@ func main() {
 		var err error
 		switch c {
 		case "direct":
-			err = throughput(bin, "direct routing, one subnet", 1, pools, 0.9, *runs, *seconds)
+			err = throughput(bin, "direct routing, one subnet", 1, pools, false, 0.9, *runs, *seconds)
+		case "direct-v6":
+			err = throughput(bin, "IPv6, direct routing, one subnet", 1, dualPools, true, 0.9, *runs, *seconds)
 		case "vxlan":
-			err = throughput(bin, "VXLAN, across two subnets", 2, vxlanPool, 0.7, *runs, *seconds)
+			err = throughput(bin, "VXLAN, across two subnets", 2, vxlanPool, false, 0.7, *runs, *seconds)
 		case "ipip":
 			if _, statErr := os.Stat("/sys/module/ipip"); statErr != nil {
 				err = inVM(*runs, *seconds) // this kernel has no IPIP
 				break
 			}
-			err = throughput(bin, "IPIP, across two subnets", 2, ipipPool, 0.7, *runs, *seconds)
+			err = throughput(bin, "IPIP, across two subnets", 2, ipipPool, false, 0.7, *runs, *seconds)
 		case "convergence":
 			for _, n := range []int{3, *big} {
 				if err = convergence(bin, n); err != nil {
@@ -156,10 +166,10 @@ spec: {cidr: 10.244.0.0/16, natOutgoing: true, ipipMode: CrossSubnet}
 `
 )
 
-func up(bin string, nodes, subnets int, pool string) (*lab.Lab, error) {
+func up(bin string, nodes, subnets int, pool string, dual bool) (*lab.Lab, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	l, err := lab.Up(ctx, lab.Options{Nodes: nodes, Subnets: subnets, Bin: bin, Pools: pool})
+	l, err := lab.Up(ctx, lab.Options{Nodes: nodes, Subnets: subnets, Bin: bin, Pools: pool, DualStack: dual})
 	if err != nil {
 		return nil, err
 	}
@@ -179,9 +189,10 @@ func up(bin string, nodes, subnets int, pool string) (*lab.Lab, error) {
 }
 
 // throughput compares pod-to-pod with node-to-node TCP across two nodes, the
-// nodes in one subnet or in two (then node-to-node crosses the router too).
-func throughput(bin, name string, subnets int, pool string, target float64, runs, seconds int) error {
-	l, err := up(bin, 2, subnets, pool)
+// nodes in one subnet or in two (then node-to-node crosses the router too),
+// over IPv6 in a dual-stack lab with v6.
+func throughput(bin, name string, subnets int, pool string, v6 bool, target float64, runs, seconds int) error {
+	l, err := up(bin, 2, subnets, pool, v6)
 	if err != nil {
 		return err
 	}
@@ -195,7 +206,11 @@ func throughput(bin, name string, subnets int, pool string, target float64, runs
 	if err != nil {
 		return err
 	}
-	if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, b.IP, 1) }); err != nil {
+	nodeDst, podDst := l.Nodes[1].IP.Addr(), b.IP
+	if v6 {
+		nodeDst, podDst = l.Nodes[1].IP6.Addr(), b.IP6
+	}
+	if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, podDst, 1) }); err != nil {
 		return err
 	}
 	type path struct {
@@ -206,8 +221,8 @@ func throughput(bin, name string, subnets int, pool string, target float64, runs
 		srvName, dst string
 	}
 	paths := []path{
-		{"node to node (baseline)", l.Nodes[0].NS, l.Nodes[1].NS, l.Nodes[1].NS.Name, l.Nodes[1].IP.Addr().String()},
-		{"pod to pod, across nodes", a.NS, b.NS, b.NS.Name, b.IP.String()},
+		{"node to node (baseline)", l.Nodes[0].NS, l.Nodes[1].NS, l.Nodes[1].NS.Name, nodeDst.String()},
+		{"pod to pod, across nodes", a.NS, b.NS, b.NS.Name, podDst.String()},
 	}
 	fmt.Printf("TCP throughput, %s, iperf3 -t %d, median of %d runs (Gbit/s):\n\n| path | 1 stream | 4 streams |\n|---|---:|---:|\n", name, seconds, runs)
 	res := map[string][2]float64{}
@@ -253,7 +268,7 @@ func throughput(bin, name string, subnets int, pool string, target float64, runs
 // the agents' memory.
 func convergence(bin string, nodes int) error {
 	start := time.Now()
-	l, err := up(bin, nodes, 1, pools)
+	l, err := up(bin, nodes, 1, pools, false)
 	if err != nil {
 		return err
 	}
