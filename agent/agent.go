@@ -81,6 +81,7 @@ type Agent struct {
 	routes         *felix.Routes
 	ipsets         *felix.IPSets
 	ipt            *felix.IPTables
+	ipt6           *felix.IPTables // nil: the kernel has no IPv6
 	policyCounters *policyCounters
 	ipip           *ipip.Device
 	vxlan          *vxlan.Device
@@ -156,12 +157,15 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 		a.store.Close()
 		return nil, err
 	}
-	if a.ipt, err = felix.NewIPTables(log); err != nil {
+	if a.ipt, a.ipt6, err = newIPTables(log); err != nil {
 		a.store.Close()
 		return nil, err
 	}
-	a.policyCounters = newPolicyCounters(log, func() ([]felix.RuleCount, error) { return a.ipt.Counts("filter") })
+	a.policyCounters = newPolicyCounters(log, a.policyCounts)
 	a.ipt.OnReset = a.policyCounters.reset
+	if a.ipt6 != nil {
+		a.ipt6.OnReset = a.policyCounters.reset
+	}
 	a.metrics.registry.MustRegister(a.policyCounters)
 	a.routes, a.ipsets = felix.NewRoutes(log), felix.NewIPSets(log)
 	a.ipip, a.vxlan = ipip.New(log), vxlan.New(log)
@@ -172,6 +176,32 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 	go a.watchRoutes(ctx)
 	go a.pingDatastore(ctx)
 	return a, nil
+}
+
+// newIPTables finds the iptables and ip6tables binaries; ip6tables is left
+// out, and nil, on a kernel without IPv6, where no pod can have an IPv6
+// address.
+func newIPTables(log *slog.Logger) (ipt, ipt6 *felix.IPTables, err error) {
+	if ipt, err = felix.NewIPTables(log, false); err != nil {
+		return nil, nil, err
+	}
+	if !felix.KernelHasIPv6() {
+		log.Info("this kernel has no IPv6: margay programs iptables only")
+		return ipt, nil, nil
+	}
+	ipt6, err = felix.NewIPTables(log, true)
+	return ipt, ipt6, err
+}
+
+// policyCounts are the counters of the filter rules of both families: a
+// policy's chains have the same rules in each, and its series sums them.
+func (a *Agent) policyCounts() ([]felix.RuleCount, error) {
+	counts, err := a.ipt.Counts("filter")
+	if err != nil || a.ipt6 == nil {
+		return counts, err
+	}
+	counts6, err := a.ipt6.Counts("filter")
+	return append(counts, counts6...), err
 }
 
 // nodeAddress is the explicit address of family f, or the autodetected one.
@@ -334,19 +364,24 @@ func (a *Agent) apply(out calc.Output, local []calc.Endpoint, full bool) {
 	if full {
 		a.ipsets.Resync()
 		a.ipt.Resync()
+		if a.ipt6 != nil {
+			a.ipt6.Resync()
+		}
 	}
 	if full || !reflect.DeepEqual(out.IPSets, a.applied.IPSets) {
 		step("ipsets", func() (bool, error) { return a.ipsets.Apply(out.IPSets) })
 	}
-	rulesChanged := !reflect.DeepEqual(out.Chains, a.applied.Chains) || !reflect.DeepEqual(out.IPSets, a.applied.IPSets)
+	rulesChanged := !reflect.DeepEqual(out.Chains, a.applied.Chains) || !reflect.DeepEqual(out.Chains6, a.applied.Chains6) ||
+		!reflect.DeepEqual(out.IPSets, a.applied.IPSets)
 	if full || rulesChanged || !reflect.DeepEqual(out.Jumps, a.applied.Jumps) {
-		step("iptables", func() (bool, error) {
-			a.policyCounters.io.Lock()
-			defer a.policyCounters.io.Unlock()
-			changed, err := a.ipt.Apply(out.Chains, out.Jumps)
-			a.policyCounters.setChains(out.PolicyChains)
-			return changed, err
-		})
+		// Both families under one lock: the counters' chains are those of both.
+		a.policyCounters.io.Lock()
+		step("iptables", func() (bool, error) { return a.ipt.Apply(out.Chains, out.Jumps) })
+		if a.ipt6 != nil {
+			step("ip6tables", func() (bool, error) { return a.ipt6.Apply(out.Chains6, out.Jumps) })
+		}
+		a.policyCounters.setChains(out.PolicyChains)
+		a.policyCounters.io.Unlock()
 	}
 	// Flows the new rules would not let start are cut once the rules are in
 	// place, so that one cannot start again under the old ones. A full pass
@@ -354,7 +389,7 @@ func (a *Agent) apply(out calc.Output, local []calc.Endpoint, full bool) {
 	// A failure here is reported but leaves the rules applied: they are.
 	if ok && (full || rulesChanged) {
 		start := time.Now()
-		n, err := felix.CutDenied(calc.NewEvaluator(out.Chains, out.IPSets), local)
+		n, err := felix.CutDenied(out, local)
 		a.metrics.reconcileSeconds.WithLabelValues("conntrack").Observe(time.Since(start).Seconds())
 		if err != nil {
 			a.metrics.reconcileErrors.WithLabelValues("conntrack").Inc()

@@ -33,15 +33,19 @@ func (a *Agent) watchRoutes(ctx context.Context) {
 }
 
 // Cleanup removes everything margay-node programs on this node: its iptables
-// chains and jumps, its ipsets (after the rules that use them), its routes, its
+// and ip6tables chains and jumps, its ipsets (after the rules that use them), its routes, its
 // VXLAN device and tunl0's address.
 // Pods lose connectivity; it is for taking margay off a node.
 func Cleanup(log *slog.Logger) error {
-	ipt, err := felix.NewIPTables(log)
+	ipt, ipt6, err := newIPTables(log)
 	if err != nil {
 		return err
 	}
+	errs := []error{ipt.Cleanup()}
+	if ipt6 != nil {
+		errs = append(errs, ipt6.Cleanup())
+	}
 	_, errVXLAN := vxlan.New(log).Apply(nil, netip.Addr{}, "", nil)
 	_, errIPIP := ipip.New(log).Apply(nil)
-	return errors.Join(ipt.Cleanup(), felix.NewIPSets(log).Cleanup(), felix.NewRoutes(log).Cleanup(), errVXLAN, errIPIP)
+	return errors.Join(append(errs, felix.NewIPSets(log).Cleanup(), felix.NewRoutes(log).Cleanup(), errVXLAN, errIPIP)...)
 }

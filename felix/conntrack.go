@@ -13,38 +13,48 @@ import (
 )
 
 // CutDenied deletes the conntrack entries of the flows through local pods
-// that the rules ev evaluates would no longer let start. Policy is checked
+// that out's rules would no longer let start, in both families. Policy is checked
 // on a flow's first packet only (established packets are accepted early),
 // so without this a connection opened before a Deny would outlive it. A
 // flow still allowed keeps its entry, so NAT and the connection are
 // untouched. It reads the conntrack table of the calling thread's network
 // namespace, as iptables does.
-func CutDenied(ev *calc.Evaluator, endpoints []calc.Endpoint) (cut uint, err error) {
-	f := &deniedFilter{ev: ev, ifaces: map[netip.Addr]string{}, host: map[netip.Addr]bool{}}
+func CutDenied(out calc.Output, endpoints []calc.Endpoint) (cut uint, err error) {
+	ifaces := map[netip.Addr]string{}
 	for _, ep := range endpoints {
 		for _, ip := range ep.IPs {
-			f.ifaces[ip.Addr()] = ep.Interface
+			ifaces[ip.Addr()] = ep.Interface
 		}
 	}
-	if len(f.ifaces) == 0 {
+	if len(ifaces) == 0 {
 		return 0, nil
 	}
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
 		return 0, fmt.Errorf("local addresses: %w", err)
 	}
+	host := map[netip.Addr]bool{}
 	for _, a := range addrs {
 		if n, ok := a.(*net.IPNet); ok {
 			if ip, ok := netip.AddrFromSlice(n.IP); ok {
-				f.host[ip.Unmap()] = true
+				host[ip.Unmap()] = true
 			}
 		}
 	}
-	cut, err = netlink.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, f)
-	if err != nil {
-		return cut, fmt.Errorf("conntrack: %w", err)
+	var errs []error
+	for _, fam := range []struct {
+		af     netlink.InetFamily
+		chains []calc.Chain
+	}{{unix.AF_INET, out.Chains}, {unix.AF_INET6, out.Chains6}} {
+		f := &deniedFilter{ev: calc.NewEvaluator(fam.chains, out.IPSets), ifaces: ifaces, host: host}
+		n, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, fam.af, f)
+		cut += n
+		if err != nil {
+			errs = append(errs, fmt.Errorf("conntrack: %w", err))
+		}
+		errs = append(errs, f.errs...)
 	}
-	return cut, errors.Join(f.errs...)
+	return cut, errors.Join(errs...)
 }
 
 // deniedFilter matches the flows to delete.

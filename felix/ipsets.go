@@ -70,7 +70,7 @@ func members(d calc.IPSet) []member {
 		out = append(out, member{prefix: p.Masked()})
 	}
 	for _, p := range d.Ports {
-		out = append(out, member{prefix: netip.PrefixFrom(p.Addr, 32), proto: p.Proto, port: p.Port})
+		out = append(out, member{prefix: netip.PrefixFrom(p.Addr, p.Addr.BitLen()), proto: p.Proto, port: p.Port})
 	}
 	return out
 }
@@ -109,7 +109,7 @@ func (s *IPSets) Apply(desired []calc.IPSet) (changed bool, err error) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("ipset %s: %w", d.Name, err))
 		}
-		k := &kernelSet{typ: d.Type, family: unix.AF_INET, members: map[member]bool{}}
+		k := &kernelSet{typ: d.Type, family: familyOf(d), members: map[member]bool{}}
 		for _, m := range members(d) {
 			k.members[m] = true
 		}
@@ -190,16 +190,20 @@ func validSet(d calc.IPSet) error {
 	case d.Type != "hash:ip,port" && len(d.Ports) > 0:
 		return fmt.Errorf("ipset %s: a %s set has no address,port members", d.Name, d.Type)
 	}
+	fam := "IPv4"
+	if d.IPv6 {
+		fam = "IPv6"
+	}
 	for _, p := range d.Ports {
-		if !p.Addr.Is4() || p.Proto == 0 {
-			return fmt.Errorf("ipset %s: member %s is not an IPv4 address with a protocol", d.Name, p)
+		if !p.Addr.IsValid() || p.Addr.Is6() != d.IPv6 || p.Addr.Is4In6() || p.Proto == 0 {
+			return fmt.Errorf("ipset %s: member %s is not an %s address with a protocol", d.Name, p, fam)
 		}
 	}
 	for _, m := range d.Members {
-		if !m.IsValid() || !m.Addr().Is4() {
-			return fmt.Errorf("ipset %s: member %s is not an IPv4 prefix", d.Name, m)
+		if !m.IsValid() || m.Addr().Is6() != d.IPv6 || m.Addr().Is4In6() {
+			return fmt.Errorf("ipset %s: member %s is not an %s prefix", d.Name, m, fam)
 		}
-		if d.Type == "hash:ip" && m.Bits() != 32 {
+		if d.Type == "hash:ip" && !m.IsSingleIP() {
 			// The kernel would store every address of the prefix, which then never
 			// compares equal to the one desired member.
 			return fmt.Errorf("ipset %s: hash:ip member %s is not a single address", d.Name, m)
@@ -211,12 +215,12 @@ func validSet(d calc.IPSet) error {
 func (s *IPSets) applySet(h *netlink.Handle, d calc.IPSet, cur *kernelSet) (changed bool, err error) {
 	switch {
 	case cur == nil:
-		if err := create(h, d.Name, d.Type); err != nil {
+		if err := create(h, d); err != nil {
 			return false, err
 		}
-		s.log.Info("ipset created", "set", d.Name, "type", d.Type)
+		s.log.Info("ipset created", "set", d.Name, "type", d.Type, "ipv6", d.IPv6)
 		cur, changed = &kernelSet{}, true
-	case cur.typ != d.Type || cur.family != unix.AF_INET:
+	case cur.typ != d.Type || cur.family != familyOf(d):
 		// The kernel swaps only sets of the same features (hash:ip and hash:net
 		// differ), so the set is remade, which it refuses while a rule uses it.
 		err := h.IpsetDestroy(d.Name)
@@ -226,7 +230,7 @@ func (s *IPSets) applySet(h *netlink.Handle, d calc.IPSet, cur *kernelSet) (chan
 		if err != nil {
 			return false, fmt.Errorf("destroy it to fix its type %s: %w", cur.typ, err)
 		}
-		if err := create(h, d.Name, d.Type); err != nil {
+		if err := create(h, d); err != nil {
 			return true, err
 		}
 		s.log.Info("ipset recreated", "set", d.Name, "was", cur.typ, "type", d.Type)
@@ -259,11 +263,19 @@ func (s *IPSets) applySet(h *netlink.Handle, d calc.IPSet, cur *kernelSet) (chan
 	return changed, nil
 }
 
-func create(h *netlink.Handle, name, typ string) error {
-	if err := h.IpsetCreate(name, typ, netlink.IpsetCreateOptions{Family: unix.AF_INET}); err != nil {
-		return fmt.Errorf("create %s %s: %w", name, typ, err)
+func create(h *netlink.Handle, d calc.IPSet) error {
+	if err := h.IpsetCreate(d.Name, d.Type, netlink.IpsetCreateOptions{Family: familyOf(d)}); err != nil {
+		return fmt.Errorf("create %s %s: %w", d.Name, d.Type, err)
 	}
 	return nil
+}
+
+// familyOf is a set's address family as netlink names it.
+func familyOf(d calc.IPSet) uint8 {
+	if d.IPv6 {
+		return unix.AF_INET6
+	}
+	return unix.AF_INET
 }
 
 func entry(typ string, m member) *netlink.IPSetEntry {

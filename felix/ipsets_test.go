@@ -54,6 +54,19 @@ func labInput() calc.Input {
 	}
 }
 
+// dualStack gives labInput an IPv6 pool with natOutgoing, IPv6 addresses
+// for both nodes and pod a.
+func dualStack(in *calc.Input) {
+	v6 := api.NewIPPool("v6")
+	v6.Spec.CIDR, v6.Spec.NATOutgoing = "fd00:244::/48", true
+	v6.SetDefaults()
+	in.Pools = append(in.Pools, v6)
+	in.NodeIP6 = netip.MustParsePrefix("fd00:18:1::2/64")
+	in.Nodes[0].Spec.BGP.IPv6Address = "fd00:18:1::2/64"
+	in.Nodes[1].Spec.BGP.IPv6Address = "fd00:18:1::3/64"
+	in.Endpoints[0].IPs = append(in.Endpoints[0].IPs, netip.MustParsePrefix("fd00:244::5/128"))
+}
+
 // logs records a reconciler's log lines, without timestamps, so a test can tell
 // what it changed.
 type logs struct{ buf bytes.Buffer }
@@ -99,8 +112,10 @@ func kernelSets(t *testing.T, ns *nstest.NS) map[string]string {
 			var members []string
 			for _, e := range r.Entries {
 				cidr := e.CIDR
-				if cidr == 0 {
+				if cidr == 0 && e.IP.To4() != nil {
 					cidr = 32
+				} else if cidr == 0 {
+					cidr = 128
 				}
 				m := fmt.Sprintf("%s/%d", e.IP, cidr)
 				if e.Port != nil {
@@ -109,7 +124,11 @@ func kernelSets(t *testing.T, ns *nstest.NS) map[string]string {
 				members = append(members, m)
 			}
 			slices.Sort(members)
-			got[r.SetName] = strings.Join(append([]string{r.TypeName}, members...), " ")
+			typ := r.TypeName
+			if r.Family == unix.AF_INET6 {
+				typ += " inet6"
+			}
+			got[r.SetName] = strings.Join(append([]string{typ}, members...), " ")
 		}
 		return nil
 	})
@@ -158,6 +177,7 @@ func TestIPSetsApply(t *testing.T) {
 	var l logs
 	s := NewIPSets(l.logger())
 	in := labInput()
+	dualStack(&in)
 	inNS(t, ns, func(h *netlink.Handle) error {
 		if err := h.IpsetCreate("other-set", "hash:ip", netlink.IpsetCreateOptions{}); err != nil {
 			return err
@@ -169,6 +189,10 @@ func TestIPSetsApply(t *testing.T) {
 		"mgy-masq-pools": "hash:net 10.244.0.0/16",
 		"mgy-all-pools":  "hash:net 10.244.0.0/16 10.250.0.0/16",
 		"mgy-all-hosts":  "hash:ip 198.18.1.2/32 198.18.1.3/32",
+		// Each family has its sets.
+		"mgy-masq-pools-v6": "hash:net inet6 fd00:244::/48",
+		"mgy-all-pools-v6":  "hash:net inet6 fd00:244::/48",
+		"mgy-all-hosts-v6":  "hash:ip inet6 fd00:18:1::2/128 fd00:18:1::3/128",
 	}
 	check := func(what string) {
 		t.Helper()
@@ -203,6 +227,15 @@ func TestIPSetsApply(t *testing.T) {
 			}
 			return h.IpsetAdd("mgy-all-hosts", ipEntry("198.18.0.0/16"))
 		}},
+		{"wrong family", func(h *netlink.Handle) error {
+			if err := h.IpsetDestroy("mgy-all-hosts-v6"); err != nil {
+				return err
+			}
+			return h.IpsetCreate("mgy-all-hosts-v6", "hash:ip", netlink.IpsetCreateOptions{})
+		}},
+		{"IPv6 member removed", func(h *netlink.Handle) error {
+			return h.IpsetDel("mgy-all-hosts-v6", &netlink.IPSetEntry{IP: net.ParseIP("fd00:18:1::3")})
+		}},
 		{"stale margay set", func(h *netlink.Handle) error {
 			return h.IpsetCreate("mgy-old", "hash:ip", netlink.IpsetCreateOptions{})
 		}},
@@ -225,7 +258,7 @@ func TestIPSetsApply(t *testing.T) {
 	}
 
 	// One pool fewer: only that member goes.
-	in.Pools = in.Pools[:1]
+	in.Pools = slices.Delete(in.Pools, 1, 2) // "plain"
 	if !applySets(t, ns, s, calc.Compute(in).IPSets) {
 		t.Error("removing a pool reported no change")
 	}
@@ -320,10 +353,24 @@ func TestIPSetsNamedPorts(t *testing.T) {
 	if got := kernelSets(t, ns)["mgy-p-test"]; got != want {
 		t.Errorf("after the repair: %q, want %q", got, want)
 	}
+	// An IPv6 set of the kind, beside the IPv4 one.
+	set6 := calc.IPSet{Name: "mgy-p-test-v6", Type: "hash:ip,port", IPv6: true, Ports: []calc.IPPort{{Addr: a("fd00:244::5"), Proto: 6, Port: 8080}}}
+	applySets(t, ns, s, []calc.IPSet{set, set6})
+	if got := kernelSets(t, ns)["mgy-p-test-v6"]; got != "hash:ip,port inet6 fd00:244::5,6:8080" {
+		t.Errorf("the IPv6 set: %q", got)
+	}
+	if applySets(t, ns, s, []calc.IPSet{set, set6}) {
+		t.Errorf("second Apply of the IPv6 set changed something: %q", l.take())
+	}
 	bad := set
 	bad.Members = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
 	if err := ns.Do(func() error { _, err := s.Apply([]calc.IPSet{bad}); return err }); err == nil || !strings.Contains(err.Error(), "address,port members only") {
 		t.Errorf("a hash:ip,port set with prefix members: %v", err)
+	}
+	mixed := set6
+	mixed.Ports = append(mixed.Ports, set.Ports[0])
+	if err := ns.Do(func() error { _, err := s.Apply([]calc.IPSet{mixed}); return err }); err == nil || !strings.Contains(err.Error(), "is not an IPv6 address") {
+		t.Errorf("an IPv6 set with an IPv4 member: %v", err)
 	}
 	if err := ns.Do(s.Cleanup); err != nil {
 		t.Fatal(err)

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -22,8 +24,8 @@ const ChainPrefix = "MGY-"
 // tables are where margay may have chains, so where stale ones are looked for.
 var tables = []string{"filter", "nat"}
 
-// IPTables keeps margay's iptables chains and the jumps into them equal to the
-// desired ones. It reads a table with iptables-save and writes every change to
+// IPTables keeps margay's iptables chains, or ip6tables ones, and the jumps
+// into them equal to the desired ones. It reads a table with iptables-save and writes every change to
 // it in one iptables-restore --noflush transaction, so no chain is ever seen
 // empty or half-written, and a policy change has no window. It runs the
 // iptables binaries, which inherit the network namespace of the calling
@@ -32,7 +34,7 @@ var tables = []string{"filter", "nat"}
 type IPTables struct {
 	log           *slog.Logger
 	ipt           *iptables.IPTables
-	save, restore string
+	save, restore string // the binaries of the family
 	// OnReset, if set, is told the counts of each rule of a margay chain
 	// just before Apply rewrites or removes the chain, which zeroes them.
 	OnReset func(RuleCount)
@@ -56,22 +58,34 @@ type RuleCount struct {
 	Packets, Bytes uint64
 }
 
-// NewIPTables finds the iptables binaries and their version.
-func NewIPTables(log *slog.Logger) (*IPTables, error) {
-	ipt, err := iptables.New()
-	if err != nil {
-		return nil, fmt.Errorf("iptables: %w", err)
+// NewIPTables finds the iptables binaries and their version, or the
+// ip6tables ones for IPv6.
+func NewIPTables(log *slog.Logger, v6 bool) (*IPTables, error) {
+	cmd, proto := "iptables", iptables.ProtocolIPv4
+	if v6 {
+		cmd, proto = "ip6tables", iptables.ProtocolIPv6
 	}
-	t := &IPTables{log: log, ipt: ipt, written: map[string][][]string{}, applied: map[string]appliedTable{}}
+	ipt, err := iptables.New(iptables.IPFamily(proto))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", cmd, err)
+	}
+	t := &IPTables{log: log.With("family", cmd), ipt: ipt, written: map[string][][]string{}, applied: map[string]appliedTable{}}
 	for _, b := range []struct {
 		path *string
 		name string
-	}{{&t.save, "iptables-save"}, {&t.restore, "iptables-restore"}} {
+	}{{&t.save, cmd + "-save"}, {&t.restore, cmd + "-restore"}} {
 		if *b.path, err = exec.LookPath(b.name); err != nil {
 			return nil, fmt.Errorf("%s: %w (install the iptables package)", b.name, err)
 		}
 	}
 	return t, nil
+}
+
+// KernelHasIPv6 tells whether the kernel of the calling thread's network
+// namespace has IPv6 (not disabled at boot with ipv6.disable=1).
+func KernelHasIPv6() bool {
+	_, err := os.Stat("/proc/sys/net/ipv6")
+	return err == nil
 }
 
 // RandomFully reports whether iptables supports MASQUERADE --random-fully.
@@ -321,7 +335,7 @@ func (t *IPTables) read(tab string) (table, error) {
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return table{}, fmt.Errorf("iptables-save -t %s: %w: %s", tab, err, strings.TrimSpace(stderr.String()))
+		return table{}, fmt.Errorf("%s -t %s: %w: %s", filepath.Base(t.save), tab, err, strings.TrimSpace(stderr.String()))
 	}
 	tb := parseSave(string(out))
 	tb.name = tab
@@ -374,7 +388,7 @@ func (t *IPTables) run(tab, body string) error {
 	cmd.Stdin = strings.NewReader(in)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("iptables-restore of table %s: %w: %s", tab, err, strings.TrimSpace(string(out)))
+		return fmt.Errorf("%s of table %s: %w: %s", filepath.Base(t.restore), tab, err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }

@@ -1,12 +1,16 @@
 package felix
 
 import (
+	"errors"
+	"fmt"
 	"log/slog"
+	"net/netip"
 	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/margay-dev/margay/felix/calc"
 	"github.com/margay-dev/margay/test/nstest"
@@ -14,7 +18,12 @@ import (
 
 func newIPTables(t *testing.T, log *slog.Logger) *IPTables {
 	t.Helper()
-	ipt, err := NewIPTables(log)
+	return newIPTablesOf(t, log, false)
+}
+
+func newIPTablesOf(t *testing.T, log *slog.Logger, v6 bool) *IPTables {
+	t.Helper()
+	ipt, err := NewIPTables(log, v6)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +216,7 @@ func TestIPTablesApply(t *testing.T) {
 	}
 	got := strings.Join(l.take(), "\n")
 	for _, c := range []string{calc.ChainFromEP, calc.ChainToEP, calc.ChainFromWL, calc.ChainToWL} {
-		if !strings.Contains(got, "rewriting\" table=filter chain="+c+" ") {
+		if !strings.Contains(got, "rewriting\" family=iptables table=filter chain="+c+" ") {
 			t.Errorf("removing an endpoint: %s was not rewritten: logged\n%s", c, got)
 		}
 	}
@@ -215,7 +224,7 @@ func TestIPTablesApply(t *testing.T) {
 		t.Errorf("removing an endpoint: %d chains rewritten, want 4: logged\n%s", n, got)
 	}
 	for _, c := range []string{"MGY-FW-" + vethB, "MGY-TW-" + vethB} {
-		if !strings.Contains(got, "chain removed\" chain="+c) {
+		if !strings.Contains(got, "chain removed\" family=iptables chain="+c) {
 			t.Errorf("removing an endpoint: %s not removed: logged\n%s", c, got)
 		}
 		delete(want, "filter/"+c)
@@ -251,7 +260,6 @@ func TestIPTablesApply(t *testing.T) {
 	}
 }
 
-// dropCount is the packet counter of the anti-spoofing DROP rule in MGY-FROM-WL.
 // noPolicy is the chain of an endpoint no policy selects.
 func noPolicy(chain string) string {
 	return "-N " + chain + `
@@ -260,9 +268,11 @@ func noPolicy(chain string) string {
 -A ` + chain + ` -j RETURN`
 }
 
-func dropCount(t *testing.T, ns *nstest.NS) int {
+// dropCount is the packet counter of the anti-spoofing DROP rule in
+// MGY-FROM-WL, of iptables or ip6tables.
+func dropCount(t *testing.T, ns *nstest.NS, cmd string) int {
 	t.Helper()
-	for _, l := range strings.Split(ns.MustRun(t, "iptables", "-L", calc.ChainFromWL, "-v", "-x", "-n"), "\n") {
+	for _, l := range strings.Split(ns.MustRun(t, cmd, "-L", calc.ChainFromWL, "-v", "-x", "-n"), "\n") {
 		if f := strings.Fields(l); len(f) > 2 && f[2] == "DROP" && strings.Contains(l, "spoofed") {
 			n, err := strconv.Atoi(f[0])
 			if err != nil {
@@ -275,64 +285,121 @@ func dropCount(t *testing.T, ns *nstest.NS) int {
 	return 0
 }
 
-// The rules work in the kernel: a pod reaches its node from its own address,
-// and packets it sends from an address that is not its own are dropped by the
-// anti-spoofing rule, where without margay's rules they got through.
+// The rules work in the kernel, in both families: a pod reaches its node
+// from its own address, and packets it sends from an address that is not
+// its own are dropped by the anti-spoofing rule, where without margay's
+// rules they got through. An IPv6 pod still finds its gateway, the host
+// end's link-local address, by neighbour discovery from its own link-local
+// address.
 func TestAntiSpoofing(t *testing.T) {
-	node := nstest.New(t, "node")
-	if err := node.MakeHost("198.18.1.2/24"); err != nil {
-		t.Fatal(err)
-	}
-	pod := nstest.New(t, "pod")
-	const veth = "mgy5f3a9c0d1e2"
-	node.MustRun(t, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod.Name)
-	for _, c := range [][]string{
-		{"sh", "-c", "echo 1 > /proc/sys/net/ipv4/conf/" + veth + "/proxy_arp; echo 0 > /proc/sys/net/ipv4/neigh/" + veth + "/proxy_delay"},
-		{"ip", "link", "set", veth, "up"},
-		{"ip", "route", "add", "10.244.0.5/32", "dev", veth, "scope", "link"},
-		// So that replies to the spoofed address would find their way back too:
-		// only the rules stand between the spoofer and the node.
-		{"ip", "route", "add", "10.244.0.99/32", "dev", veth, "scope", "link"},
-	} {
-		node.MustRun(t, c...)
-	}
-	for _, c := range [][]string{
-		{"ip", "addr", "add", "10.244.0.5/32", "dev", "eth0"},
-		{"ip", "addr", "add", "10.244.0.99/32", "dev", "eth0"},
-		{"ip", "link", "set", "eth0", "up"},
-		{"ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"},
-		{"ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"},
-	} {
-		pod.MustRun(t, c...)
-	}
-	ping := func(src string) error {
-		out, err := pod.Run("ping", "-n", "-c", "1", "-W", "2", "-I", src, "198.18.1.2")
-		if err != nil {
-			t.Logf("ping from %s: %v: %s", src, err, out)
-		}
-		return err
-	}
-	if ping("10.244.0.5") != nil || ping("10.244.0.99") != nil {
-		t.Fatal("without margay's rules both sources must reach the node")
-	}
+	for _, fam := range []struct {
+		name, cmd       string
+		v6              bool
+		own, spoof      string
+		node            string // the node's address the pod pings
+		hostSide, inPod [][]string
+	}{{
+		name: "IPv4", cmd: "iptables", own: "10.244.0.5", spoof: "10.244.0.99", node: "198.18.1.2",
+		hostSide: [][]string{
+			{"sh", "-c", "echo 1 > /proc/sys/net/ipv4/conf/" + vethA + "/proxy_arp; echo 0 > /proc/sys/net/ipv4/neigh/" + vethA + "/proxy_delay"},
+		},
+		inPod: [][]string{
+			{"ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"},
+			{"ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"},
+		},
+	}, {
+		name: "IPv6", cmd: "ip6tables", v6: true, own: "fd00:244::5", spoof: "fd00:244::99", node: "fd00:18:1::2",
+		hostSide: [][]string{
+			{"ip", "link", "set", vethA, "address", "ee:ee:ee:ee:ee:ee"},
+			{"sh", "-c", "echo 0 > /proc/sys/net/ipv6/conf/" + vethA + "/accept_dad"},
+			{"ip", "addr", "add", "fd00:18:1::2/64", "dev", "uplink0", "nodad"},
+		},
+		inPod: [][]string{
+			{"sh", "-c", "echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad; echo 0 > /proc/sys/net/ipv6/neigh/eth0/delay_first_probe_time"},
+			{"ip", "route", "add", "default", "via", "fe80::ecee:eeff:feee:eeee", "dev", "eth0"},
+		},
+	}} {
+		t.Run(fam.name, func(t *testing.T) {
+			node := nstest.New(t, "node")
+			if err := node.MakeHost("198.18.1.2/24"); err != nil {
+				t.Fatal(err)
+			}
+			pod := nstest.New(t, "pod")
+			bits := "/32"
+			if fam.v6 {
+				bits = "/128"
+			}
+			node.MustRun(t, "ip", "link", "add", vethA, "type", "veth", "peer", "name", "eth0", "netns", pod.Name)
+			for _, c := range fam.hostSide {
+				node.MustRun(t, c...)
+			}
+			node.MustRun(t, "ip", "link", "set", vethA, "up")
+			// So that replies to the spoofed address would find their way back
+			// too: only the rules stand between the spoofer and the node.
+			for _, a := range []string{fam.own, fam.spoof} {
+				node.MustRun(t, "ip", "route", "add", a+bits, "dev", vethA, "scope", "link")
+				add := []string{"ip", "addr", "add", a + bits, "dev", "eth0"}
+				if fam.v6 {
+					add = append(add, "nodad")
+				}
+				pod.MustRun(t, add...)
+			}
+			pod.MustRun(t, "ip", "link", "set", "eth0", "up")
+			for _, c := range fam.inPod {
+				pod.MustRun(t, c...)
+			}
+			ping := func(src string) error {
+				out, err := pod.Run("ping", "-n", "-c", "1", "-W", "2", "-I", src, fam.node)
+				if err != nil {
+					t.Logf("ping from %s: %v: %s", src, err, out)
+				}
+				return err
+			}
+			if ping(fam.own) != nil || ping(fam.spoof) != nil {
+				t.Fatal("without margay's rules both sources must reach the node")
+			}
 
-	ipt := newIPTables(t, slog.New(slog.DiscardHandler))
-	in := labInput()
-	in.RandomFully = ipt.RandomFully()
-	in.Endpoints = []calc.Endpoint{{Name: "pod", Interface: veth, IPs: in.Endpoints[0].IPs}} // 10.244.0.5/32
-	out := calc.Compute(in)
-	applySets(t, node, NewIPSets(slog.New(slog.DiscardHandler)), out.IPSets)
-	applyRules(t, node, ipt, out)
+			ipt := newIPTablesOf(t, slog.New(slog.DiscardHandler), fam.v6)
+			in := labInput()
+			in.RandomFully = ipt.RandomFully()
+			in.Endpoints = []calc.Endpoint{{Name: "pod", Interface: vethA, IPs: []netip.Prefix{netip.MustParsePrefix(fam.own + bits)}}}
+			out := calc.Compute(in)
+			if fam.v6 {
+				out.Chains = out.Chains6
+			}
+			applySets(t, node, NewIPSets(slog.New(slog.DiscardHandler)), out.IPSets)
+			applyRules(t, node, ipt, out)
+			// The neighbours are found again under the rules.
+			pod.MustRun(t, "ip", "neigh", "flush", "dev", "eth0")
+			node.MustRun(t, "ip", "neigh", "flush", "dev", vethA)
 
-	if err := ping("10.244.0.5"); err != nil {
-		t.Errorf("the pod cannot reach its node from its own address")
-	}
-	before := dropCount(t, node)
-	if ping("10.244.0.99") == nil {
-		t.Errorf("a spoofed source reached the node")
-	}
-	if after := dropCount(t, node); after <= before {
-		t.Errorf("DROP counter went from %d to %d: the spoofed packet was not dropped by margay's rule", before, after)
+			if err := ping(fam.own); err != nil {
+				t.Errorf("the pod cannot reach its node from its own address")
+			}
+			if fam.v6 {
+				// A stale neighbour is probed with a solicitation from the
+				// pod's link-local address, which must be answered.
+				pod.MustRun(t, "ip", "neigh", "change", "fe80::ecee:eeff:feee:eeee", "dev", "eth0", "nud", "stale")
+				if err := ping(fam.own); err != nil {
+					t.Errorf("ping after the gateway went stale: %v", err)
+				}
+				if err := waitFor(5*time.Second, func() error {
+					if got := pod.MustRun(t, "ip", "neigh", "show", "dev", "eth0", "fe80::ecee:eeff:feee:eeee"); !strings.Contains(got, "REACHABLE") {
+						return fmt.Errorf("the gateway's neighbour entry: %s", got)
+					}
+					return nil
+				}); err != nil {
+					t.Error(err)
+				}
+			}
+			before := dropCount(t, node, fam.cmd)
+			if ping(fam.spoof) == nil {
+				t.Errorf("a spoofed source reached the node")
+			}
+			if after := dropCount(t, node, fam.cmd); after <= before {
+				t.Errorf("DROP counter went from %d to %d: the spoofed packet was not dropped by margay's rule", before, after)
+			}
+		})
 	}
 }
 
@@ -442,5 +509,96 @@ func TestIPTablesTrustsItsLastApply(t *testing.T) {
 	}
 	if got := ns.MustRun(t, "iptables", "-S", "MGY-TEST"); !strings.Contains(got, "-A MGY-TEST -j RETURN") {
 		t.Errorf("after the repair: %s", got)
+	}
+}
+
+// waitFor polls cond until it holds or timeout passes, returning its last error.
+func waitFor(timeout time.Duration, cond func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ip6tables holds IPv6's chains as iptables holds IPv4's: a dual-stack
+// node's chains are written as ip6tables-save lists them (a second Apply
+// changes nothing and warns of nothing), hold only IPv6 addresses, and
+// Cleanup removes them.
+func TestIP6TablesApply(t *testing.T) {
+	ns := nstest.New(t, "node")
+	var l logs
+	ipt4, ipt6 := newIPTables(t, slog.New(slog.DiscardHandler)), newIPTablesOf(t, l.logger(), true)
+	sets := NewIPSets(slog.New(slog.DiscardHandler))
+	in := labInput()
+	in.RandomFully = ipt6.RandomFully()
+	dualStack(&in)
+	out := calc.Compute(in)
+	applySets(t, ns, sets, out.IPSets)
+	apply := func() bool {
+		t.Helper()
+		ipt4.Resync()
+		ipt6.Resync()
+		var c4, c6 bool
+		if err := ns.Do(func() (err error) {
+			if c4, err = ipt4.Apply(out.Chains, out.Jumps); err != nil {
+				return err
+			}
+			c6, err = ipt6.Apply(out.Chains6, out.Jumps)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return c4 || c6
+	}
+	if !apply() {
+		t.Error("first Apply reported no change")
+	}
+	for _, line := range l.take() {
+		if strings.Contains(line, "level=WARN") {
+			t.Errorf("first Apply: %s", line)
+		}
+	}
+	if apply() {
+		t.Errorf("second Apply changed something: %q", l.take())
+	}
+	masq := "-A MGY-POSTROUTING -m set --match-set mgy-masq-pools-v6 src -m set ! --match-set mgy-all-pools-v6 dst -j MASQUERADE"
+	if in.RandomFully {
+		masq += " --random-fully"
+	}
+	for key, want := range map[string]string{
+		"filter/MGY-FROM-WL": `-N MGY-FROM-WL
+-A MGY-FROM-WL -p ipencap -m comment --comment "margay: IPIP from a pod" -j DROP
+-A MGY-FROM-WL -p udp -m udp --dport 4789 -m comment --comment "margay: VXLAN from a pod" -j DROP
+-A MGY-FROM-WL -s fd00:244::5/128 -i mgyaaaaaaaaaaa -j RETURN
+-A MGY-FROM-WL -m comment --comment "margay: spoofed or unknown pod" -j DROP`,
+		"filter/MGY-INPUT": `-N MGY-INPUT
+-A MGY-INPUT -i mgy+ -p ipv6-icmp -m icmp6 --icmpv6-type 135 -m comment --comment "margay: IPv6 neighbour discovery from a pod" -j ACCEPT
+-A MGY-INPUT -i mgy+ -p ipv6-icmp -m icmp6 --icmpv6-type 136 -m comment --comment "margay: IPv6 neighbour discovery from a pod" -j ACCEPT
+-A MGY-INPUT -i mgy+ -j MGY-FROM-WL
+-A MGY-INPUT -p udp -m udp --dport 4789 -m set --match-set mgy-all-hosts-v6 src -j ACCEPT
+-A MGY-INPUT -p udp -m udp --dport 4789 -m comment --comment "margay: VXLAN from an unknown host" -j DROP`,
+		"nat/MGY-POSTROUTING": "-N MGY-POSTROUTING\n" + masq,
+		"filter/FORWARD":      "-P FORWARD ACCEPT\n-A FORWARD -j MGY-FORWARD",
+	} {
+		table, chain, _ := strings.Cut(key, "/")
+		if got, _ := ns.Run("ip6tables", "-t", table, "-S", chain); got != want {
+			t.Errorf("ip6tables %s is\n%s\nwant\n%s", key, got, want)
+		}
+	}
+	if got := kernelSets(t, ns); got["mgy-all-hosts-v6"] == "" || !strings.Contains(got["mgy-all-hosts-v6"], "fd00:18:1::3") {
+		t.Errorf("ipsets: %v", got)
+	}
+	if save := ns.MustRun(t, "iptables-save"); strings.Contains(save, "fd00:") {
+		t.Errorf("IPv6 addresses in iptables:\n%s", save)
+	}
+	if err := ns.Do(func() error { return errors.Join(ipt4.Cleanup(), ipt6.Cleanup(), sets.Cleanup()) }); err != nil {
+		t.Fatal(err)
+	}
+	if save := ns.MustRun(t, "ip6tables-save"); strings.Contains(save, ChainPrefix) {
+		t.Errorf("after Cleanup:\n%s", save)
 	}
 }

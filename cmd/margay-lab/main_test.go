@@ -186,8 +186,8 @@ func TestLabUpInterrupted(t *testing.T) {
 	out := startUntil(t, cmd, "started margay-node on node2")
 	cmd.Process.Signal(syscall.SIGINT)
 	err := cmd.Wait()
-	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(out.String(), "interrupted: removing everything") {
-		t.Errorf("interrupted up: %v, want exit 1 saying it was interrupted:\n%s", err, out)
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(out(), "interrupted: removing everything") {
+		t.Errorf("interrupted up: %v, want exit 1 saying it was interrupted:\n%s", err, out())
 	}
 	checkGone(t, state, nil)
 }
@@ -228,8 +228,9 @@ func TestLabUpAfterCrash(t *testing.T) {
 }
 
 // startUntil starts cmd and returns once its output has a line containing
-// want; the output keeps accumulating.
-func startUntil(t *testing.T, cmd *exec.Cmd, want string) *strings.Builder {
+// want. The output keeps accumulating; output returns all of it once cmd
+// and every process that shares its stdout have ended.
+func startUntil(t *testing.T, cmd *exec.Cmd, want string) (output func() string) {
 	t.Helper()
 	pr, pw, err := os.Pipe()
 	if err != nil {
@@ -241,8 +242,9 @@ func startUntil(t *testing.T, cmd *exec.Cmd, want string) *strings.Builder {
 	}
 	pw.Close()
 	var out strings.Builder
-	seen := make(chan struct{})
+	seen, done := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(done)
 		sc := bufio.NewScanner(pr)
 		found := false
 		for sc.Scan() {
@@ -262,7 +264,14 @@ func startUntil(t *testing.T, cmd *exec.Cmd, want string) *strings.Builder {
 		cmd.Process.Kill()
 		t.Fatalf("no %q from margay-lab within a minute", want)
 	}
-	return &out
+	return func() string {
+		select {
+		case <-done:
+			return out.String()
+		case <-time.After(time.Minute):
+			return "(no end of output a minute on: some process still holds margay-lab's stdout)"
+		}
+	}
 }
 
 func TestUsage(t *testing.T) {

@@ -146,6 +146,7 @@ type VXLANPeer struct {
 type IPSet struct {
 	Name    string
 	Type    string         // "hash:net", "hash:ip" or "hash:ip,port"
+	IPv6    bool           // family inet6, else inet
 	Members []netip.Prefix // of a hash:net or hash:ip set
 	Ports   []IPPort       // of a hash:ip,port set
 }
@@ -163,7 +164,8 @@ func compareIPPort(a, b IPPort) int {
 	return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Port, b.Port))
 }
 
-// ipset names, shared with the iptables rules that match on them.
+// ipset names, shared with the iptables rules that match on them; the IPv6
+// sets have "-v6" after them.
 const (
 	SetMasqPools = "mgy-masq-pools" // pools with natOutgoing
 	SetAllPools  = "mgy-all-pools"  // every pool
@@ -176,10 +178,12 @@ type Output struct {
 	// Advertise is what BGP announces: the node's blocks and the /32s of local
 	// pods whose address is borrowed from another node's block.
 	Advertise []netip.Prefix
-	IPSets    []IPSet
+	IPSets    []IPSet // of both families
 	Chains    []Chain // margay's own iptables chains, in dependency order
-	Jumps     []Jump  // from the base chains into margay's
-	Sysctls   map[string]string
+	// Chains6 are margay's ip6tables chains, named as the iptables ones.
+	Chains6 []Chain
+	Jumps   []Jump // from the base chains into margay's, in both families
+	Sysctls map[string]string
 	// PodMTU is the MTU new pods get (written to the file the CNI plugin reads).
 	PodMTU int
 	// IPIP and VXLAN are the tunnel devices a pool's mode needs, nil for none.
@@ -202,7 +206,7 @@ func Compute(in Input) Output {
 	out := Output{Sysctls: map[string]string{"net/ipv4/ip_forward": "1"}}
 	local := map[netip.Prefix]bool{}
 	// IPv6 prefixes are advertised only with an IPv6 next hop to give them.
-	unadvertised, v6Pods := 0, 0
+	unadvertised := 0
 	advertise := func(p netip.Prefix) {
 		if p.Addr().Is4() || in.NodeIP6.IsValid() {
 			out.Advertise = append(out.Advertise, p)
@@ -222,9 +226,6 @@ func Compute(in Input) Output {
 				continue // the same address twice: the first endpoint keeps it
 			}
 			local[ip] = true
-			if ip.Addr().Is6() {
-				v6Pods++
-			}
 			out.Routes = append(out.Routes, Route{Dst: ip, Kind: Local, Dev: ep.Interface})
 			if !inAny(ip, in.Blocks) {
 				advertise(ip) // borrowed
@@ -233,9 +234,6 @@ func Compute(in Input) Output {
 	}
 	if unadvertised > 0 {
 		out.Problems = append(out.Problems, fmt.Sprintf("%d IPv6 blocks or pod addresses are not advertised: this node has no IPv6 address; give it one with margay-node --ip6", unadvertised))
-	}
-	if v6Pods > 0 {
-		out.Problems = append(out.Problems, fmt.Sprintf("the IPv6 traffic of %d pod addresses is not filtered: margay has no ip6tables rules yet (no policy, anti-spoofing or NAT66)", v6Pods))
 	}
 	if in.NodeIP6.IsValid() {
 		out.Sysctls["net/ipv6/conf/all/forwarding"] = "1"
@@ -317,12 +315,14 @@ func Compute(in Input) Output {
 	}
 	slices.SortFunc(out.Routes, func(a, b Route) int { return comparePrefix(a.Dst, b.Dst) })
 	slices.SortFunc(out.Advertise, comparePrefix)
-	out.IPSets = ipsets(in)
-	out.Chains, out.Jumps = rules(in)
+	out.IPSets = append(ipsets(in, ipv4), ipsets(in, ipv6)...)
+	out.Chains, out.Jumps = rules(in, ipv4)
+	out.Chains6, _ = rules(in, ipv6) // the same jumps
 	plan := policyRules(in.Endpoints, in.Policy)
 	out.IPSets = append(out.IPSets, plan.sets...)
 	// Policy chains go first: MGY-FORWARD, in out.Chains, refers to them.
 	out.Chains = append(plan.chains, out.Chains...)
+	out.Chains6 = append(plan.chains6, out.Chains6...)
 	out.Problems = append(out.Problems, plan.problems...)
 	out.Applied = plan.applied
 	out.PolicyChains = plan.policyChains
@@ -544,23 +544,28 @@ func comparePrefix(a, b netip.Prefix) int {
 	return cmp.Compare(a.Bits(), b.Bits())
 }
 
-func ipsets(in Input) []IPSet {
-	masq := IPSet{Name: SetMasqPools, Type: "hash:net"}
-	all := IPSet{Name: SetAllPools, Type: "hash:net"}
+// ipsets are the sets of one family that margay's own rules match on.
+func ipsets(in Input, f family) []IPSet {
+	masq := IPSet{Name: f.set(SetMasqPools), Type: "hash:net", IPv6: f.v6}
+	all := IPSet{Name: f.set(SetAllPools), Type: "hash:net", IPv6: f.v6}
 	for _, p := range in.Pools {
 		c := p.Prefix()
-		if !c.IsValid() || !c.Addr().Is4() {
-			continue // the sets are IPv4 (family inet)
+		if !f.has(c.Addr()) {
+			continue
 		}
 		all.Members = append(all.Members, c)
 		if p.Spec.NATOutgoing { // a disabled pool's pods still need their NAT
 			masq.Members = append(masq.Members, c)
 		}
 	}
-	hosts := IPSet{Name: SetAllHosts, Type: "hash:ip"}
+	hosts := IPSet{Name: f.set(SetAllHosts), Type: "hash:ip", IPv6: f.v6}
 	for _, n := range in.Nodes {
-		if a, ok := nodeAddr(n); ok {
-			hosts.Members = append(hosts.Members, netip.PrefixFrom(a.Addr(), 32))
+		a, err := n.BGPAddress()
+		if f.v6 {
+			a, err = n.BGPAddressV6()
+		}
+		if err == nil && a.IsValid() {
+			hosts.Members = append(hosts.Members, netip.PrefixFrom(a.Addr(), a.Addr().BitLen()))
 		}
 	}
 	for _, s := range []*IPSet{&masq, &all, &hosts} {

@@ -1,6 +1,7 @@
 package calc
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -380,10 +381,11 @@ func TestPodMTU(t *testing.T) {
 	}
 }
 
-// A dual-stack node before IPv6 routing exists: v6 blocks and pods get their
-// local routes, but no v6 prefix reaches BGP, an ipset or an iptables rule,
-// where it would fail the whole IPv4 data plane; a problem says so.
-func TestComputeDualStackStaysIPv4(t *testing.T) {
+// A dual-stack node without an IPv6 address of its own: v6 blocks and pods
+// get their local routes but no v6 prefix reaches BGP, and a problem says so.
+// Each family's ipsets and chains hold that family's addresses only: one
+// address of the other would fail the whole table.
+func TestComputeDualStackFamilies(t *testing.T) {
 	in := Input{
 		Node:   "n1",
 		NodeIP: pfx("198.18.1.2/24"),
@@ -403,23 +405,57 @@ func TestComputeDualStackStaysIPv4(t *testing.T) {
 	if !slices.Equal(out.Advertise, []netip.Prefix{pfx("10.244.1.0/26")}) {
 		t.Errorf("advertised %v, want the IPv4 block only", out.Advertise)
 	}
+	members := map[string]string{}
 	for _, s := range out.IPSets {
+		if s.IPv6 != strings.HasSuffix(s.Name, "-v6") {
+			t.Errorf("ipset %s: IPv6 %v", s.Name, s.IPv6)
+		}
 		for _, m := range s.Members {
-			if !m.Addr().Is4() {
-				t.Errorf("ipset %s has IPv6 member %s", s.Name, m)
+			if m.Addr().Is6() != s.IPv6 {
+				t.Errorf("ipset %s (IPv6 %v) has member %s", s.Name, s.IPv6, m)
 			}
 		}
+		members[s.Name] = fmt.Sprint(s.Members)
 	}
-	for _, c := range out.Chains {
-		for _, r := range c.Rules {
-			if strings.Contains(strings.Join(r, " "), "fd00:") {
-				t.Errorf("chain %s has an IPv6 rule %q", c.Name, r)
-			}
+	for name, want := range map[string]string{
+		SetMasqPools: "[10.244.0.0/16]", SetMasqPools + "-v6": "[fd00:244::/48]",
+		SetAllHosts: "[198.18.1.2/32]", SetAllHosts + "-v6": "[]",
+	} {
+		if members[name] != want {
+			t.Errorf("ipset %s: %s, want %s", name, members[name], want)
 		}
 	}
-	if len(out.Problems) != 2 || !strings.Contains(out.Problems[0], "2 IPv6 blocks or pod addresses are not advertised: this node has no IPv6 address") ||
-		!strings.Contains(out.Problems[1], "IPv6 traffic of 2 pod addresses is not filtered") {
-		t.Errorf("problems %q, want the unadvertised IPv6 prefixes and the unfiltered pods", out.Problems)
+	text := func(cs []Chain) string {
+		var b strings.Builder
+		for _, c := range cs {
+			for _, r := range c.Rules {
+				fmt.Fprintf(&b, "-A %s %s\n", c.Name, strings.Join(r, " "))
+			}
+		}
+		return b.String()
+	}
+	v4, v6 := text(out.Chains), text(out.Chains6)
+	for _, c := range []struct {
+		rules, want string
+		has         bool
+	}{
+		{v4, "-A MGY-FROM-WL -s 10.244.1.1/32 -i mgya -j RETURN", true},
+		{v4, "fd00:", false},
+		{v4, "icmp6", false},
+		{v4, "--match-set mgy-all-hosts src", true},
+		{v6, "-A MGY-FROM-WL -s fd00:244::1/128 -i mgya -j RETURN\n-A MGY-FROM-WL -s fd00:244:0:1::9/128 -i mgya -j RETURN", true},
+		{v6, "10.244.", false},
+		{v6, "-A MGY-INPUT -i mgy+ -p ipv6-icmp -m icmp6 --icmpv6-type 135", true},
+		{v6, "-A MGY-INPUT -p udp -m udp --dport 4789 -m set --match-set mgy-all-hosts-v6 src -j ACCEPT", true},
+		{v6, "-A MGY-INPUT -p 4", false}, // no IPIP over IPv6
+		{v6, "-A MGY-POSTROUTING -m set --match-set mgy-masq-pools-v6 src -m set ! --match-set mgy-all-pools-v6 dst -j MASQUERADE", true},
+	} {
+		if strings.Contains(c.rules, c.want) != c.has {
+			t.Errorf("rules contain %q: %v, want %v; rules:\n%s", c.want, !c.has, c.has, c.rules)
+		}
+	}
+	if len(out.Problems) != 1 || !strings.Contains(out.Problems[0], "2 IPv6 blocks or pod addresses are not advertised: this node has no IPv6 address") {
+		t.Errorf("problems %q, want the unadvertised IPv6 prefixes", out.Problems)
 	}
 	if _, ok := out.Sysctls["net/ipv6/conf/all/forwarding"]; ok {
 		t.Errorf("IPv6 forwarding set on a node without an IPv6 address")

@@ -180,3 +180,74 @@ func TestEvaluateTCPFlags(t *testing.T) {
 		}
 	}
 }
+
+// IPv6 traffic meets the same policy through ip6tables' chains: selectors
+// match the endpoints' IPv6 addresses, nets and ICMP rules apply to the
+// family they are of, and anti-spoofing holds for IPv6 sources.
+func TestEvaluateIPv6(t *testing.T) {
+	dual := func(w *api.WorkloadEndpoint, ip6 string) *api.WorkloadEndpoint {
+		w.Spec.IPNetworks = append(w.Spec.IPNetworks, ip6)
+		return w
+	}
+	eps := []*api.WorkloadEndpoint{
+		dual(wep("n1", "a", "web", "10.244.1.1/32", map[string]string{"app": "web"}), "fd00:244::1/128"),
+		dual(wep("n1", "a", "db", "10.244.1.2/32", map[string]string{"app": "db"}), "fd00:244::2/128"),
+		dual(wep("n2", "a", "api", "10.244.2.1/32", map[string]string{"app": "api"}), "fd00:244:0:1::1/128"),
+	}
+	var local []Endpoint
+	for _, w := range eps[:2] {
+		ep := Endpoint{Name: w.Metadata.Name, Interface: w.Spec.InterfaceName}
+		for _, n := range w.Spec.IPNetworks {
+			ep.IPs = append(ep.IPs, netip.MustParsePrefix(n))
+		}
+		local = append(local, ep)
+	}
+	a := netip.MustParseAddr
+	web, db, api6, inet := a("fd00:244::1"), a("fd00:244::2"), a("fd00:244:0:1::1"), a("2001:db8::10")
+	iface := map[netip.Addr]string{web: "mgyweb", db: "mgydb", a("10.244.1.1"): "mgyweb", a("10.244.1.2"): "mgydb"}
+	pkt := func(src, dst netip.Addr, proto uint8, dport uint16) Packet {
+		return Packet{In: iface[src], Out: iface[dst], Src: src, Dst: dst, Proto: proto, SPort: 40000, DPort: dport}
+	}
+	pol := decodePolicies(t, `apiVersion: margay.dev/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: a}
+spec:
+  selector: app == 'db'
+  ingress:
+  - {action: Allow, protocol: TCP, source: {selector: app == 'api'}, destination: {ports: [5432]}}
+  - {action: Allow, protocol: TCP, source: {nets: [10.244.1.1/32, "fd00:244::1/128"]}, destination: {ports: [80]}}
+  - {action: Allow, protocol: TCP, source: {nets: [10.244.1.0/24]}, destination: {ports: [81]}}
+  - {action: Allow, protocol: ICMP}
+  egress:
+  - {action: Allow, destination: {notNets: [10.0.0.0/8]}}`)
+	pol.Endpoints = eps
+	out := Compute(Input{Node: "n1", Endpoints: local, Policy: pol})
+	ev4, ev6 := NewEvaluator(out.Chains, out.IPSets), NewEvaluator(out.Chains6, out.IPSets)
+	const tcp, icmp, icmp6 = 6, 1, 58
+	for _, c := range []struct {
+		ev   *Evaluator
+		p    Packet
+		want bool
+	}{
+		{ev6, pkt(api6, db, tcp, 5432), true}, // the selector's IPv6 member
+		{ev6, pkt(inet, db, tcp, 5432), false},
+		{ev6, pkt(web, db, tcp, 80), true},  // the IPv6 net of a mixed list
+		{ev6, pkt(web, db, tcp, 81), false}, // an IPv4-only list matches no IPv6 packet
+		{ev4, pkt(a("10.244.1.1"), a("10.244.1.2"), tcp, 81), true},
+		{ev6, pkt(web, db, icmp6, 0), false}, // ICMP is IPv4's
+		{ev4, pkt(a("10.244.1.1"), a("10.244.1.2"), icmp, 0), true},
+		{ev6, pkt(db, inet, tcp, 443), true}, // notNets of IPv4 exclude no IPv6 address
+		{ev4, pkt(a("10.244.1.2"), a("10.244.2.1"), tcp, 443), false},
+		{ev6, pkt(web, inet, tcp, 443), true},                                                    // web has no policy
+		{ev6, Packet{In: "mgyweb", Src: db, Dst: inet, Proto: tcp, DPort: 443}, false},           // spoofed
+		{ev6, Packet{In: "mgyweb", Src: a("fe80::1"), Dst: inet, Proto: tcp, DPort: 443}, false}, // link-local
+	} {
+		got, err := c.ev.Forward(c.p)
+		if err != nil {
+			t.Fatalf("%s: %v", c.p, err)
+		}
+		if got != c.want {
+			t.Errorf("%s: accepted %v, want %v", c.p, got, c.want)
+		}
+	}
+}

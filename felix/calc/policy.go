@@ -111,9 +111,9 @@ func AppliedTo(pol Policy, w *api.WorkloadEndpoint) []PolicyRef {
 
 // policyPlan is what the policy part of Compute decides.
 type policyPlan struct {
-	chains   []Chain
-	sets     []IPSet
-	problems []string
+	chains, chains6 []Chain // iptables' and ip6tables'
+	sets            []IPSet // of both families
+	problems        []string
 	// Applied lists, per local endpoint, the policies that apply to it.
 	applied map[string][]PolicyRef
 	// policyChains names the policy of each policy chain.
@@ -208,10 +208,12 @@ func orderOf(o *float64) float64 {
 }
 
 // policyRules decides the policy chains of the local endpoints and the
-// ipsets their rules match on. Each endpoint has an ingress and an egress
-// chain; each policy that applies to some local endpoint has a chain per
-// direction, shared by the endpoints. A verdict leaves a chain as a mark:
-// MarkAccept, or MarkPass to skip the rest of a tier; a Deny drops at once.
+// ipsets their rules match on, for each family. Each endpoint has an ingress
+// and an egress chain; each policy that applies to some local endpoint has a
+// chain per direction, shared by the endpoints. A verdict leaves a chain as a
+// mark: MarkAccept, or MarkPass to skip the rest of a tier; a Deny drops at
+// once. The families' chains differ only in their ipsets and in the rules
+// that can match one family alone.
 func policyRules(local []Endpoint, pol Policy) policyPlan {
 	plan := policyPlan{applied: map[string][]PolicyRef{}, policyChains: map[string]PolicyChain{}}
 	pols, problems := sortedPolicies(pol)
@@ -220,7 +222,8 @@ func policyRules(local []Endpoint, pol Policy) policyPlan {
 	for _, w := range pol.Endpoints {
 		infos[w.Metadata.Name] = infoOf(w)
 	}
-	b := &setBuilder{endpoints: pol.Endpoints, infos: infos, sets: map[string]*IPSet{}}
+	b4 := &setBuilder{family: ipv4, endpoints: pol.Endpoints, infos: infos, sets: map[string]*IPSet{}}
+	b6 := &setBuilder{family: ipv6, endpoints: pol.Endpoints, infos: infos, sets: map[string]*IPSet{}}
 	used := map[*policy]bool{}
 	dispatchOut := Chain{Table: "filter", Name: ChainFromEP}
 	dispatchIn := Chain{Table: "filter", Name: ChainToEP}
@@ -252,21 +255,32 @@ func policyRules(local []Endpoint, pol Policy) policyPlan {
 			if !p.spec.Applies(dir) {
 				continue
 			}
-			rules, probs := b.policyChain(p, dir)
+			rules, probs := b4.policyChain(p, dir)
+			rules6, probs6 := b6.policyChain(p, dir)
 			plan.problems = append(plan.problems, probs...)
+			for _, pr := range probs6 { // mostly the same: a rule's error is the family's only when the other skips the rule
+				if !slices.Contains(probs, pr) {
+					plan.problems = append(plan.problems, pr)
+				}
+			}
 			name := policyChainName(p.ref, dir)
 			plan.chains = append(plan.chains, Chain{Table: "filter", Name: name, Rules: rules})
+			plan.chains6 = append(plan.chains6, Chain{Table: "filter", Name: name, Rules: rules6})
 			plan.policyChains[name] = PolicyChain{Policy: p.ref, Direction: dir}
 		}
 	}
 	plan.chains = append(plan.chains, epChains...)
 	plan.chains = append(plan.chains, dispatchOut, dispatchIn)
-	for _, s := range b.sets {
-		slices.SortFunc(s.Members, comparePrefix)
-		s.Members = slices.Compact(s.Members)
-		slices.SortFunc(s.Ports, compareIPPort)
-		s.Ports = slices.Compact(s.Ports)
-		plan.sets = append(plan.sets, *s)
+	plan.chains6 = append(plan.chains6, epChains...)
+	plan.chains6 = append(plan.chains6, dispatchOut, dispatchIn)
+	for _, b := range []*setBuilder{b4, b6} {
+		for _, s := range b.sets {
+			slices.SortFunc(s.Members, comparePrefix)
+			s.Members = slices.Compact(s.Members)
+			slices.SortFunc(s.Ports, compareIPPort)
+			s.Ports = slices.Compact(s.Ports)
+			plan.sets = append(plan.sets, *s)
+		}
 	}
 	slices.SortFunc(plan.sets, func(a, b IPSet) int { return strings.Compare(a.Name, b.Name) })
 	return plan
@@ -329,9 +343,10 @@ func concat(parts ...[]string) []string {
 	return out
 }
 
-// setBuilder makes the ipsets that rules match on, one per distinct selector
-// or list of nets, shared by every rule that uses it.
+// setBuilder makes the ipsets of one family that rules match on, one per
+// distinct selector or list of nets, shared by every rule that uses it.
 type setBuilder struct {
+	family    family
 	endpoints []*api.WorkloadEndpoint
 	infos     map[string]endpointInfo
 	sets      map[string]*IPSet
@@ -380,58 +395,65 @@ func (b *setBuilder) selected(es entitySelector, f func(*api.WorkloadEndpoint)) 
 	}
 }
 
-// v4Addrs are an endpoint's IPv4 addresses.
-func v4Addrs(w *api.WorkloadEndpoint) []netip.Prefix {
+// addrs are an endpoint's addresses of the builder's family.
+func (b *setBuilder) addrs(w *api.WorkloadEndpoint) []netip.Prefix {
 	var out []netip.Prefix
 	for _, n := range w.Spec.IPNetworks {
-		if p, err := netip.ParsePrefix(n); err == nil && p.Addr().Is4() {
+		if p, err := netip.ParsePrefix(n); err == nil && b.family.has(p.Addr()) {
 			out = append(out, p.Masked())
 		}
 	}
 	return out
 }
 
+// newSet makes a set of the builder's family, named after what it is for.
+func (b *setBuilder) newSet(prefix, typ string, what ...string) (*IPSet, bool) {
+	name := b.family.set(prefix + shortHash(what...))
+	if s, ok := b.sets[name]; ok {
+		return s, false
+	}
+	s := &IPSet{Name: name, Type: typ, IPv6: b.family.v6}
+	b.sets[name] = s
+	return s, true
+}
+
 // selectorSet is the set of the addresses of the endpoints an entity rule's
 // selectors match.
 func (b *setBuilder) selectorSet(es entitySelector) string {
-	name := setSelPrefix + shortHash("sel", es.key())
-	if _, ok := b.sets[name]; ok {
-		return name
+	s, fresh := b.newSet(setSelPrefix, "hash:net", "sel", es.key())
+	if fresh {
+		b.selected(es, func(w *api.WorkloadEndpoint) { s.Members = append(s.Members, b.addrs(w)...) })
 	}
-	s := &IPSet{Name: name, Type: "hash:net"}
-	b.selected(es, func(w *api.WorkloadEndpoint) { s.Members = append(s.Members, v4Addrs(w)...) })
-	b.sets[name] = s
-	return name
+	return s.Name
 }
 
 // namedPortSet is the set of address,protocol:port of the port called name
 // on each endpoint the entity selects: a named port means the port of that
 // name on whichever endpoint a packet goes to.
 func (b *setBuilder) namedPortSet(es entitySelector, proto uint8, name string) string {
-	set := setPortPrefix + shortHash("port", es.key(), strconv.Itoa(int(proto)), name)
-	if _, ok := b.sets[set]; ok {
-		return set
+	s, fresh := b.newSet(setPortPrefix, "hash:ip,port", "port", es.key(), strconv.Itoa(int(proto)), name)
+	if !fresh {
+		return s.Name
 	}
-	s := &IPSet{Name: set, Type: "hash:ip,port"}
 	b.selected(es, func(w *api.WorkloadEndpoint) {
 		for _, p := range w.Spec.Ports {
 			if p.Name != name || p.Protocol.Num() != proto {
 				continue
 			}
-			for _, a := range v4Addrs(w) {
+			for _, a := range b.addrs(w) {
 				s.Ports = append(s.Ports, IPPort{Addr: a.Addr(), Proto: proto, Port: p.Port})
 			}
 		}
 	})
-	b.sets[set] = s
-	return set
+	return s.Name
 }
 
-// netSet is the set of the IPv4 nets of a list; ok is false when it has none.
+// netSet is the set of the nets of a list of the builder's family; ok is
+// false when it has none.
 func (b *setBuilder) netSet(nets []string) (string, bool) {
 	var ps []netip.Prefix
 	for _, n := range nets {
-		if p, err := netip.ParsePrefix(n); err == nil && p.Addr().Is4() {
+		if p, err := netip.ParsePrefix(n); err == nil && b.family.has(p.Addr()) {
 			ps = append(ps, p.Masked())
 		}
 	}
@@ -444,11 +466,11 @@ func (b *setBuilder) netSet(nets []string) (string, bool) {
 	for _, p := range ps {
 		key = append(key, p.String())
 	}
-	name := setNetPrefix + shortHash(append([]string{"nets"}, key...)...)
-	if _, ok := b.sets[name]; !ok {
-		b.sets[name] = &IPSet{Name: name, Type: "hash:net", Members: ps}
+	s, fresh := b.newSet(setNetPrefix, "hash:net", append([]string{"nets"}, key...)...)
+	if fresh {
+		s.Members = ps
 	}
-	return name, true
+	return s.Name, true
 }
 
 // policyChain renders one policy's rules for one direction.
@@ -502,11 +524,15 @@ const maxMultiport = 15
 
 // matches renders a rule's match part. A rule can need several iptables
 // rules: more ports than one multiport match takes, or named ports beside
-// numbered ones. None at all means the rule can match no IPv4 packet (its
-// nets are all IPv6).
+// numbered ones. None at all means the rule can match no packet of the
+// builder's family: its nets are all of the other, or its protocol is the
+// other's ICMP.
 func (b *setBuilder) matches(ns string, r *api.Rule) ([][]string, error) {
 	var base []string
 	var proto uint8
+	if r.Protocol != nil && otherICMP[b.family.v6] == r.Protocol.Num() {
+		return nil, nil
+	}
 	if r.Protocol != nil {
 		base = append(base, "-p", iptProtocol(*r.Protocol))
 		proto = r.Protocol.Num()
@@ -569,6 +595,9 @@ func (b *setBuilder) matches(ns string, r *api.Rule) ([][]string, error) {
 	}
 	return out, nil
 }
+
+// otherICMP is, by family (IPv6 or not), the ICMP of the other family.
+var otherICMP = map[bool]uint8{false: 58, true: 1}
 
 // portChunks writes numbered ports as multiport lists of at most
 // maxMultiport entries, leaving out named ports.

@@ -369,7 +369,9 @@ spec:
 	}) {
 		t.Error("a new member changed the chains")
 	}
-	if len(before.sets) != 1 || len(after.sets) != 1 || before.sets[0].Name != after.sets[0].Name {
+	// One set per family, the IPv6 one empty.
+	if len(before.sets) != 2 || len(after.sets) != 2 || before.sets[0].Name != after.sets[0].Name ||
+		after.sets[1].Name != after.sets[0].Name+"-v6" || len(after.sets[1].Members) != 0 {
 		t.Fatalf("sets before %v, after %v", before.sets, after.sets)
 	}
 	if got := fmt.Sprint(after.sets[0].Members); got != "[10.244.1.1/32 10.244.2.9/32]" {

@@ -123,7 +123,7 @@ func runTraffic(flows []flow, stop <-chan struct{}, limit time.Duration) *traffi
 // all get through, and from y/a none does. Each rewrite is waited for on
 // x/b's node, so all 100 are programmed, none coalesced.
 func TestPolicyNoWindow(t *testing.T) {
-	pl := newPolicyLab(t)
+	pl := newPolicyLab(t, false)
 	xa, xb, ya := pl.pods[0], pl.pods[1], pl.pods[2]
 	allowed, denied := flow{xa, xb, tcp80}, flow{ya, xb, tcp80}
 	pl.applyAndWait(t, allowFromA("no-window", 0), allowed, denied)
@@ -238,7 +238,7 @@ func median(ds []time.Duration) time.Duration {
 // not: long-lived UDP and TCP flows from x/a and y/a into x/b carry on
 // until a policy lets in x/a only; then y/a's stop and x/a's lose nothing.
 func TestPolicyCutsDeniedFlows(t *testing.T) {
-	pl := newPolicyLab(t)
+	pl := newPolicyLab(t, false)
 	xa, xb, ya := pl.pods[0], pl.pods[1], pl.pods[2]
 	const echoPort = 82
 	var mu sync.Mutex
@@ -383,7 +383,7 @@ func TestPolicyCutsDeniedFlows(t *testing.T) {
 // closed: a flushed policy chain or an emptied selector set lets nothing
 // through that the policy would not, and stops what it would.
 func TestPolicyDrift(t *testing.T) {
-	pl := newPolicyLab(t)
+	pl := newPolicyLab(t, false)
 	xa, xb, ya := pl.pods[0], pl.pods[1], pl.pods[2]
 	allowed, denied := flow{xa, xb, tcp80}, flow{ya, xb, tcp80}
 	pl.applyAndWait(t, allowFromA("drift", 0), allowed, denied)

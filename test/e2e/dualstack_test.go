@@ -12,20 +12,13 @@ import (
 	"github.com/margay-dev/margay/test/lab"
 )
 
-const dualPools = neverPool + `---
-apiVersion: margay.dev/v1
-kind: IPPool
-metadata: {name: pods-v6}
-spec: {cidr: "fd00:244::/48"}
-`
-
 // Three dual-stack nodes in one subnet: IPv6 blocks travel over the IPv4
 // sessions with each node's IPv6 address as next hop, every node's kernel holds
 // exactly the IPv6 routes it should beside the IPv4 ones, and every pod reaches
 // every other pod over both families (ping, and TCP with its own address as
-// source).
+// source), and the internet host over both, as its node (NAT66 for IPv6).
 func TestDualStackOneSubnet(t *testing.T) {
-	l := up(t, lab.Options{Nodes: 3, Pools: dualPools, DualStack: true, AgentArgs: []string{"--resync-interval", "2s"}})
+	l := up(t, lab.Options{Nodes: 3, Pools: dualNATPools, DualStack: true, AgentArgs: []string{"--resync-interval", "2s"}})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	waitReady(t, l)
@@ -78,6 +71,16 @@ func TestDualStackOneSubnet(t *testing.T) {
 			}
 		}
 		stop()
+	}
+	stop := serve(t, l.Internet, 80)
+	defer stop()
+	for _, n := range l.Nodes {
+		p := n.Pods[0]
+		for _, c := range []struct{ dst, want netip.Addr }{{lab.InternetAddr, n.IP.Addr()}, {lab.InternetAddr6, n.IP6.Addr()}} {
+			if got, err := dial(p.NS, netip.AddrPortFrom(c.dst, 80)); err != nil || got != c.want.String() {
+				t.Errorf("pod %s to the internet host at %s: seen as %q, %v; want its node's %s", p.Name, c.dst, got, err, c.want)
+			}
+		}
 	}
 }
 

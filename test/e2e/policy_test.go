@@ -42,7 +42,7 @@ type peer struct {
 	labels    map[string]string
 	ports     []api.EndpointPort // its named ports
 	ns        *nstest.NS
-	addr      netip.Addr
+	addr      netip.Addr // of the family its flows are of
 }
 
 func (p *peer) is(name string) bool { return p.name == name }
@@ -53,7 +53,15 @@ type flow struct {
 	svc      service
 }
 
-func (f flow) String() string { return fmt.Sprintf("%s -> %s %s", f.from.name, f.to.name, f.svc) }
+func (f flow) String() string {
+	if f.v6() {
+		return fmt.Sprintf("%s -> %s %s over IPv6", f.from.name, f.to.name, f.svc)
+	}
+	return fmt.Sprintf("%s -> %s %s", f.from.name, f.to.name, f.svc)
+}
+
+// v6 tells whether the flow is over IPv6.
+func (f flow) v6() bool { return f.to.addr.Is6() }
 
 // serveAll answers every service in ns until the test ends: TCP with "ok", UDP
 // by echoing.
@@ -68,7 +76,7 @@ func serveAll(t *testing.T, ns *nstest.NS) {
 			continue
 		}
 		err := ns.Do(func() error {
-			pc, err := net.ListenPacket("udp4", fmt.Sprintf(":%d", s.port))
+			pc, err := net.ListenPacket("udp", fmt.Sprintf(":%d", s.port))
 			if err != nil {
 				return err
 			}
@@ -96,7 +104,7 @@ func serveAll(t *testing.T, ns *nstest.NS) {
 func serveTCP(t *testing.T, ns *nstest.NS, port int, handle func(net.Conn)) {
 	t.Helper()
 	var ln net.Listener
-	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port)); return err }); err != nil {
+	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
 		t.Fatalf("serve tcp/%d in %s: %v", port, ns.Name, err)
 	}
 	t.Cleanup(func() { ln.Close() })
@@ -118,7 +126,11 @@ const probeTimeout = time.Second
 func probe(f flow) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
 	defer cancel()
-	c, err := f.from.ns.DialContext(ctx, f.svc.proto+"4", netip.AddrPortFrom(f.to.addr, uint16(f.svc.port)).String())
+	network := f.svc.proto + "4"
+	if f.v6() {
+		network = f.svc.proto + "6"
+	}
+	c, err := f.from.ns.DialContext(ctx, network, netip.AddrPortFrom(f.to.addr, uint16(f.svc.port)).String())
 	if err != nil {
 		return false
 	}
@@ -158,13 +170,23 @@ func matrix(flows []flow) map[flow]bool {
 
 // policyLab is two nodes in two subnets (VXLAN between them), two namespaces
 // with a pod "a" and a pod "b" each, spread over the nodes, and the
-// internet host; every one serves tcp/80, tcp/81 and udp/80.
+// internet host; every one serves tcp/80, tcp/81 and udp/80. A dual-stack
+// policyLab has its nodes in one subnet (IPv6 has no VXLAN yet) and probes
+// every flow over both families; its pools have natOutgoing.
 type policyLab struct {
 	l     *lab.Lab
-	pods  []*peer
+	pods  []*peer // by their IPv4 addresses
+	pods6 []*peer // the same by their IPv6 ones, in a dual-stack lab
 	inet  *peer
-	flows []flow
+	flows []flow // of both families in a dual-stack lab
 }
+
+const dualNATPools = neverPool + `---
+apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods-v6}
+spec: {cidr: "fd00:244::/48", natOutgoing: true}
+`
 
 var nsLabels = map[string]map[string]string{
 	"x": {"name": "x", "team": "blue"},
@@ -178,8 +200,12 @@ var namedPorts = map[string][]api.EndpointPort{
 	"b": {{Name: "serve", Protocol: api.Protocol{Name: "TCP"}, Port: 80}, {Name: "serve", Protocol: api.Protocol{Name: "UDP"}, Port: 80}},
 }
 
-func newPolicyLab(t *testing.T) *policyLab {
-	l := up(t, lab.Options{Nodes: 2, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "5s"}})
+func newPolicyLab(t *testing.T, dual bool) *policyLab {
+	opts := lab.Options{Nodes: 2, Subnets: 2, Pools: encapPool("vxlanMode: CrossSubnet"), AgentArgs: []string{"--resync-interval", "5s"}}
+	if dual {
+		opts.Subnets, opts.Pools, opts.DualStack = 1, dualNATPools, true
+	}
+	l := up(t, opts)
 	waitReady(t, l)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -195,22 +221,36 @@ func newPolicyLab(t *testing.T) *policyLab {
 		}
 		pl.pods = append(pl.pods, &peer{name: spec.namespace + "/" + spec.app, namespace: spec.namespace,
 			labels: map[string]string{"app": spec.app}, ports: namedPorts[spec.app], ns: p.NS, addr: p.IP})
+		if dual {
+			pl.pods6 = append(pl.pods6, &peer{name: spec.namespace + "/" + spec.app, namespace: spec.namespace,
+				labels: map[string]string{"app": spec.app}, ports: namedPorts[spec.app], ns: p.NS, addr: p.IP6})
+		}
 		serveAll(t, p.NS)
 	}
 	pl.inet = &peer{name: "internet", ns: l.Internet, addr: lab.InternetAddr}
 	serveAll(t, l.Internet)
 	pl.label(t)
-	for _, from := range pl.pods {
-		for _, to := range append(slices.Clone(pl.pods), pl.inet) {
+	pl.flows = flowsOf(pl.pods, pl.inet)
+	if dual {
+		pl.flows = append(pl.flows, flowsOf(pl.pods6, &peer{name: "internet", ns: l.Internet, addr: lab.InternetAddr6})...)
+	}
+	return pl
+}
+
+// flowsOf are the flows from every pod to every other and to the internet host.
+func flowsOf(pods []*peer, inet *peer) []flow {
+	var flows []flow
+	for _, from := range pods {
+		for _, to := range append(slices.Clone(pods), inet) {
 			if from == to {
 				continue
 			}
 			for _, s := range services {
-				pl.flows = append(pl.flows, flow{from, to, s})
+				flows = append(flows, flow{from, to, s})
 			}
 		}
 	}
-	return pl
+	return flows
 }
 
 // label gives the pods' WorkloadEndpoints their labels as
@@ -279,8 +319,10 @@ func (pl *policyLab) enforce(t *testing.T, yaml string, want expect) time.Durati
 	took := time.Since(start)
 	if err != nil {
 		for _, n := range pl.l.Nodes {
-			out, _ := n.NS.Run("iptables-save", "-t", "filter")
-			t.Logf("%s's filter table:\n%s", n.Name, out)
+			for _, cmd := range []string{"iptables-save", "ip6tables-save"} {
+				out, _ := n.NS.Run(cmd, "-t", "filter")
+				t.Logf("%s's filter table (%s):\n%s", n.Name, cmd, out)
+			}
 		}
 		t.Fatalf("after %s, %d of %d flows are wrong:\n%s", took.Round(time.Millisecond), len(last), len(pl.flows), strings.Join(last, "\n"))
 	}
@@ -306,15 +348,23 @@ func allOpen(flow) bool { return true }
 // networking.k8s.io/v1 files with margayctl, translated and enforced by
 // margay across two nodes and two namespaces, on TCP and UDP. Each case's
 // truth table is written from the Kubernetes semantics.
-func TestKubernetesNetworkPolicy(t *testing.T) {
-	pl := newPolicyLab(t)
+func TestKubernetesNetworkPolicy(t *testing.T) { kubernetesNetworkPolicy(t, false) }
+
+// The same cases in a dual-stack lab, each flow probed over both families:
+// selectors match a pod's IPv6 address as its IPv4 one, and an ipBlock only
+// addresses of its own family.
+func TestKubernetesNetworkPolicyDualStack(t *testing.T) { kubernetesNetworkPolicy(t, true) }
+
+func kubernetesNetworkPolicy(t *testing.T, dual bool) {
+	pl := newPolicyLab(t, dual)
 	pl.enforce(t, "", allOpen)
 	xb := pl.pods[1].addr
-	cases := []struct {
+	type policyCase struct {
 		name string
 		yaml string
 		want expect
-	}{
+	}
+	cases := []policyCase{
 		{"default deny ingress", knp("x", "deny", `podSelector: {}
   policyTypes: [Ingress]`),
 			func(f flow) bool { return f.to.namespace != "x" }},
@@ -346,7 +396,7 @@ func TestKubernetesNetworkPolicy(t *testing.T) {
   ingress:
   - from:
     - ipBlock: {cidr: 10.244.0.0/16, except: [`+xb.String()+`/32]}`),
-			func(f flow) bool { return !f.to.is("x/a") || !f.from.is("x/b") }},
+			func(f flow) bool { return !f.to.is("x/a") || !f.v6() && !f.from.is("x/b") }},
 		{"ports by protocol", knp("x", "ports", `podSelector: {matchLabels: {app: a}}
   ingress:
   - ports: [{protocol: UDP, port: 80}, {port: 81}]`),
@@ -372,7 +422,7 @@ func TestKubernetesNetworkPolicy(t *testing.T) {
   egress:
   - to:
     - ipBlock: {cidr: 203.0.113.0/24}`),
-			func(f flow) bool { return !f.from.is("x/a") || f.to.is("internet") }},
+			func(f flow) bool { return !f.from.is("x/a") || !f.v6() && f.to.is("internet") }},
 		{"policy on both sides", knp("x", "deny", `podSelector: {}
   policyTypes: [Ingress]`) + "---\n" + knp("x", "from-y", `podSelector: {}
   ingress: [{from: [{namespaceSelector: {matchLabels: {name: "y"}}}]}]`) + "---\n" + knp("y", "deny", `podSelector: {}
@@ -382,6 +432,14 @@ func TestKubernetesNetworkPolicy(t *testing.T) {
 			func(f flow) bool {
 				return (f.to.namespace != "x" || f.from.namespace == "y") && (f.from.namespace != "y" || f.to.namespace == "x")
 			}},
+	}
+	if dual {
+		yb6 := pl.pods6[3].addr
+		cases = append(cases, policyCase{"IPv6 ipBlock with except", knp("x", "block6", `podSelector: {matchLabels: {app: a}}
+  ingress:
+  - from:
+    - ipBlock: {cidr: "fd00:244::/48", except: ["`+yb6.String()+`/128"]}`),
+			func(f flow) bool { return !f.to.is("x/a") || f.v6() && !f.from.is("y/b") }})
 	}
 	var took []time.Duration
 	for _, c := range cases {
@@ -405,7 +463,7 @@ spec:
 // Pass, notNets, a GlobalNetworkPolicy over the namespaces a
 // namespaceSelector picks, and egress Deny with notProtocol.
 func TestCalicoPolicy(t *testing.T) {
-	pl := newPolicyLab(t)
+	pl := newPolicyLab(t, false)
 	xb := pl.pods[1].addr
 	mgy := func(kind, namespace, name, spec string) string {
 		ns := ""

@@ -1,7 +1,8 @@
 // Package lab builds margay's multi-node test lab in network namespaces, on the
 // address plan of DESIGN.md: nodes in subnets 198.18.<n>.0/24 joined by a router
 // (.1 in each), an etcd host at 198.18.1.250, and an "internet" host at
-// 203.0.113.10 behind the router. Every node runs the real margay-node binary as
+// 203.0.113.10 behind the router; a dual-stack lab adds fd00:18:<n>::/64 to
+// the subnets and 2001:db8:113::10 to the internet host. Every node runs the real margay-node binary as
 // a process; pods are added through the real CNI plugin with libcni, as kubelet
 // does. The e2e suites and margay-lab share it. Nothing touches the root
 // namespace: the lab is a closed set of namespaces.
@@ -33,6 +34,8 @@ import (
 var (
 	EtcdAddr     = netip.MustParseAddr("198.18.1.250")
 	InternetAddr = netip.MustParseAddr("203.0.113.10")
+	// InternetAddr6 is the internet host's IPv6 address in a dual-stack lab.
+	InternetAddr6 = netip.MustParseAddr("2001:db8:113::10")
 )
 
 // Options shape a lab.
@@ -251,6 +254,17 @@ func (l *Lab) topology() error {
 	}
 	if err := l.link(l.Internet, "inet", "", "203.0.113.1/24", netip.PrefixFrom(InternetAddr, 24), "203.0.113.1"); err != nil {
 		return err
+	}
+	if l.opts.DualStack {
+		if err := runAll(r, [][]string{{"ip", "-6", "addr", "add", "2001:db8:113::1/64", "dev", "inet", "nodad"}}); err != nil {
+			return err
+		}
+		if err := runAll(l.Internet, [][]string{
+			{"ip", "-6", "addr", "add", netip.PrefixFrom(InternetAddr6, 64).String(), "dev", "eth0", "nodad"},
+			{"ip", "-6", "route", "add", "default", "via", "2001:db8:113::1"},
+		}); err != nil {
+			return err
+		}
 	}
 	if l.EtcdHost, err = l.ns("etcd"); err != nil {
 		return err

@@ -471,7 +471,7 @@ func scale(bin string, policies, endpoints, runs, seconds int) error {
 	node.Stop(syscall.SIGTERM)
 	in := scaleInput(real, server, policies, endpoints)
 	logger := slog.New(slog.DiscardHandler)
-	ipt, err := felix.NewIPTables(logger)
+	ipt, err := felix.NewIPTables(logger, false)
 	if err != nil {
 		return err
 	}
