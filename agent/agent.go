@@ -75,7 +75,7 @@ type Agent struct {
 	store          *datastore.Store
 	addr           netip.Prefix
 	addr6          netip.Prefix // invalid: the node has no IPv6 address
-	iface          string
+	iface, iface6  string       // the interfaces of addr and addr6
 	view           *view
 	kickC          chan struct{}
 	routes         *felix.Routes
@@ -84,7 +84,7 @@ type Agent struct {
 	ipt6           *felix.IPTables // nil: the kernel has no IPv6
 	policyCounters *policyCounters
 	ipip           *ipip.Device
-	vxlan          *vxlan.Device
+	vxlan, vxlan6  *vxlan.Device
 	metrics        *metrics
 	health         *health
 
@@ -136,10 +136,10 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 	a.addr, a.iface = addr, iface
 	log.Info("node address", "ip", addr.String(), "interface", iface)
 	if cfg.IP6 != "" && cfg.IP6 != "none" {
-		if a.addr6, iface, err = nodeAddress(cfg.IP6, cfg.Autodetect6Method, ipam.IPv6); err != nil {
+		if a.addr6, a.iface6, err = nodeAddress(cfg.IP6, cfg.Autodetect6Method, ipam.IPv6); err != nil {
 			return nil, err
 		}
-		log.Info("node IPv6 address", "ip", a.addr6.String(), "interface", iface)
+		log.Info("node IPv6 address", "ip", a.addr6.String(), "interface", a.iface6)
 	}
 	// Before registering: a second agent on this host must not touch the node.
 	if err := a.health.serve(ctx, cfg.HealthAddr, cfg.MetricsAddr, log); err != nil {
@@ -168,7 +168,7 @@ func start(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	a.metrics.registry.MustRegister(a.policyCounters)
 	a.routes, a.ipsets = felix.NewRoutes(log), felix.NewIPSets(log)
-	a.ipip, a.vxlan = ipip.New(log), vxlan.New(log)
+	a.ipip, a.vxlan, a.vxlan6 = ipip.New(log), vxlan.New(log, false), vxlan.New(log, true)
 	a.view = newView(cfg.NodeName, a.kick, log)
 	for _, h := range a.view.handlers() {
 		go a.store.NewSyncer(h.prefix, h, log).Run(ctx)
@@ -315,6 +315,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	keep := !a.health.converged()
 	a.routes.KeepRemote(keep)
 	a.vxlan.KeepStale(keep)
+	a.vxlan6.KeepStale(keep)
 	a.apply(out, in.Endpoints, full)
 	a.writeMTU(out.PodMTU)
 	// Tunnel addresses after the data plane: they take etcd round trips, and
@@ -358,6 +359,12 @@ func (a *Agent) apply(out calc.Output, local []calc.Endpoint, full bool) {
 			return false, nil // the address is being assigned; the next pass makes the device
 		}
 		return a.vxlan.Apply(out.VXLAN, a.addr.Addr(), a.iface, out.VXLANPeers)
+	})
+	step("vxlan-v6", func() (bool, error) {
+		if out.VXLAN6 != nil && (!out.VXLAN6.Addr.IsValid() || out.VXLAN6.MAC == "") {
+			return false, nil // as for IPv4
+		}
+		return a.vxlan6.Apply(out.VXLAN6, a.addr6.Addr(), a.iface6, out.VXLANPeers6)
 	})
 	a.health.set("tunnels", tunnels)
 	step("routes", func() (bool, error) { return a.routes.Apply(out.Routes) })

@@ -45,7 +45,8 @@ func Cleanup(log *slog.Logger) error {
 	if ipt6 != nil {
 		errs = append(errs, ipt6.Cleanup())
 	}
-	_, errVXLAN := vxlan.New(log).Apply(nil, netip.Addr{}, "", nil)
+	_, errVXLAN := vxlan.New(log, false).Apply(nil, netip.Addr{}, "", nil)
+	_, errVXLAN6 := vxlan.New(log, true).Apply(nil, netip.Addr{}, "", nil)
 	_, errIPIP := ipip.New(log).Apply(nil)
-	return errors.Join(append(errs, felix.NewIPSets(log).Cleanup(), felix.NewRoutes(log).Cleanup(), errVXLAN, errIPIP)...)
+	return errors.Join(append(errs, felix.NewIPSets(log).Cleanup(), felix.NewRoutes(log).Cleanup(), errVXLAN, errVXLAN6, errIPIP)...)
 }

@@ -26,7 +26,7 @@ func (a *Agent) syncTunnelAddrs(ctx context.Context, self *api.Node, pools []*ap
 	if bgpSpec == nil {
 		bgpSpec = &api.NodeBGPSpec{}
 	}
-	var ipipAddr, vxlanAddr, vxlanMAC string
+	var ipipAddr, vxlanAddr, vxlanMAC, vxlanAddr6, vxlanMAC6 string
 	var err error
 	if out.IPIP != nil {
 		if ipipAddr, err = a.tunnelAddr(ctx, ipam.TunnelIPIP, bgpSpec.IPv4IPIPTunnelAddr, full, pools, func(p *api.IPPool) bool { return p.Spec.IPIPMode.Enabled() }); err != nil {
@@ -36,14 +36,23 @@ func (a *Agent) syncTunnelAddrs(ctx context.Context, self *api.Node, pools []*ap
 		return err
 	}
 	if out.VXLAN != nil {
-		if vxlanAddr, err = a.tunnelAddr(ctx, ipam.TunnelVXLAN, self.Spec.IPv4VXLANTunnelAddr, full, pools, func(p *api.IPPool) bool { return p.Spec.VXLANMode.Enabled() }); err != nil {
+		if vxlanAddr, err = a.tunnelAddr(ctx, ipam.TunnelVXLAN, self.Spec.IPv4VXLANTunnelAddr, full, pools, func(p *api.IPPool) bool { return p.Spec.VXLANMode.Enabled() && !p.IsIPv6() }); err != nil {
 			return err
 		}
-		vxlanMAC = TunnelMAC(a.cfg.NodeName)
+		vxlanMAC = TunnelMAC(a.cfg.NodeName, false)
 	} else if err := a.releaseTunnel(ctx, ipam.TunnelVXLAN, self.Spec.IPv4VXLANTunnelAddr); err != nil {
 		return err
 	}
-	if bgpSpec.IPv4IPIPTunnelAddr == ipipAddr && self.Spec.IPv4VXLANTunnelAddr == vxlanAddr && self.Spec.VXLANTunnelMACAddr == vxlanMAC {
+	if out.VXLAN6 != nil {
+		if vxlanAddr6, err = a.tunnelAddr(ctx, ipam.TunnelVXLANV6, self.Spec.IPv6VXLANTunnelAddr, full, pools, func(p *api.IPPool) bool { return p.Spec.VXLANMode.Enabled() && p.IsIPv6() }); err != nil {
+			return err
+		}
+		vxlanMAC6 = TunnelMAC(a.cfg.NodeName, true)
+	} else if err := a.releaseTunnel(ctx, ipam.TunnelVXLANV6, self.Spec.IPv6VXLANTunnelAddr); err != nil {
+		return err
+	}
+	if bgpSpec.IPv4IPIPTunnelAddr == ipipAddr && self.Spec.IPv4VXLANTunnelAddr == vxlanAddr && self.Spec.VXLANTunnelMACAddr == vxlanMAC &&
+		self.Spec.IPv6VXLANTunnelAddr == vxlanAddr6 && self.Spec.VXLANTunnelMACAddrV6 == vxlanMAC6 {
 		return nil
 	}
 	return a.updateNode(ctx, func(n *api.Node) {
@@ -52,7 +61,8 @@ func (a *Agent) syncTunnelAddrs(ctx context.Context, self *api.Node, pools []*ap
 		}
 		n.Spec.BGP.IPv4IPIPTunnelAddr = ipipAddr
 		n.Spec.IPv4VXLANTunnelAddr, n.Spec.VXLANTunnelMACAddr = vxlanAddr, vxlanMAC
-		a.log.Info("tunnel addresses", "ipip", ipipAddr, "vxlan", vxlanAddr, "vxlanMAC", vxlanMAC)
+		n.Spec.IPv6VXLANTunnelAddr, n.Spec.VXLANTunnelMACAddrV6 = vxlanAddr6, vxlanMAC6
+		a.log.Info("tunnel addresses", "ipip", ipipAddr, "vxlan", vxlanAddr, "vxlanMAC", vxlanMAC, "vxlanV6", vxlanAddr6, "vxlanMACV6", vxlanMAC6)
 	})
 }
 
@@ -113,10 +123,15 @@ func (a *Agent) updateNode(ctx context.Context, mutate func(*api.Node)) error {
 	}
 }
 
-// TunnelMAC is a node's VXLAN MAC: locally administered, unicast, and derived
-// from the node's name, so it survives restarts and re-registration.
-func TunnelMAC(node string) string {
-	h := sha256.Sum256([]byte("margay-vxlan:" + node))
+// TunnelMAC is the MAC of a node's VXLAN device, or of its IPv6 one:
+// locally administered, unicast, and derived from the node's name, so it
+// survives restarts and re-registration.
+func TunnelMAC(node string, v6 bool) string {
+	seed := "margay-vxlan:"
+	if v6 {
+		seed = "margay-vxlan-v6:"
+	}
+	h := sha256.Sum256([]byte(seed + node))
 	mac := net.HardwareAddr(h[:6])
 	mac[0] = mac[0]&0xfe | 0x02
 	return mac.String()

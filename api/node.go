@@ -25,6 +25,9 @@ type NodeSpec struct {
 	BGP                 *NodeBGPSpec `json:"bgp,omitempty"`
 	IPv4VXLANTunnelAddr string       `json:"ipv4VXLANTunnelAddr,omitempty"`
 	VXLANTunnelMACAddr  string       `json:"vxlanTunnelMACAddr,omitempty"`
+	// The IPv6 VXLAN device's address and MAC, as Calico's.
+	IPv6VXLANTunnelAddr  string `json:"ipv6VXLANTunnelAddr,omitempty"`
+	VXLANTunnelMACAddrV6 string `json:"vxlanTunnelMACAddrV6,omitempty"`
 	// OrchRefs names the node in its orchestrator. margay-kube-controllers
 	// deletes a Node whose k8s node is gone, and only such a Node.
 	OrchRefs []OrchRef `json:"orchRefs,omitempty"`
@@ -122,12 +125,13 @@ func (n *Node) Validate() error {
 				e.add("spec.bgp.routeReflectorClusterID", id, "must be written as an IPv4 address, such as 224.0.0.1")
 			}
 		}
-		e.checkAddr("spec.bgp.ipv4IPIPTunnelAddr", b.IPv4IPIPTunnelAddr)
+		e.checkAddr("spec.bgp.ipv4IPIPTunnelAddr", b.IPv4IPIPTunnelAddr, false)
 	}
-	e.checkAddr("spec.ipv4VXLANTunnelAddr", n.Spec.IPv4VXLANTunnelAddr)
-	if m := n.Spec.VXLANTunnelMACAddr; m != "" {
-		if _, err := net.ParseMAC(m); err != nil {
-			e.add("spec.vxlanTunnelMACAddr", m, "is not a MAC address such as 66:1f:3a:00:00:01")
+	e.checkAddr("spec.ipv4VXLANTunnelAddr", n.Spec.IPv4VXLANTunnelAddr, false)
+	e.checkAddr("spec.ipv6VXLANTunnelAddr", n.Spec.IPv6VXLANTunnelAddr, true)
+	for _, m := range [][2]string{{"spec.vxlanTunnelMACAddr", n.Spec.VXLANTunnelMACAddr}, {"spec.vxlanTunnelMACAddrV6", n.Spec.VXLANTunnelMACAddrV6}} {
+		if _, err := net.ParseMAC(m[1]); m[1] != "" && err != nil {
+			e.add(m[0], m[1], "is not a MAC address such as 66:1f:3a:00:00:01")
 		}
 	}
 	for i, r := range n.Spec.OrchRefs {
@@ -138,11 +142,15 @@ func (n *Node) Validate() error {
 	return e.result(n)
 }
 
-func (e *errs) checkAddr(field, s string) {
+func (e *errs) checkAddr(field, s string, v6 bool) {
 	if s == "" {
 		return
 	}
-	if a, err := netip.ParseAddr(s); err != nil || !a.Is4() {
+	a, err := netip.ParseAddr(s)
+	switch {
+	case v6 && (err != nil || !a.Is6() || a.Is4In6() || a.Zone() != ""):
+		e.add(field, s, "must be an IPv6 address")
+	case !v6 && (err != nil || !a.Is4()):
 		e.add(field, s, "must be an IPv4 address")
 	}
 }

@@ -235,6 +235,9 @@ func TestValidateErrors(t *testing.T) {
 		{"node bad ipip tunnel addr", func() Resource { n := validNode(); n.Spec.BGP.IPv4IPIPTunnelAddr = "10.244.0.1/32"; return n }, "spec.bgp.ipv4IPIPTunnelAddr", "must be an IPv4 address"},
 		{"node bad vxlan tunnel addr", func() Resource { n := validNode(); n.Spec.IPv4VXLANTunnelAddr = "fd00::1"; return n }, "spec.ipv4VXLANTunnelAddr", "must be an IPv4 address"},
 		{"node bad vxlan mac", func() Resource { n := validNode(); n.Spec.VXLANTunnelMACAddr = "66:1f:3a"; return n }, "spec.vxlanTunnelMACAddr", "is not a MAC address such as 66:1f:3a:00:00:01"},
+		{"node bad vxlan v6 mac", func() Resource { n := validNode(); n.Spec.VXLANTunnelMACAddrV6 = "66:1f"; return n }, "spec.vxlanTunnelMACAddrV6", "is not a MAC address"},
+		{"node v4 vxlan v6 address", func() Resource { n := validNode(); n.Spec.IPv6VXLANTunnelAddr = "10.244.0.1"; return n }, "spec.ipv6VXLANTunnelAddr", "must be an IPv6 address"},
+		{"node v6 vxlan v4 address", func() Resource { n := validNode(); n.Spec.IPv4VXLANTunnelAddr = "fd00::1"; return n }, "spec.ipv4VXLANTunnelAddr", "must be an IPv4 address"},
 
 		// WorkloadEndpoint.
 		{"wep missing node", func() Resource { w := validWEP(); w.Spec.Node = ""; return w }, "spec.node", "is required"},

@@ -295,7 +295,7 @@ func TestEmptyBlockAffinityReleased(t *testing.T) {
 }
 
 func TestTunnelAddress(t *testing.T) {
-	e := newEnv(t, pool("p", "10.0.0.0/24"))
+	e := newEnv(t, pool("p", "10.0.0.0/24"), pool("p6", "fd00:244::/120"))
 	a := e.alloc()
 	ctx := context.Background()
 	ip1, err := a.EnsureTunnelAddr(ctx, "n1", TunnelIPIP, nil)
@@ -310,8 +310,15 @@ func TestTunnelAddress(t *testing.T) {
 		t.Errorf("handle ipip-tunnel-addr-n1 holds %v", held)
 	}
 	vx, err := a.EnsureTunnelAddr(ctx, "n1", TunnelVXLAN, nil)
-	if err != nil || vx == ip1 {
-		t.Errorf("vxlan tunnel address %s, %v: want a second address", vx, err)
+	if err != nil || vx == ip1 || !vx.Is4() {
+		t.Errorf("vxlan tunnel address %s, %v: want a second IPv4 address", vx, err)
+	}
+	vx6, err := a.EnsureTunnelAddr(ctx, "n1", TunnelVXLANV6, nil)
+	if err != nil || !netip.MustParsePrefix("fd00:244::/120").Contains(vx6) {
+		t.Errorf("vxlan-v6 tunnel address %s, %v: want one of pool p6", vx6, err)
+	}
+	if held, _ := a.IPsByHandle(ctx, "vxlan-v6-tunnel-addr-n1"); len(held) != 1 || held[0].IP != vx6 {
+		t.Errorf("handle vxlan-v6-tunnel-addr-n1 holds %v", held)
 	}
 	// With the Node resource they are in use, however old; once the node is
 	// deleted they are leaked at once.
@@ -322,8 +329,8 @@ func TestTunnelAddress(t *testing.T) {
 	if _, err := e.store.Delete(ctx, nodeKind, "n1", ""); err != nil {
 		t.Fatal(err)
 	}
-	if r := e.check(DefaultLeakGrace); len(r.Leaked) != 2 {
-		t.Errorf("Node n1 deleted: %d leaked, want the 2 tunnel addresses: %+v", len(r.Leaked), r)
+	if r := e.check(DefaultLeakGrace); len(r.Leaked) != 3 {
+		t.Errorf("Node n1 deleted: %d leaked, want the 3 tunnel addresses: %+v", len(r.Leaked), r)
 	}
 }
 

@@ -15,9 +15,7 @@ import (
 
 // Handle ID forms whose owner check can judge.
 const (
-	PodHandlePrefix   = "k8s-pod-network."
-	ipipHandlePrefix  = "ipip-tunnel-addr-"
-	vxlanHandlePrefix = "vxlan-tunnel-addr-"
+	PodHandlePrefix = "k8s-pod-network."
 )
 
 // DefaultLeakGrace is how old an allocation must be before check calls it leaked:
@@ -30,18 +28,40 @@ func PodHandle(containerID string) string { return PodHandlePrefix + containerID
 // TunnelKind is the encapsulation a tunnel address is for.
 type TunnelKind string
 
-// Tunnel kinds.
+// Tunnel kinds: the device each is the address of.
 const (
-	TunnelIPIP  TunnelKind = "ipip"
-	TunnelVXLAN TunnelKind = "vxlan"
+	TunnelIPIP    TunnelKind = "ipip"    // tunl0
+	TunnelVXLAN   TunnelKind = "vxlan"   // vxlan.margay
+	TunnelVXLANV6 TunnelKind = "vxlanV6" // vxlan-v6.margay, an IPv6 address
 )
 
+// tunnelHandlePrefixes start the handles of the tunnel addresses, as Calico's.
+var tunnelHandlePrefixes = map[TunnelKind]string{
+	TunnelIPIP:    "ipip-tunnel-addr-",
+	TunnelVXLAN:   "vxlan-tunnel-addr-",
+	TunnelVXLANV6: "vxlan-v6-tunnel-addr-",
+}
+
 // TunnelHandle is the handle of a node's tunnel address.
-func TunnelHandle(kind TunnelKind, node string) string {
-	if kind == TunnelVXLAN {
-		return vxlanHandlePrefix + node
+func TunnelHandle(kind TunnelKind, node string) string { return tunnelHandlePrefixes[kind] + node }
+
+// Family is the family of the kind's addresses.
+func (k TunnelKind) Family() Family {
+	if k == TunnelVXLANV6 {
+		return IPv6
 	}
-	return ipipHandlePrefix + node
+	return IPv4
+}
+
+// tunnelNode is the node whose tunnel address handle h is, ok false if it
+// is none.
+func tunnelNode(h string) (node string, ok bool) {
+	for _, p := range tunnelHandlePrefixes {
+		if n, ok := strings.CutPrefix(h, p); ok {
+			return n, true
+		}
+	}
+	return "", false
 }
 
 // Report is what Check found. A clean report has every slice empty.
@@ -227,9 +247,8 @@ func leakReason(s *state, al *Allocation, now time.Time, grace time.Duration) (w
 		case !ok && old:
 			return "no WorkloadEndpoint has container " + id, "", wepRef{}
 		}
-	case strings.HasPrefix(h, ipipHandlePrefix), strings.HasPrefix(h, vxlanHandlePrefix):
-		node := strings.TrimPrefix(strings.TrimPrefix(h, ipipHandlePrefix), vxlanHandlePrefix)
-		if s.gone(node) {
+	default:
+		if node, ok := tunnelNode(h); ok && s.gone(node) {
 			return "tunnel address of node " + node + ", which no longer exists", node, wepRef{}
 		}
 	}

@@ -54,7 +54,7 @@ func (a *Allocator) EnsureTunnelAddr(ctx context.Context, node string, kind Tunn
 		if len(ips) > 0 {
 			return ips[0].IP, nil
 		}
-		got, err := a.AutoAssign(ctx, AssignArgs{Handle: h, Node: node, Pools: pools, NewHandle: true,
+		got, err := a.AutoAssign(ctx, AssignArgs{Handle: h, Node: node, Family: kind.Family(), Pools: pools, NewHandle: true,
 			Attrs: map[string]string{"type": string(kind) + "TunnelAddress"}})
 		if errors.Is(err, ErrHandleExists) {
 			continue // someone else assigned it meanwhile: use theirs

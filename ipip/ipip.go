@@ -102,18 +102,26 @@ func (d *Device) release(cur netlink.Link) (changed bool, err error) {
 	return changed, nil
 }
 
-// SetOnlyAddr gives a tunnel device exactly one IPv4 address, addr/32 (vxlan
-// uses it too).
+// SetOnlyAddr gives a tunnel device exactly one address of addr's family,
+// addr/32 or addr/128, beside IPv6's link-local one (vxlan uses it too).
 func SetOnlyAddr(link netlink.Link, addr netip.Addr) (changed bool, err error) {
-	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	family, bits := netlink.FAMILY_V4, 32
+	if addr.Is6() {
+		family, bits = netlink.FAMILY_V6, 128
+	}
+	addrs, err := netlink.AddrList(link, family)
 	if err != nil {
 		return false, err
 	}
 	found := false
 	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == addr {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if ok && ip.Unmap() == addr {
 			found = true
 			continue
+		}
+		if ok && ip.IsLinkLocalUnicast() && ip.Is6() {
+			continue // the kernel's own, which IPv6 needs on every link
 		}
 		if err := netlink.AddrDel(link, &a); err != nil {
 			return changed, err
@@ -121,7 +129,10 @@ func SetOnlyAddr(link netlink.Link, addr netip.Addr) (changed bool, err error) {
 		changed = true
 	}
 	if !found {
-		a := &netlink.Addr{IPNet: &net.IPNet{IP: addr.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: addr.AsSlice(), Mask: net.CIDRMask(bits, bits)}}
+		if addr.Is6() {
+			a.Flags = unix.IFA_F_NODAD // IPAM made it unique; usable as a source at once
+		}
 		if err := netlink.AddrAdd(link, a); err != nil {
 			return changed, fmt.Errorf("address %s on %s: %w", addr, link.Attrs().Name, err)
 		}

@@ -1,5 +1,6 @@
-// Package vxlan keeps the node's VXLAN device, vxlan.margay, and its entries for
-// remote nodes: the alternative to IPIP where IP protocol 4 is blocked.
+// Package vxlan keeps the node's VXLAN devices and their entries for remote
+// nodes: vxlan.margay for IPv4, the alternative to IPIP where IP protocol 4 is
+// blocked, and vxlan-v6.margay for IPv6 over the IPv6 underlay.
 package vxlan
 
 import (
@@ -16,9 +17,12 @@ import (
 	"github.com/margay-dev/margay/ipip"
 )
 
-// Device keeps vxlan.margay in the calling thread's network namespace.
+// Device keeps one family's VXLAN device in the calling thread's network
+// namespace.
 type Device struct {
 	log       *slog.Logger
+	name      string
+	family    int // of the device's addresses, its neighbours and its underlay
 	keepStale bool
 }
 
@@ -28,14 +32,19 @@ type Device struct {
 // VXLAN traffic until the sessions are back (as felix.Routes.KeepRemote).
 func (d *Device) KeepStale(keep bool) { d.keepStale = keep }
 
-// New returns a Device reconciler.
-func New(log *slog.Logger) *Device { return &Device{log: log} }
+// New returns the reconciler of vxlan.margay, or of vxlan-v6.margay for IPv6.
+func New(log *slog.Logger, v6 bool) *Device {
+	if v6 {
+		return &Device{log: log.With("device", calc.VXLANV6Device), name: calc.VXLANV6Device, family: netlink.FAMILY_V6}
+	}
+	return &Device{log: log.With("device", calc.VXLANDevice), name: calc.VXLANDevice, family: netlink.FAMILY_V4}
+}
 
-// Apply makes vxlan.margay match want (nil: remove it), sending from local out
+// Apply makes the device match want (nil: remove it), sending from local out
 // of the interface parent, and its neighbour and forwarding entries match
 // peers. It reports whether it changed anything.
 func (d *Device) Apply(want *calc.TunnelDevice, local netip.Addr, parent string, peers []calc.VXLANPeer) (changed bool, err error) {
-	cur, err := netlink.LinkByName(calc.VXLANDevice)
+	cur, err := netlink.LinkByName(d.name)
 	if err != nil && !isNotFound(err) {
 		return false, err
 	}
@@ -48,14 +57,17 @@ func (d *Device) Apply(want *calc.TunnelDevice, local netip.Addr, parent string,
 	}
 	mac, err := net.ParseMAC(want.MAC)
 	if err != nil || !want.Addr.IsValid() {
-		return false, fmt.Errorf("%s: no tunnel address and MAC yet (address %s, MAC %q)", calc.VXLANDevice, want.Addr, want.MAC)
+		return false, fmt.Errorf("%s: no tunnel address and MAC yet (address %s, MAC %q)", d.name, want.Addr, want.MAC)
+	}
+	if !local.IsValid() || local.Is6() != (d.family == netlink.FAMILY_V6) {
+		return false, fmt.Errorf("%s: the node has no underlay address of the family (%s)", d.name, local)
 	}
 	p, err := netlink.LinkByName(parent)
 	if err != nil {
-		return false, fmt.Errorf("%s: uplink %s: %w", calc.VXLANDevice, parent, err)
+		return false, fmt.Errorf("%s: uplink %s: %w", d.name, parent, err)
 	}
 	spec := &netlink.Vxlan{
-		LinkAttrs:    netlink.LinkAttrs{Name: calc.VXLANDevice, MTU: want.MTU, HardwareAddr: mac},
+		LinkAttrs:    netlink.LinkAttrs{Name: d.name, MTU: want.MTU, HardwareAddr: mac},
 		VxlanId:      calc.VXLANVNI,
 		Port:         calc.VXLANPort,
 		SrcAddr:      local.AsSlice(),
@@ -71,9 +83,9 @@ func (d *Device) Apply(want *calc.TunnelDevice, local netip.Addr, parent string,
 	}
 	if cur == nil {
 		if err := netlink.LinkAdd(spec); err != nil {
-			return false, fmt.Errorf("create %s: %w", calc.VXLANDevice, err)
+			return false, fmt.Errorf("create %s: %w", d.name, err)
 		}
-		if cur, err = netlink.LinkByName(calc.VXLANDevice); err != nil {
+		if cur, err = netlink.LinkByName(d.name); err != nil {
 			return false, err
 		}
 		changed = true
@@ -116,7 +128,7 @@ func (d *Device) syncPeers(link netlink.Link, peers []calc.VXLANPeer) (changed b
 		wantFDB[p.MAC] = p.NodeIP
 	}
 	var errs []error
-	neighs, err := netlink.NeighList(idx, netlink.FAMILY_V4)
+	neighs, err := netlink.NeighList(idx, d.family)
 	if err != nil {
 		return false, err
 	}
@@ -137,7 +149,7 @@ func (d *Device) syncPeers(link netlink.Link, peers []calc.VXLANPeer) (changed b
 	}
 	for ip, m := range wantNeigh {
 		mac, _ := net.ParseMAC(m)
-		if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+		if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: d.family, State: netlink.NUD_PERMANENT,
 			IP: ip.AsSlice(), HardwareAddr: mac}); err != nil {
 			errs = append(errs, fmt.Errorf("neighbour %s: %w", ip, err))
 		}

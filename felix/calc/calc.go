@@ -116,14 +116,17 @@ func (r Route) String() string {
 	return "blackhole " + r.Dst.String()
 }
 
-// Tunnel devices and their overheads.
+// Tunnel devices and their overheads. IPv6 has a VXLAN device of its own,
+// over the IPv6 underlay: its outer header is 20 bytes longer.
 const (
-	IPIPDevice    = "tunl0"
-	VXLANDevice   = "vxlan.margay"
-	VXLANVNI      = 4096
-	VXLANPort     = 4789
-	IPIPOverhead  = 20
-	VXLANOverhead = 50
+	IPIPDevice      = "tunl0"
+	VXLANDevice     = "vxlan.margay"
+	VXLANV6Device   = "vxlan-v6.margay"
+	VXLANVNI        = 4096
+	VXLANPort       = 4789
+	IPIPOverhead    = 20
+	VXLANOverhead   = 50
+	VXLANV6Overhead = 70
 )
 
 // TunnelDevice is a tunnel device the node needs.
@@ -134,7 +137,8 @@ type TunnelDevice struct {
 }
 
 // VXLANPeer is a remote node reached through VXLAN: a permanent neighbour entry
-// (TunnelAddr -> MAC) and a forwarding entry (MAC -> NodeIP).
+// (TunnelAddr -> MAC) and a forwarding entry (MAC -> NodeIP), all of one
+// family.
 type VXLANPeer struct {
 	Node       string
 	TunnelAddr netip.Addr
@@ -186,9 +190,10 @@ type Output struct {
 	Sysctls map[string]string
 	// PodMTU is the MTU new pods get (written to the file the CNI plugin reads).
 	PodMTU int
-	// IPIP and VXLAN are the tunnel devices a pool's mode needs, nil for none.
-	IPIP, VXLAN *TunnelDevice
-	VXLANPeers  []VXLANPeer
+	// IPIP, VXLAN and VXLAN6 are the tunnel devices the pools' modes need,
+	// nil for none: VXLAN for IPv4 pools, VXLAN6 for IPv6 ones.
+	IPIP, VXLAN, VXLAN6     *TunnelDevice
+	VXLANPeers, VXLANPeers6 []VXLANPeer
 	// Problems are what margay cannot do right and so leaves out or warns about.
 	Problems []string
 	// Ignored are the learned paths inside a pool that do not lead to their
@@ -243,12 +248,12 @@ func Compute(in Input) Output {
 		nodes[n.Metadata.Name] = n
 	}
 	self := nodes[in.Node]
-	out.IPIP, out.VXLAN = tunnels(in, self)
+	out.IPIP, out.VXLAN, out.VXLAN6 = tunnels(in, self)
 	out.PodMTU = PodMTU(underlayMTU(in), in.Pools)
 	if in.NodeIP.Bits() == 32 && usesCrossSubnet(in.Pools) {
 		out.Problems = append(out.Problems, fmt.Sprintf("this node's address %s has no subnet: with CrossSubnet every peer looks cross-subnet and all traffic is encapsulated; give the node's address with its subnet's prefix length (--ip)", in.NodeIP))
 	}
-	peers := map[string]VXLANPeer{}
+	peers, peers6 := map[string]VXLANPeer{}, map[string]VXLANPeer{}
 	own := owners(in, local)
 	routed := map[netip.Prefix]bool{}
 	for _, p := range sortedPaths(in.Paths) {
@@ -275,9 +280,6 @@ func Compute(in Input) Output {
 		}
 		cross := !self.Contains(p.NextHop)
 		switch {
-		case dst.Addr().Is6() && encapsulates(pool.Spec.VXLANMode, cross):
-			out.Problems = append(out.Problems, fmt.Sprintf("%s: VXLAN for IPv6 is not built yet; not routed", dst))
-			continue
 		case encapsulates(pool.Spec.IPIPMode, cross):
 			r := Route{Dst: dst, Kind: Tunnel, Dev: IPIPDevice, Gw: p.NextHop}
 			if out.IPIP != nil {
@@ -290,10 +292,15 @@ func Compute(in Input) Output {
 				out.Problems = append(out.Problems, fmt.Sprintf("%s: %s; not routed", dst, problem))
 				continue
 			}
-			peers[peer.Node] = peer
-			r := Route{Dst: dst, Kind: Tunnel, Dev: VXLANDevice, Gw: peer.TunnelAddr}
-			if out.VXLAN != nil {
-				r.Src = out.VXLAN.Addr
+			dev, r := out.VXLAN, Route{Dst: dst, Kind: Tunnel, Dev: VXLANDevice, Gw: peer.TunnelAddr}
+			if dst.Addr().Is6() {
+				dev, r.Dev = out.VXLAN6, VXLANV6Device
+				peers6[peer.Node] = peer
+			} else {
+				peers[peer.Node] = peer
+			}
+			if dev != nil {
+				r.Src = dev.Addr
 			}
 			out.Routes = append(out.Routes, r)
 		case !cross:
@@ -312,6 +319,9 @@ func Compute(in Input) Output {
 	}
 	for _, name := range slices.Sorted(maps.Keys(peers)) {
 		out.VXLANPeers = append(out.VXLANPeers, peers[name])
+	}
+	for _, name := range slices.Sorted(maps.Keys(peers6)) {
+		out.VXLANPeers6 = append(out.VXLANPeers6, peers6[name])
 	}
 	slices.SortFunc(out.Routes, func(a, b Route) int { return comparePrefix(a.Dst, b.Dst) })
 	slices.SortFunc(out.Advertise, comparePrefix)
@@ -474,7 +484,10 @@ func PodMTU(underlay int, pools []*api.IPPool) int {
 		if p.Spec.IPIPMode.Enabled() {
 			overhead = max(overhead, IPIPOverhead)
 		}
-		if p.Spec.VXLANMode.Enabled() {
+		switch {
+		case p.Spec.VXLANMode.Enabled() && p.IsIPv6():
+			overhead = max(overhead, VXLANV6Overhead)
+		case p.Spec.VXLANMode.Enabled():
 			overhead = max(overhead, VXLANOverhead)
 		}
 	}
@@ -482,34 +495,45 @@ func PodMTU(underlay int, pools []*api.IPPool) int {
 }
 
 // tunnels are the devices the pools' modes need, with this node's addresses.
-func tunnels(in Input, self *api.Node) (ipip, vxlan *TunnelDevice) {
+func tunnels(in Input, self *api.Node) (ipip, vxlan, vxlan6 *TunnelDevice) {
 	underlay := underlayMTU(in)
+	if self == nil {
+		self = &api.Node{}
+	}
 	for _, p := range in.Pools {
 		if p.Spec.IPIPMode.Enabled() && ipip == nil {
 			ipip = &TunnelDevice{MTU: underlay - IPIPOverhead}
-			if self != nil && self.Spec.BGP != nil {
+			if self.Spec.BGP != nil {
 				ipip.Addr, _ = netip.ParseAddr(self.Spec.BGP.IPv4IPIPTunnelAddr)
 			}
 		}
-		if p.Spec.VXLANMode.Enabled() && vxlan == nil {
-			vxlan = &TunnelDevice{MTU: underlay - VXLANOverhead}
-			if self != nil {
-				vxlan.Addr, _ = netip.ParseAddr(self.Spec.IPv4VXLANTunnelAddr)
-				vxlan.MAC = self.Spec.VXLANTunnelMACAddr
-			}
+		if !p.Spec.VXLANMode.Enabled() {
+			continue
+		}
+		switch {
+		case p.IsIPv6() && vxlan6 == nil && in.NodeIP6.IsValid(): // IPv6 is routed only then
+			vxlan6 = &TunnelDevice{MTU: underlay - VXLANV6Overhead, MAC: self.Spec.VXLANTunnelMACAddrV6}
+			vxlan6.Addr, _ = netip.ParseAddr(self.Spec.IPv6VXLANTunnelAddr)
+		case !p.IsIPv6() && vxlan == nil:
+			vxlan = &TunnelDevice{MTU: underlay - VXLANOverhead, MAC: self.Spec.VXLANTunnelMACAddr}
+			vxlan.Addr, _ = netip.ParseAddr(self.Spec.IPv4VXLANTunnelAddr)
 		}
 	}
-	return ipip, vxlan
+	return ipip, vxlan, vxlan6
 }
 
 // vxlanPeer is the remote end for a path to node n through next hop nh, its
-// address, or why there is none yet.
+// tunnel address and MAC of nh's family, or why there is none yet.
 func vxlanPeer(n *api.Node, nh netip.Addr) (VXLANPeer, string) {
-	addr, err := netip.ParseAddr(n.Spec.IPv4VXLANTunnelAddr)
-	if err != nil || n.Spec.VXLANTunnelMACAddr == "" {
-		return VXLANPeer{}, fmt.Sprintf("node %s has no VXLAN tunnel address and MAC yet", n.Metadata.Name)
+	addr, mac, what := n.Spec.IPv4VXLANTunnelAddr, n.Spec.VXLANTunnelMACAddr, "VXLAN"
+	if nh.Is6() {
+		addr, mac, what = n.Spec.IPv6VXLANTunnelAddr, n.Spec.VXLANTunnelMACAddrV6, "IPv6 VXLAN"
 	}
-	return VXLANPeer{Node: n.Metadata.Name, TunnelAddr: addr, MAC: n.Spec.VXLANTunnelMACAddr, NodeIP: nh}, ""
+	a, err := netip.ParseAddr(addr)
+	if err != nil || a.Is6() != nh.Is6() || mac == "" {
+		return VXLANPeer{}, fmt.Sprintf("node %s has no %s tunnel address and MAC yet", n.Metadata.Name, what)
+	}
+	return VXLANPeer{Node: n.Metadata.Name, TunnelAddr: a, MAC: mac, NodeIP: nh}, ""
 }
 
 func nodeAddr(n *api.Node) (netip.Prefix, bool) {

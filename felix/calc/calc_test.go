@@ -465,7 +465,7 @@ func TestComputeDualStackFamilies(t *testing.T) {
 // With its IPv6 address a node advertises its v6 prefixes and routes other
 // nodes' v6 blocks: directly in its v6 subnet, through the kernel's gateway
 // across it, never towards a next hop that is not the owner's v6 address, and
-// not at all where the pool wants VXLAN, which IPv6 does not have yet.
+// not through VXLAN before the owner has its IPv6 VXLAN address.
 func TestComputeIPv6Routes(t *testing.T) {
 	n2, n3, n4 := node("n2", "198.18.1.3/24"), node("n3", "198.18.2.3/24"), node("n4", "198.18.1.4/24")
 	n2.Spec.BGP.IPv6Address = "fd00:18:1::3/64"
@@ -505,10 +505,69 @@ func TestComputeIPv6Routes(t *testing.T) {
 		t.Errorf("ignored %v: want n4's block via n2 refused", out.Ignored)
 	}
 	problems := strings.Join(out.Problems, "\n")
-	if !strings.Contains(problems, "fd00:245::/122: VXLAN for IPv6 is not built yet") {
+	if !strings.Contains(problems, "fd00:245::/122: node n2 has no IPv6 VXLAN tunnel address and MAC yet; not routed") {
 		t.Errorf("problems %q: want the VXLAN pool's block reported", out.Problems)
 	}
 	if out.Sysctls["net/ipv6/conf/all/forwarding"] != "1" {
 		t.Errorf("sysctls %v: want IPv6 forwarding", out.Sysctls)
+	}
+}
+
+// IPv6 VXLAN, CrossSubnet, beside IPv4 VXLAN: each family has its device,
+// tunnel address, MAC and peers; a v6 block in the node's v6 subnet is
+// routed directly, one beyond it through vxlan-v6.margay to the owner's v6
+// tunnel address, whose forwarding entry is the owner's v6 node address. The
+// pod MTU leaves room for the larger IPv6 header.
+func TestComputeVXLANIPv6(t *testing.T) {
+	tunnelled := func(n *api.Node, addr4, addr6, mac4, mac6 string) *api.Node {
+		n.Spec.IPv4VXLANTunnelAddr, n.Spec.IPv6VXLANTunnelAddr = addr4, addr6
+		n.Spec.VXLANTunnelMACAddr, n.Spec.VXLANTunnelMACAddrV6 = mac4, mac6
+		return n
+	}
+	n1 := tunnelled(node("n1", "198.18.1.2/24"), "10.244.1.0", "fd00:244::1", "02:00:00:00:00:01", "02:00:00:00:06:01")
+	n2 := tunnelled(node("n2", "198.18.1.3/24"), "10.244.2.0", "fd00:244::41", "02:00:00:00:00:02", "02:00:00:00:06:02")
+	n3 := tunnelled(node("n3", "198.18.2.3/24"), "10.244.3.0", "fd00:244::81", "02:00:00:00:00:03", "02:00:00:00:06:03")
+	for n, a := range map[*api.Node]string{n1: "fd00:18:1::2/64", n2: "fd00:18:1::3/64", n3: "fd00:18:2::3/64"} {
+		n.Spec.BGP.IPv6Address = a
+	}
+	cross := func(s *api.IPPoolSpec) { s.VXLANMode = api.EncapCrossSubnet }
+	in := Input{
+		Node: "n1", NodeIP: pfx("198.18.1.2/24"), NodeIP6: pfx("fd00:18:1::2/64"),
+		Pools:  []*api.IPPool{pool("v4", "10.244.0.0/16", cross), pool("v6", "fd00:244::/48", cross)},
+		Nodes:  []*api.Node{n1, n2, n3},
+		Blocks: []netip.Prefix{pfx("10.244.1.0/26"), pfx("fd00:244::/122")},
+		Owners: Owners{Blocks: map[netip.Prefix]string{
+			pfx("10.244.2.0/26"): "n2", pfx("10.244.3.0/26"): "n3", pfx("fd00:244::40/122"): "n2", pfx("fd00:244::80/122"): "n3",
+		}},
+		Paths: []api.BGPPath{
+			path("10.244.2.0/26", "198.18.1.3"), path("10.244.3.0/26", "198.18.2.3"),
+			path("fd00:244::40/122", "fd00:18:1::3"), path("fd00:244::80/122", "fd00:18:2::3"),
+		},
+	}
+	out := Compute(in)
+	want := []string{
+		"blackhole 10.244.1.0/26", "10.244.2.0/26 via 198.18.1.3", "10.244.3.0/26 via 10.244.3.0 dev vxlan.margay onlink src 10.244.1.0",
+		"blackhole fd00:244::/122", "fd00:244::40/122 via fd00:18:1::3", "fd00:244::80/122 via fd00:244::81 dev vxlan-v6.margay onlink src fd00:244::1",
+	}
+	if got := routes(out.Routes); !slices.Equal(got, want) {
+		t.Errorf("routes %q, want %q", got, want)
+	}
+	if out.VXLAN == nil || out.VXLAN.MTU != 1450 || out.VXLAN.MAC != "02:00:00:00:00:01" ||
+		out.VXLAN6 == nil || out.VXLAN6.MTU != 1430 || out.VXLAN6.MAC != "02:00:00:00:06:01" || out.VXLAN6.Addr != netip.MustParseAddr("fd00:244::1") {
+		t.Errorf("devices %+v and %+v: want vxlan.margay at MTU 1450 and vxlan-v6.margay at 1430 with the node's v6 address and MAC", out.VXLAN, out.VXLAN6)
+	}
+	if got := fmt.Sprint(out.VXLANPeers6); got != "[{n3 fd00:244::81 02:00:00:00:06:03 fd00:18:2::3}]" {
+		t.Errorf("IPv6 VXLAN peers %s", got)
+	}
+	if got := fmt.Sprint(out.VXLANPeers); got != "[{n3 10.244.3.0 02:00:00:00:00:03 198.18.2.3}]" {
+		t.Errorf("IPv4 VXLAN peers %s", got)
+	}
+	if out.PodMTU != 1430 || len(out.Problems) != 0 {
+		t.Errorf("pod MTU %d, problems %q: want 1430 and none", out.PodMTU, out.Problems)
+	}
+	// Only the IPv6 pool uses VXLAN: no IPv4 device.
+	in.Pools[0].Spec.VXLANMode = api.EncapNever
+	if out := Compute(in); out.VXLAN != nil || out.VXLAN6 == nil {
+		t.Errorf("an IPv6 VXLAN pool alone: devices %+v, %+v; want the IPv6 one only", out.VXLAN, out.VXLAN6)
 	}
 }

@@ -129,3 +129,91 @@ func checkRoutes6(l *lab.Lab, n *lab.Node) error {
 	}
 	return nil
 }
+
+// vxlanDualPools are IPv4 and IPv6 pools with VXLAN CrossSubnet and
+// natOutgoing.
+const vxlanDualPools = `apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods}
+spec: {cidr: 10.244.0.0/16, natOutgoing: true, vxlanMode: CrossSubnet}
+---
+apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods-v6}
+spec: {cidr: "fd00:244::/48", natOutgoing: true, vxlanMode: CrossSubnet}
+`
+
+// Dual-stack nodes in two subnets with VXLAN CrossSubnet pools of both
+// families: IPv6 blocks in a node's IPv6 subnet are routed directly, those
+// beyond it through vxlan-v6.margay over the IPv6 underlay, beside IPv4's
+// vxlan.margay. Every pod reaches every other over both families with
+// full-size packets that may not be fragmented (the pod MTU leaves IPv6's 70
+// bytes); same-subnet IPv6 traffic never enters the tunnel, cross-subnet
+// traffic crosses subnet B only as UDP 4789 between the nodes' IPv6
+// addresses; and a pod reaches the internet host over IPv6 as its node.
+func TestCrossSubnetVXLANDualStack(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 3, Subnets: 2, Pools: vxlanDualPools, DualStack: true, AgentArgs: []string{"--resync-interval", "5s"}})
+	waitReady(t, l)
+	addPods(t, l, 1)
+	n1, n2, n3 := l.Nodes[0], l.Nodes[1], l.Nodes[2] // n1 and n3 in subnet A, n2 in B
+	a, b, c := n1.Pods[0], n3.Pods[0], n2.Pods[0]
+	const podMTU = 1500 - 70
+	sameSubnet := func(x, y *lab.Node) bool { return x.IP.Masked() == y.IP.Masked() }
+	checkEncapOf(t, l, true, func(from, to *lab.Node) string {
+		if sameSubnet(from, to) {
+			return "via " + to.IP6.Addr().String() + " dev eth0"
+		}
+		return "dev vxlan-v6.margay"
+	})
+	checkEncap(t, l, func(from, to *lab.Node) string {
+		if sameSubnet(from, to) {
+			return "via " + to.IP.Addr().String() + " dev eth0"
+		}
+		return "dev vxlan.margay"
+	})
+	allPairsOf(t, l, podMTU-48, func(p *lab.Pod) netip.Addr { return p.IP6 })
+	allPairs(t, l, podMTU-28)
+	for _, x := range l.Pods() {
+		stop := serve(t, x.NS, 8080)
+		for _, y := range l.Pods() {
+			if x == y {
+				continue
+			}
+			if got, err := dial(y.NS, netip.AddrPortFrom(x.IP6, 8080)); err != nil || got != y.IP6.String() {
+				t.Errorf("TCP over IPv6 %s -> %s: server saw %q, %v; want %s", y.Name, x.Name, got, err, y.IP6)
+			}
+		}
+		stop()
+	}
+	const dev = "vxlan-v6.margay"
+	before := txPackets(t, n1, dev)
+	if err := lab.Ping(a.NS, b.IP6, 5); err != nil {
+		t.Fatal(err)
+	}
+	if after := txPackets(t, n1, dev); after != before {
+		t.Errorf("same-subnet IPv6 pings went through %s: tx %d -> %d", dev, before, after)
+	}
+	if err := lab.Ping(a.NS, c.IP6, 5); err != nil {
+		t.Fatal(err)
+	}
+	if after := txPackets(t, n1, dev); after < before+5 {
+		t.Errorf("cross-subnet IPv6 pings did not go through %s: tx %d -> %d", dev, before, after)
+	}
+	if out, err := a.NS.Run("ping", "-c", "1", "-W", "2", "-M", "do", "-s", fmt.Sprint(podMTU-48+1), c.IP6.String()); err == nil {
+		t.Errorf("an IPv6 packet one byte over the pod MTU got through:\n%s", out)
+	}
+	encapsulated := fmt.Sprintf("ip6 and udp port 4789 and host %s and host %s", n1.IP6.Addr(), n2.IP6.Addr())
+	if got := capture(t, l.Router, "br1", encapsulated, func() { lab.Ping(a.NS, c.IP6, 3) }); got < 3 {
+		t.Errorf("tcpdump on subnet B saw %d IPv6 VXLAN packets between node1 and node2, want at least 3", got)
+	}
+	plain := fmt.Sprintf("icmp6 and host %s and host %s", a.IP6, c.IP6)
+	if got := capture(t, l.Router, "br1", plain, func() { lab.Ping(a.NS, c.IP6, 3) }); got != 0 {
+		t.Errorf("tcpdump on subnet B saw %d unencapsulated IPv6 packets between the cross-subnet pods", got)
+	}
+	stop := serve(t, l.Internet, 80)
+	defer stop()
+	if got, err := dial(c.NS, netip.AddrPortFrom(lab.InternetAddr6, 80)); err != nil || got != n2.IP6.Addr().String() {
+		t.Errorf("pod %s to the internet host over IPv6: seen as %q, %v; want its node's %s", c.Name, got, err, n2.IP6.Addr())
+	}
+	checkPodMTU(t, l, n1, podMTU)
+}

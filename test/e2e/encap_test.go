@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -175,7 +176,7 @@ func switchMode(t *testing.T, l *lab.Lab, mode string, resync time.Duration, wan
 	}
 	a, c := l.Nodes[0].Pods[0], l.Nodes[1].Pods[0]
 	err = lab.WaitFor(2*resync, func() error {
-		if err := routedAs(l, blocks, want); err != nil {
+		if err := routedAs(l, blocks, false, want); err != nil {
 			return err
 		}
 		return lab.Ping(a.NS, c.IP, 1)
@@ -206,28 +207,42 @@ func checkPodMTU(t *testing.T, l *lab.Lab, n *lab.Node, want int) {
 	}
 }
 
-// checkEncap waits until every node routes every other node's blocks the way
-// want says.
+// checkEncap waits until every node routes every other node's IPv4 blocks
+// the way want says.
 func checkEncap(t *testing.T, l *lab.Lab, want func(from, to *lab.Node) string) {
+	t.Helper()
+	checkEncapOf(t, l, false, want)
+}
+
+// checkEncapOf is checkEncap for the blocks of one family.
+func checkEncapOf(t *testing.T, l *lab.Lab, v6 bool, want func(from, to *lab.Node) string) {
 	t.Helper()
 	blocks, err := nodeBlocks(l, l.Nodes[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := lab.WaitFor(30*time.Second, func() error { return routedAs(l, blocks, want) }); err != nil {
+	if err := lab.WaitFor(30*time.Second, func() error { return routedAs(l, blocks, v6, want) }); err != nil {
 		t.Fatal(err)
 	}
 }
 
-// routedAs checks every node's route to every other node's blocks.
-func routedAs(l *lab.Lab, blocks map[string][]string, want func(from, to *lab.Node) string) error {
+// routedAs checks every node's route to every other node's blocks of one
+// family.
+func routedAs(l *lab.Lab, blocks map[string][]string, v6 bool, want func(from, to *lab.Node) string) error {
+	family := "-4"
+	if v6 {
+		family = "-6"
+	}
 	for _, a := range l.Nodes {
-		out, _ := a.NS.Run("ip", "-4", "route", "show", "proto", "77")
+		out, _ := a.NS.Run("ip", family, "route", "show", "proto", "77")
 		for _, b := range l.Nodes {
 			if a == b {
 				continue
 			}
 			for _, blk := range blocks[b.Name] {
+				if strings.Contains(blk, ":") != v6 {
+					continue
+				}
 				line := ""
 				for _, r := range strings.Split(out, "\n") {
 					if strings.HasPrefix(r, blk+" ") {
@@ -249,6 +264,12 @@ func routedAs(l *lab.Lab, blocks map[string][]string, want func(from, to *lab.No
 // which on a slow machine (the VM) takes a second or two after its routes exist.
 func allPairs(t *testing.T, l *lab.Lab, size int) {
 	t.Helper()
+	allPairsOf(t, l, size, func(p *lab.Pod) netip.Addr { return p.IP })
+}
+
+// allPairsOf is allPairs to the pods' addresses addr gives, of either family.
+func allPairsOf(t *testing.T, l *lab.Lab, size int, addr func(*lab.Pod) netip.Addr) {
+	t.Helper()
 	pods := l.Pods()
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -258,13 +279,13 @@ func allPairs(t *testing.T, l *lab.Lab, size int) {
 				if a == b {
 					continue
 				}
-				if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, b.IP, 1) }); err != nil {
+				if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, addr(b), 1) }); err != nil {
 					mu.Lock()
 					t.Errorf("%s -> %s: %v", a.Name, b.Name, err)
 					mu.Unlock()
 					continue
 				}
-				out, err := a.NS.Run("ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", fmt.Sprint(size), "-q", b.IP.String())
+				out, err := a.NS.Run("ping", "-c", "2", "-i", "0.2", "-W", "2", "-M", "do", "-s", fmt.Sprint(size), "-q", addr(b).String())
 				if err != nil {
 					mu.Lock()
 					t.Errorf("%s -> %s with %d bytes, DF: %v\n%s", a.Name, b.Name, size, err, out)

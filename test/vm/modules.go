@@ -27,6 +27,9 @@ var DefaultModules = []string{
 	"nf_nat", "nf_conntrack", "x_tables", "xt_MASQUERADE", "xt_nat",
 	"xt_comment", "xt_addrtype", "xt_tcpudp", "xt_set", "xt_conntrack",
 	"xt_mark", "xt_multiport",
+	// ip6tables' icmp6 match (neighbour discovery from pods) is ip6_tables'
+	// own; the other IPv6 rules need nothing more.
+	"ip6_tables",
 	// ipsets, which margay-node programs through netlink.
 	"ip_set", "ip_set_hash_ip", "ip_set_hash_net",
 }

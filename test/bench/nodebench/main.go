@@ -1,14 +1,14 @@
 // Command nodebench measures margay-node in the namespace lab. It needs root and
 // iperf3.
 //
-//	go run ./test/bench/nodebench [-runs 3] [-seconds 5] [-big 21] [-cases direct,direct-v6,vxlan,ipip,convergence]
+//	go run ./test/bench/nodebench [-runs 3] [-seconds 5] [-big 21] [-cases direct,direct-v6,vxlan,vxlan-v6,ipip,convergence]
 //
 // It prints:
 //   - cross-node pod-to-pod TCP throughput (iperf3, 1 and 4 streams) as a ratio to
 //     node-to-node throughput measured in the same run over the same underlay:
-//     direct routing in one subnet (IPv4, and IPv6 in a dual-stack lab), VXLAN
-//     and IPIP across two (IPIP in the kernel VM of test/vm when this kernel
-//     lacks it);
+//     direct routing in one subnet and VXLAN across two, each for IPv4 and for
+//     IPv6 in a dual-stack lab, and IPIP across two (in the kernel VM of
+//     test/vm when this kernel lacks it);
 //   - convergence: from the start of the CNI ADD that claims a new block on one
 //     node until the block's route is in the kernel of every other node (netlink
 //     events), in a 3-node lab and a big one;
@@ -57,7 +57,7 @@ func main() {
 	runs := flag.Int("runs", 3, "iperf3 runs per path and stream count; the median is reported")
 	seconds := flag.Int("seconds", 5, "seconds per iperf3 run")
 	big := flag.Int("big", 21, "nodes in the big lab (convergence and memory)")
-	cases := flag.String("cases", "direct,direct-v6,vxlan,ipip,convergence", "what to measure, comma-separated")
+	cases := flag.String("cases", "direct,direct-v6,vxlan,vxlan-v6,ipip,convergence", "what to measure, comma-separated")
 	binFlag := flag.String("bin", "", "directory of prebuilt margay binaries (default: build them)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
@@ -87,6 +87,8 @@ func main() {
 			err = throughput(bin, "IPv6, direct routing, one subnet", 1, dualPools, true, 0.9, *runs, *seconds)
 		case "vxlan":
 			err = throughput(bin, "VXLAN, across two subnets", 2, vxlanPool, false, 0.7, *runs, *seconds)
+		case "vxlan-v6":
+			err = throughput(bin, "IPv6 VXLAN, across two subnets", 2, vxlanDualPools, true, 0.7, *runs, *seconds)
 		case "ipip":
 			if _, statErr := os.Stat("/sys/module/ipip"); statErr != nil {
 				err = inVM(*runs, *seconds) // this kernel has no IPIP
@@ -163,6 +165,12 @@ spec: {cidr: 10.244.0.0/16, natOutgoing: true, vxlanMode: CrossSubnet}
 kind: IPPool
 metadata: {name: pods}
 spec: {cidr: 10.244.0.0/16, natOutgoing: true, ipipMode: CrossSubnet}
+`
+	vxlanDualPools = vxlanPool + `---
+apiVersion: margay.dev/v1
+kind: IPPool
+metadata: {name: pods-v6}
+spec: {cidr: "fd00:244::/48", natOutgoing: true, vxlanMode: CrossSubnet}
 `
 )
 
