@@ -139,9 +139,10 @@ func (d *Device) syncPeers(link netlink.Link, peers []calc.VXLANPeer) (changed b
 			delete(wantNeigh, ip.Unmap())
 			continue
 		}
-		if !ok && d.keepStale {
-			continue
+		if !ok && (d.keepStale || ip.IsMulticast()) {
+			continue // multicast entries are the kernel's own (IPv6's MLD)
 		}
+		d.log.Info("VXLAN neighbour removed", "ip", ip.Unmap().String(), "mac", n.HardwareAddr.String(), "state", n.State)
 		if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, err)
 		}

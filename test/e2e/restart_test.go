@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"regexp"
 	"strings"
 	"syscall"
@@ -36,7 +37,7 @@ func TestAgentRestartLosesNothing(t *testing.T) {
 	if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, b.IP, 1) }); err != nil {
 		t.Fatal(err)
 	}
-	restartUnderPing(t, l, a, b, l.Nodes[1], time.Second)
+	restartUnderPing(t, l, a, []netip.Addr{b.IP}, l.Nodes[1], time.Second)
 	// node3 leaves for good: its agent dies and its Node is deleted; the others
 	// drop its block.
 	blocks, err := nodeBlocks(l, l.Nodes[0])
@@ -90,37 +91,58 @@ func TestAgentRestartVXLAN(t *testing.T) {
 	if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, b.IP, 1) }); err != nil {
 		t.Fatal(err)
 	}
-	restartUnderPing(t, l, a, b, l.Nodes[1], 3*time.Second)
+	restartUnderPing(t, l, a, []netip.Addr{b.IP}, l.Nodes[1], 3*time.Second)
+}
+
+// The same in a dual-stack lab with VXLAN for both families: graceful
+// restart keeps the peers' IPv6 routes too, and the restarted agent keeps
+// vxlan-v6.margay's entries beside vxlan.margay's. Pod a pings pod b across
+// the subnets over both families at once.
+func TestAgentRestartDualStack(t *testing.T) {
+	l := up(t, lab.Options{Nodes: 4, Subnets: 2, Pools: vxlanDualPools, DualStack: true})
+	addPods(t, l, 1)
+	a, b := l.Nodes[0].Pods[0], l.Nodes[1].Pods[0]
+	for _, dst := range []netip.Addr{b.IP, b.IP6} {
+		if err := lab.WaitFor(30*time.Second, func() error { return lab.Ping(a.NS, dst, 1) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restartUnderPing(t, l, a, []netip.Addr{b.IP, b.IP6}, l.Nodes[1], 3*time.Second)
 }
 
 // restartUnderPing restarts n's agent, by SIGTERM and then by SIGKILL, while
-// pod a pings pod b every 10 ms, and checks that no ping is lost. The agent is
-// down for the given time.
-func restartUnderPing(t *testing.T, l *lab.Lab, a, b *lab.Pod, n *lab.Node, down time.Duration) {
+// pod a pings each of dsts every 10 ms, and checks that no ping is lost. The
+// agent is down for the given time.
+func restartUnderPing(t *testing.T, l *lab.Lab, a *lab.Pod, dsts []netip.Addr, n *lab.Node, down time.Duration) {
 	t.Helper()
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 		// 1200 pings 10 ms apart: 12 s, bounded by ping's own deadline.
 		type result struct {
+			dst netip.Addr
 			out string
 			err error
 		}
-		done := make(chan result, 1)
-		go func() {
-			out, err := a.NS.Run("ping", "-q", "-i", "0.01", "-c", "1200", "-w", "30", b.IP.String())
-			done <- result{out, err}
-		}()
+		done := make(chan result, len(dsts))
+		for _, dst := range dsts {
+			go func() {
+				out, err := a.NS.Run("ping", "-q", "-i", "0.01", "-c", "1200", "-w", "30", dst.String())
+				done <- result{dst, out, err}
+			}()
+		}
 		time.Sleep(2 * time.Second)
 		n.Stop(sig)
 		time.Sleep(down)
 		if err := n.Start(); err != nil {
 			t.Fatal(err)
 		}
-		r := <-done
-		loss := regexp.MustCompile(`(\d+) received`).FindStringSubmatch(r.out)
-		if r.err != nil || len(loss) < 2 || loss[1] != "1200" {
-			t.Errorf("pings across the %v restart of %s's agent: %v\n%s", sig, n.Name, r.err, r.out)
-		} else {
-			t.Logf("%v restart: %s", sig, strings.TrimSpace(r.out[strings.LastIndex(r.out, "---"):]))
+		for range dsts {
+			r := <-done
+			loss := regexp.MustCompile(`(\d+) received`).FindStringSubmatch(r.out)
+			if r.err != nil || len(loss) < 2 || loss[1] != "1200" {
+				t.Errorf("pings to %s across the %v restart of %s's agent: %v\n%s", r.dst, sig, n.Name, r.err, r.out)
+			} else {
+				t.Logf("%v restart, pings to %s: %s", sig, r.dst, strings.TrimSpace(r.out[strings.LastIndex(r.out, "---"):]))
+			}
 		}
 		waitReady(t, l)
 	}

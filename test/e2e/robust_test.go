@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/netip"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -16,30 +18,38 @@ import (
 )
 
 // Someone flushes margay's chains, deletes a route it programmed and empties
-// one of its ipsets: all is back within the resync interval (2 s here).
+// one of its ipsets, in both families of a dual-stack node: all is back
+// within the resync interval (2 s here).
 func TestDriftRepair(t *testing.T) {
-	l := up(t, lab.Options{Nodes: 2, Pools: neverPool, AgentArgs: []string{"--resync-interval", "2s"}})
+	l := up(t, lab.Options{Nodes: 2, Pools: dualNATPools, DualStack: true, AgentArgs: []string{"--resync-interval", "2s"}})
 	addPods(t, l, 1)
 	n := l.Nodes[0]
-	remote := ""
-	err := lab.WaitFor(30*time.Second, func() error {
-		out, _ := n.NS.Run("ip", "-4", "route", "show", "proto", "77")
-		for _, line := range strings.Split(out, "\n") {
-			if strings.Contains(line, "via "+l.Nodes[1].IP.Addr().String()) {
-				remote = strings.Fields(line)[0]
-				return nil
+	remoteVia := func(family string, via netip.Addr) string {
+		t.Helper()
+		remote := ""
+		err := lab.WaitFor(30*time.Second, func() error {
+			out, _ := n.NS.Run("ip", family, "route", "show", "proto", "77")
+			for _, line := range strings.Split(out, "\n") {
+				if strings.Contains(line, "via "+via.String()+" ") {
+					remote = strings.Fields(line)[0]
+					return nil
+				}
 			}
+			return fmt.Errorf("no route via node2 yet:\n%s", out)
+		})
+		if err != nil {
+			t.Fatal(err)
 		}
-		return fmt.Errorf("no route via node2 yet:\n%s", out)
-	})
-	if err != nil {
-		t.Fatal(err)
+		return remote
 	}
+	remote, remote6 := remoteVia("-4", l.Nodes[1].IP.Addr()), remoteVia("-6", l.Nodes[1].IP6.Addr())
 	// The pod's own rules come in a later pass than its route: the state to
 	// restore is the one with them.
-	err = lab.WaitFor(30*time.Second, func() error {
-		if rules, _ := n.NS.Run("iptables-save"); !strings.Contains(rules, "-A MGY-TO-WL -o mgy") {
-			return fmt.Errorf("no rules for the pod yet:\n%s", rules)
+	err := lab.WaitFor(30*time.Second, func() error {
+		for _, save := range []string{"iptables-save", "ip6tables-save"} {
+			if rules, _ := n.NS.Run(save); !strings.Contains(rules, "-A MGY-TO-WL -o mgy") {
+				return fmt.Errorf("no rules for the pod yet in %s:\n%s", save, rules)
+			}
 		}
 		return nil
 	})
@@ -47,17 +57,21 @@ func TestDriftRepair(t *testing.T) {
 		t.Fatal(err)
 	}
 	state := func() string {
-		rules, _ := n.NS.Run("iptables-save")
 		var keep []string
-		for _, line := range strings.Split(rules, "\n") {
-			if strings.Contains(line, "MGY") {
-				keep = append(keep, line)
+		for _, save := range []string{"iptables-save", "ip6tables-save"} {
+			rules, _ := n.NS.Run(save)
+			for _, line := range strings.Split(rules, "\n") {
+				if strings.Contains(line, "MGY") {
+					keep = append(keep, save+": "+line)
+				}
 			}
 		}
 		routes, _ := n.NS.Run("ip", "-4", "route", "show", "proto", "77")
+		routes6, _ := n.NS.Run("ip", "-6", "route", "show", "proto", "77")
+		routes += "\n" + routes6
 		var sets []string
 		n.NS.Do(func() error {
-			for _, name := range []string{"mgy-all-pools", "mgy-masq-pools", "mgy-all-hosts"} {
+			for _, name := range []string{"mgy-all-pools", "mgy-masq-pools", "mgy-all-hosts", "mgy-all-pools-v6", "mgy-masq-pools-v6", "mgy-all-hosts-v6"} {
 				r, err := netlink.IpsetList(name)
 				if err != nil {
 					sets = append(sets, name+": "+err.Error())
@@ -75,10 +89,16 @@ func TestDriftRepair(t *testing.T) {
 		{"iptables", "-t", "nat", "-F", "MGY-POSTROUTING"},
 		{"iptables", "-D", "INPUT", "-j", "MGY-INPUT"},
 		{"ip", "route", "del", remote},
+		{"ip6tables", "-F", "MGY-FORWARD"},
+		{"ip6tables", "-t", "nat", "-F", "MGY-POSTROUTING"},
+		{"ip6tables", "-D", "INPUT", "-j", "MGY-INPUT"},
+		{"ip", "-6", "route", "del", remote6},
 	} {
 		n.NS.MustRun(t, c...)
 	}
-	if err := n.NS.Do(func() error { return netlink.IpsetFlush("mgy-all-pools") }); err != nil {
+	if err := n.NS.Do(func() error {
+		return errors.Join(netlink.IpsetFlush("mgy-all-pools"), netlink.IpsetFlush("mgy-all-pools-v6"))
+	}); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
