@@ -275,10 +275,55 @@ func startUntil(t *testing.T, cmd *exec.Cmd, want string) (output func() string)
 }
 
 func TestUsage(t *testing.T) {
-	for _, args := range [][]string{{"up", "--nodes", "x"}, {"exec", "node1"}, {"pod", "add", "node1"}, {"status", "extra"}, {"--netns-prefix", "", "down"}} {
+	for _, args := range [][]string{{"up", "--nodes", "x"}, {"exec", "node1"}, {"pod", "add", "node1"}, {"status", "extra"}, {"--netns-prefix", "", "down"}, {"up", "--ip-family", "ipv6"}, {"up", "--ip-family", "ip4"}} {
 		var out strings.Builder
 		if code := run(args, &out, &out); code != 2 {
 			t.Errorf("margay-lab %q: exit %d, want 2:\n%s", args, code, out.String())
+		}
+	}
+}
+
+// A dual-stack lab: every pod reaches every pod and the internet host over
+// both families, across the subnets through VXLAN.
+func TestLabUpDualStack(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "lab")
+	if binDirForTests == "" {
+		t.Skip("needs root, and not -short: it builds a lab")
+	}
+	t.Cleanup(func() { runLab(t, state, "down") })
+	out, code := runLab(t, state, "up", "--nodes", "2", "--subnets", "2", "--encap", "vxlan", "--pods-per-node", "1", "--ip-family", "dual")
+	// 2 pods, each to the other and the internet host, over both families.
+	if code != 0 || !strings.Contains(out, "8 of 8 reachable") || strings.Contains(out, "✗") || !strings.Contains(out, "internet v6") {
+		t.Fatalf("up --ip-family dual: exit %d:\n%s", code, out)
+	}
+	if out, code := runLab(t, state, "exec", "node1", "--", "ip", "-6", "route", "show", "dev", "vxlan-v6.margay"); code != 0 || !strings.Contains(out, "fd00:244:") {
+		t.Errorf("node1's routes through vxlan-v6.margay: exit %d:\n%s", code, out)
+	}
+	if out, code := runLab(t, state, "down"); code != 0 {
+		t.Fatalf("down: exit %d:\n%s", code, out)
+	}
+	checkGone(t, state, nil)
+}
+
+func TestLabPools(t *testing.T) {
+	for _, c := range []struct {
+		mode string
+		dual bool
+		want []string
+	}{
+		{"vxlanMode", false, []string{`cidr: "10.244.0.0/16", natOutgoing: true, vxlanMode: CrossSubnet`}},
+		{"", true, []string{`cidr: "10.244.0.0/16", natOutgoing: true}`, `cidr: "fd00:244::/48", natOutgoing: true}`}},
+		// IPIP carries IPv4 only: the IPv6 pool takes VXLAN.
+		{"ipipMode", true, []string{"ipipMode: CrossSubnet", `cidr: "fd00:244::/48", natOutgoing: true, vxlanMode: CrossSubnet`}},
+	} {
+		got := labPools(c.mode, c.dual)
+		for _, w := range c.want {
+			if !strings.Contains(got, w) {
+				t.Errorf("labPools(%q, %v) lacks %q:\n%s", c.mode, c.dual, w, got)
+			}
+		}
+		if strings.Contains(got, "fd00:") != c.dual {
+			t.Errorf("labPools(%q, %v):\n%s", c.mode, c.dual, got)
 		}
 	}
 }

@@ -27,7 +27,7 @@ var podName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
 type upOptions struct {
 	nodes, subnets, podsPerNode int
-	encap, tor                  string
+	encap, tor, ipFamily        string
 }
 
 func (a *app) upCmd() *cobra.Command {
@@ -48,6 +48,12 @@ func (a *app) upCmd() *cobra.Command {
 				return usagef("--encap %q: give auto, ipip, vxlan or none", o.encap)
 			case o.tor != "bird" && o.tor != "none":
 				return usagef("--tor %q: give bird or none", o.tor)
+			case o.ipFamily == "ipv6":
+				return usagef("--ip-family ipv6: an IPv6-only lab needs BGP sessions over IPv6, which margay does not have yet; use dual")
+			case o.ipFamily != "ipv4" && o.ipFamily != "dual":
+				return usagef("--ip-family %q: give ipv4 or dual", o.ipFamily)
+			case o.ipFamily == "dual" && o.tor != "none":
+				return usagef("--ip-family dual with --tor %s: the ToR peers over IPv4 only; use --tor none", o.tor)
 			}
 			return a.up(o)
 		},
@@ -58,6 +64,7 @@ func (a *app) upCmd() *cobra.Command {
 	f.IntVar(&o.podsPerNode, "pods-per-node", 2, "pods to add on every node")
 	f.StringVar(&o.encap, "encap", "auto", "encapsulation across subnets: auto (IPIP if this kernel has it, else VXLAN), ipip, vxlan or none")
 	f.StringVar(&o.tor, "tor", "none", "a BGP ToR in the router that learns the pod blocks: bird or none")
+	f.StringVar(&o.ipFamily, "ip-family", "ipv4", "the pods' and nodes' families: ipv4, or dual for an IPv6 address beside each IPv4 one")
 	return cmd
 }
 
@@ -97,11 +104,7 @@ func (a *app) up(o upOptions) (err error) {
 	if mode == "" && o.tor == "none" && o.subnets > 1 {
 		fmt.Fprintf(p, "warning: with --encap none and no ToR the router does not know the pods: pods in different subnets will not reach each other")
 	}
-	pool := "apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: default-ipv4-ippool}\nspec: {cidr: 10.244.0.0/16, natOutgoing: true"
-	if mode != "" {
-		pool += ", " + mode + ": CrossSubnet"
-	}
-	pool += "}\n"
+	pool := labPools(mode, o.ipFamily == "dual")
 	if err := os.MkdirAll(a.stateDir, 0o755); err != nil {
 		return err
 	}
@@ -125,7 +128,7 @@ func (a *app) up(o upOptions) (err error) {
 		tor = ""
 	}
 	l, err := lab.Up(ctx, lab.Options{Nodes: o.nodes, Subnets: o.subnets, Bin: bin, Dir: filepath.Join(a.stateDir, "lab"),
-		Pools: pool, ToR: tor, Detach: true, Log: p})
+		Pools: pool, ToR: tor, DualStack: o.ipFamily == "dual", Detach: true, Log: p})
 	if err != nil {
 		return err
 	}
@@ -179,6 +182,28 @@ func (a *app) up(o upOptions) (err error) {
 		return fmt.Errorf("%d of the connectivity checks failed; the lab stays up for a look (margay-lab down removes it)", failed)
 	}
 	return nil
+}
+
+// labPools are the lab's pools: 10.244.0.0/16 with the encapsulation field
+// mode across subnets (none for Never), and for a dual-stack lab
+// fd00:244::/48 too, with VXLAN where the IPv4 pool has IPIP (IPIP carries
+// IPv4 only).
+func labPools(mode string, dual bool) string {
+	pool := func(name, cidr, mode string) string {
+		p := fmt.Sprintf("apiVersion: margay.dev/v1\nkind: IPPool\nmetadata: {name: %s}\nspec: {cidr: %q, natOutgoing: true", name, cidr)
+		if mode != "" {
+			p += ", " + mode + ": CrossSubnet"
+		}
+		return p + "}\n"
+	}
+	pools := pool("default-ipv4-ippool", "10.244.0.0/16", mode)
+	if dual {
+		if mode == "ipipMode" {
+			mode = "vxlanMode"
+		}
+		pools += "---\n" + pool("default-ipv6-ippool", "fd00:244::/48", mode)
+	}
+	return pools
 }
 
 // encapsulation is the pool field for --encap and what to say about it.
@@ -269,18 +294,25 @@ func sessions(ctx context.Context, w io.Writer, l *lab.Lab) {
 
 // matrix pings every pod and the internet host from every pod, one packet at a
 // time, retrying a failed pair for up to wait (new pods take a moment to be
-// routed everywhere), and prints the results. It returns how many failed.
+// routed everywhere), and prints the results. In a dual-stack lab every
+// target is pinged at its IPv6 address too. It returns how many failed.
 func matrix(ctx context.Context, w io.Writer, l *lab.Lab, wait time.Duration) int {
 	pods := l.Pods()
 	type target struct {
 		name string
 		addr netip.Addr
 	}
-	var targets []target
+	var targets, targets6 []target
 	for _, p := range pods {
 		targets = append(targets, target{p.Name, p.IP})
+		if p.IP6.IsValid() {
+			targets6 = append(targets6, target{p.Name + " v6", p.IP6})
+		}
 	}
 	targets = append(targets, target{"internet", lab.InternetAddr})
+	if len(targets6) > 0 {
+		targets = append(append(targets, targets6...), target{"internet v6", lab.InternetAddr6})
+	}
 	cells := make([][]string, len(pods))
 	failed := 0
 	var mu sync.Mutex
@@ -289,7 +321,7 @@ func matrix(ctx context.Context, w io.Writer, l *lab.Lab, wait time.Duration) in
 		cells[i] = make([]string, len(targets))
 		wg.Go(func() {
 			for j, t := range targets {
-				if t.addr == src.IP {
+				if t.addr == src.IP || t.addr == src.IP6 {
 					cells[i][j] = "·"
 					continue
 				}
@@ -316,8 +348,9 @@ func matrix(ctx context.Context, w io.Writer, l *lab.Lab, wait time.Duration) in
 		fmt.Fprintln(tw, src.Name+"\t"+strings.Join(cells[i], "\t"))
 	}
 	tw.Flush()
+	self := len(pods) * (1 + min(len(targets6), 1)) // a pod's own addresses
 	total := len(pods) * len(targets)
-	fmt.Fprintf(w, "%d of %d reachable\n", total-len(pods)-failed, total-len(pods))
+	fmt.Fprintf(w, "%d of %d reachable\n", total-self-failed, total-self)
 	return failed
 }
 
