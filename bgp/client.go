@@ -74,8 +74,18 @@ func ago(t, now time.Time) string {
 func peerInfo(p *gobgpapi.Peer) string {
 	if p.GetState().GetSessionState() == gobgpapi.PeerState_ESTABLISHED {
 		var rcv uint64
+		var each []string
 		for _, af := range p.GetAfiSafis() {
-			rcv += af.GetState().GetReceived()
+			n := af.GetState().GetReceived()
+			rcv += n
+			name := "IPv4"
+			if af.GetConfig().GetFamily().GetAfi() == gobgpapi.Family_AFI_IP6 {
+				name = "IPv6"
+			}
+			each = append(each, fmt.Sprintf("%s %d", name, n))
+		}
+		if len(each) > 1 { // a dual-stack session: say which family has what
+			return fmt.Sprintf("%d routes received (%s)", rcv, strings.Join(each, ", "))
 		}
 		return fmt.Sprintf("%d routes received", rcv)
 	}

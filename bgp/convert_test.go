@@ -147,3 +147,24 @@ func TestPeerInfoFromLog(t *testing.T) {
 		}
 	}
 }
+
+// An established session says what it received, by family when it carries
+// both.
+func TestPeerInfoReceived(t *testing.T) {
+	af := func(afi gobgpapi.Family_Afi, n uint64) *gobgpapi.AfiSafi {
+		return &gobgpapi.AfiSafi{Config: &gobgpapi.AfiSafiConfig{Family: &gobgpapi.Family{Afi: afi, Safi: gobgpapi.Family_SAFI_UNICAST}},
+			State: &gobgpapi.AfiSafiState{Received: n}}
+	}
+	up := &gobgpapi.PeerState{SessionState: gobgpapi.PeerState_ESTABLISHED}
+	for _, c := range []struct {
+		afs  []*gobgpapi.AfiSafi
+		want string
+	}{
+		{[]*gobgpapi.AfiSafi{af(gobgpapi.Family_AFI_IP, 3)}, "3 routes received"},
+		{[]*gobgpapi.AfiSafi{af(gobgpapi.Family_AFI_IP, 3), af(gobgpapi.Family_AFI_IP6, 2)}, "5 routes received (IPv4 3, IPv6 2)"},
+	} {
+		if got := peerInfo(&gobgpapi.Peer{State: up, AfiSafis: c.afs}); got != c.want {
+			t.Errorf("peerInfo = %q, want %q", got, c.want)
+		}
+	}
+}

@@ -391,7 +391,7 @@ func TestApplyAndGet(t *testing.T) {
 			{[]string{"get", "bgppeers", "-o", "wide"}, [][]string{{"NAME", "PEERIP", "NODE", "ASN", "PEERSELECTOR", "KEEPALIVE", "HOLD", "MAXPREFIXES"}, {"tor-1", "192.0.2.1", "(global)", "64513", "-", "-", "-", "-"}}},
 			{[]string{"get", "bgpconfigurations"}, [][]string{{"NAME", "ASN", "MESH"}, {"default", "64512", "false"}}},
 			{[]string{"get", "nodes"}, [][]string{{"NAME", "ASN", "IPV4", "IPV6"}, {"node1", "-", "198.18.1.2/24", "-"}}},
-			{[]string{"get", "node", "node1", "-o", "wide"}, [][]string{{"NAME", "ASN", "IPV4", "IPV6", "IPIPADDR", "VXLANADDR", "RRCLUSTERID"}, {"node1", "-", "198.18.1.2/24", "-", "-", "-", "-"}}},
+			{[]string{"get", "node", "node1", "-o", "wide"}, [][]string{{"NAME", "ASN", "IPV4", "IPV6", "IPIPADDR", "VXLANADDR", "VXLANV6ADDR", "RRCLUSTERID"}, {"node1", "-", "198.18.1.2/24", "-", "-", "-", "-", "-"}}},
 			{[]string{"get", "workloadendpoints"}, [][]string{{"NAME", "NODE", "NETWORKS", "INTERFACE"}}},
 		}
 		for _, tt := range tests {

@@ -189,6 +189,7 @@ func (t tableContext) columnsFor(k api.KindInfo) []column {
 			{name: "IPV6", value: func(r api.Resource) string { return b(r).IPv6Address }},
 			{name: "IPIPADDR", wide: true, value: func(r api.Resource) string { return b(r).IPv4IPIPTunnelAddr }},
 			{name: "VXLANADDR", wide: true, value: func(r api.Resource) string { return r.(*api.Node).Spec.IPv4VXLANTunnelAddr }},
+			{name: "VXLANV6ADDR", wide: true, value: func(r api.Resource) string { return r.(*api.Node).Spec.IPv6VXLANTunnelAddr }},
 			{name: "RRCLUSTERID", wide: true, value: func(r api.Resource) string { return b(r).RouteReflectorClusterID }},
 		}
 	case api.KindWorkloadEndpoint:
