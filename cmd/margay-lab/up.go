@@ -52,8 +52,6 @@ func (a *app) upCmd() *cobra.Command {
 				return usagef("--ip-family ipv6: an IPv6-only lab needs BGP sessions over IPv6, which margay does not have yet; use dual")
 			case o.ipFamily != "ipv4" && o.ipFamily != "dual":
 				return usagef("--ip-family %q: give ipv4 or dual", o.ipFamily)
-			case o.ipFamily == "dual" && o.tor != "none":
-				return usagef("--ip-family dual with --tor %s: the ToR peers over IPv4 only; use --tor none", o.tor)
 			}
 			return a.up(o)
 		},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,23 +49,79 @@ func TestToRBird(t *testing.T) {
 	checkSessionTools(t, l)
 }
 
+// A dual-stack lab in two subnets whose pools never encapsulate, with BIRD
+// as the ToR: the nodes send it their IPv6 blocks over the IPv4 sessions
+// (MP-BGP, next hop the node's IPv6 address), it learns exactly the blocks of
+// both families and installs them in the router's kernel, and pods in
+// different subnets reach each other through it over both families.
+func TestToRBirdDualStack(t *testing.T) {
+	if _, err := exec.LookPath("bird"); err != nil {
+		t.Skip("bird (package bird2) is not installed")
+	}
+	l := up(t, lab.Options{Nodes: 3, Subnets: 2, Pools: dualNATPools, DualStack: true, ToR: "bird", AgentArgs: []string{"--resync-interval", "2s"}})
+	sock := l.BirdSocket()
+	addPods(t, l, 1)
+	want := allBlocks(t, l)
+	if !slices.ContainsFunc(want, func(r string) bool { return strings.HasPrefix(r, "fd00:244:") }) {
+		t.Fatalf("no IPv6 block among %q", want)
+	}
+	err := lab.WaitFor(60*time.Second, func() error {
+		out, err := l.Router.Run("birdc", "-s", sock, "show", "route")
+		if err != nil {
+			return fmt.Errorf("birdc: %v: %s", err, out)
+		}
+		return sameRoutes(birdRoutes(out), want)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	allPairs(t, l, 1500-28)
+	allPairsOf(t, l, 1500-48, func(p *lab.Pod) netip.Addr { return p.IP6 })
+	// Across the subnets through the gateway, unencapsulated.
+	n1, n2 := l.Nodes[0], l.Nodes[1]
+	if out := n1.NS.MustRun(t, "ip", "-6", "route", "show", "proto", "77"); !strings.Contains(out, "via "+hostGateway6(n1).String()) {
+		t.Errorf("node1 routes no IPv6 block through its gateway %s:\n%s", hostGateway6(n1), out)
+	}
+	plain := fmt.Sprintf("icmp6 and host %s and host %s", n1.Pods[0].IP6, n2.Pods[0].IP6)
+	if got := capture(t, l.Router, "br1", plain, func() { lab.Ping(n1.Pods[0].NS, n2.Pods[0].IP6, 3) }); got < 3 {
+		t.Errorf("tcpdump on subnet B saw %d plain ICMPv6 packets between the pods, want at least 3", got)
+	}
+}
+
+// hostGateway6 is the router's IPv6 address on n's subnet.
+func hostGateway6(n *lab.Node) netip.Addr { return n.IP6.Masked().Addr().Next() }
+
 // The same with an FRR bgpd as the ToR.
-func TestToRFRR(t *testing.T) {
+func TestToRFRR(t *testing.T) { torFRR(t, false) }
+
+// And in a dual-stack lab: FRR learns the IPv6 blocks over the IPv4
+// sessions, each with its node's IPv6 address as next hop.
+func TestToRFRRDualStack(t *testing.T) { torFRR(t, true) }
+
+func torFRR(t *testing.T, dual bool) {
 	if _, err := os.Stat("/usr/lib/frr/bgpd"); err != nil {
 		t.Skip("FRR's bgpd (package frr) is not installed")
 	}
-	l := up(t, lab.Options{Nodes: 3, Pools: torPeer, AgentArgs: []string{"--resync-interval", "2s"}})
+	pools, families := torPeer, []string{"ipv4"}
+	if dual {
+		pools, families = torPeer+"---\n"+strings.SplitN(dualNATPools, "---\n", 2)[1], []string{"ipv4", "ipv6"}
+	}
+	l := up(t, lab.Options{Nodes: 3, Pools: pools, DualStack: dual, AgentArgs: []string{"--resync-interval", "2s"}})
 	vtysh := startFRR(t, l)
 	addPods(t, l, 1)
 	want := allBlocks(t, l)
 	err := lab.WaitFor(60*time.Second, func() error {
-		out, err := vtysh("-c", "show bgp ipv4 unicast json")
-		if err != nil {
-			return fmt.Errorf("vtysh: %v: %s", err, out)
-		}
-		got, err := frrRoutes(out)
-		if err != nil {
-			return err
+		var got []string
+		for _, f := range families {
+			out, err := vtysh("-c", "show bgp "+f+" unicast json")
+			if err != nil {
+				return fmt.Errorf("vtysh: %v: %s", err, out)
+			}
+			routes, err := frrRoutes(out)
+			if err != nil {
+				return err
+			}
+			got = append(got, routes...)
 		}
 		return sameRoutes(got, want)
 	})
@@ -96,6 +153,13 @@ func startFRR(t *testing.T, l *lab.Lab) (vtysh func(args ...string) (string, err
 		conf += fmt.Sprintf("  neighbor %s route-map own out\n", n.IP.Addr())
 	}
 	conf += " exit-address-family\n"
+	if l.Nodes[0].IP6.IsValid() { // dual-stack: IPv6 unicast over the IPv4 sessions
+		conf += " address-family ipv6 unicast\n"
+		for _, n := range l.Nodes {
+			conf += fmt.Sprintf("  neighbor %s activate\n  neighbor %s route-map own out\n", n.IP.Addr(), n.IP.Addr())
+		}
+		conf += " exit-address-family\n"
+	}
 	confPath := filepath.Join(dir, "frr.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
@@ -140,7 +204,8 @@ func addPods(t *testing.T, l *lab.Lab, perNode int) {
 	}
 }
 
-// allBlocks is every node's blocks as "cidr via node-ip".
+// allBlocks is every node's blocks as "cidr via node-ip", an IPv6 block via
+// the node's IPv6 address.
 func allBlocks(t *testing.T, l *lab.Lab) []string {
 	t.Helper()
 	blocks, err := nodeBlocks(l, l.Nodes[0])
@@ -150,7 +215,11 @@ func allBlocks(t *testing.T, l *lab.Lab) []string {
 	var want []string
 	for _, n := range l.Nodes {
 		for _, b := range blocks[n.Name] {
-			want = append(want, b+" via "+n.IP.Addr().String())
+			via := n.IP.Addr()
+			if strings.Contains(b, ":") {
+				via = n.IP6.Addr()
+			}
+			want = append(want, b+" via "+via.String())
 		}
 	}
 	return want
@@ -186,13 +255,14 @@ func birdRoutes(out string) []string {
 	return got
 }
 
-// frrRoutes reads `show bgp ipv4 unicast json`: every path as "cidr via
-// next-hop".
+// frrRoutes reads `show bgp ipv4|ipv6 unicast json`: every path as "cidr
+// via next-hop", the global one of an IPv6 path.
 func frrRoutes(js string) ([]string, error) {
 	var v struct {
 		Routes map[string][]struct {
 			Nexthops []struct {
-				IP string `json:"ip"`
+				IP    string `json:"ip"`
+				Scope string `json:"scope"`
 			} `json:"nexthops"`
 		} `json:"routes"`
 	}
@@ -203,7 +273,9 @@ func frrRoutes(js string) ([]string, error) {
 	for prefix, paths := range v.Routes {
 		for _, p := range paths {
 			for _, nh := range p.Nexthops {
-				got = append(got, prefix+" via "+nh.IP)
+				if nh.Scope != "link-local" {
+					got = append(got, prefix+" via "+nh.IP)
+				}
 			}
 		}
 	}

@@ -34,19 +34,33 @@ func (l *Lab) birdConfPath() string { return filepath.Join(l.opts.Dir, "bird.con
 // every node, from the router's address on the node's subnet. It imports the
 // nodes' routes into the router's kernel, so that the router forwards pod
 // traffic when no pool encapsulates, and exports to the nodes only the
-// prefixes it announces of its own (none but in a test of a rogue ToR).
+// prefixes it announces of its own (none but in a test of a rogue ToR). In a
+// dual-stack lab each session carries IPv6 unicast too (MP-BGP over the IPv4
+// session, as the nodes send it).
 func (l *Lab) writeBirdConf(announce []netip.Prefix) error {
-	conf := "router id 198.18.1.1;\nprotocol device {}\nprotocol kernel { ipv4 { export where source != RTS_STATIC; }; }\n"
-	if len(announce) > 0 {
-		conf += "protocol static announced {\n  ipv4;\n"
+	families := []string{"ipv4"}
+	if l.opts.DualStack {
+		families = append(families, "ipv6")
+	}
+	conf := "router id 198.18.1.1;\nprotocol device {}\n"
+	for _, f := range families {
+		conf += fmt.Sprintf("protocol kernel { %s { export where source != RTS_STATIC; }; }\n", f)
+		var routes []string
 		for _, p := range announce {
-			conf += fmt.Sprintf("  route %s blackhole;\n", p)
+			if p.Addr().Is6() == (f == "ipv6") {
+				routes = append(routes, fmt.Sprintf("  route %s blackhole;\n", p))
+			}
 		}
-		conf += "}\n"
+		if len(routes) > 0 {
+			conf += fmt.Sprintf("protocol static announced_%s {\n  %s;\n%s}\n", f, f, strings.Join(routes, ""))
+		}
 	}
 	for _, n := range l.Nodes {
-		conf += fmt.Sprintf("protocol bgp %s {\n  local %s as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n  ipv4 { import all; export where source = RTS_STATIC; };\n}\n",
-			n.Name, n.Gateway(), ToRAS, n.IP.Addr())
+		conf += fmt.Sprintf("protocol bgp %s {\n  local %s as %d;\n  neighbor %s as 64512;\n  connect retry time 2;\n", n.Name, n.Gateway(), ToRAS, n.IP.Addr())
+		for _, f := range families {
+			conf += fmt.Sprintf("  %s { import all; export where source = RTS_STATIC; };\n", f)
+		}
+		conf += "}\n"
 	}
 	return os.WriteFile(l.birdConfPath(), []byte(conf), 0o644)
 }
