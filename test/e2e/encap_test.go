@@ -75,7 +75,6 @@ func crossSubnet(t *testing.T, e encap) {
 	// emulated VM takes seconds (iptables there is slow).
 	const resync = 15 * time.Second
 	l := up(t, lab.Options{Nodes: 5, Subnets: 2, Pools: encapPool(e.mode + ": CrossSubnet"), ToR: "bird", AgentArgs: []string{"--resync-interval", resync.String()}})
-	sock := l.BirdSocket()
 	addPods(t, l, 1)
 	podMTU := 1500 - e.overhead
 	n1, n2, n3 := l.Nodes[0], l.Nodes[1], l.Nodes[2] // n1 and n3 in subnet A, n2 in B
@@ -133,16 +132,7 @@ func crossSubnet(t *testing.T, e encap) {
 
 	// Never: the ToR learnt every block from its node, so a cross-subnet
 	// block is routed to the gateway, which knows the way.
-	err := lab.WaitFor(30*time.Second, func() error {
-		out, err := l.Router.Run("birdc", "-s", sock, "show", "route")
-		if err != nil {
-			return fmt.Errorf("birdc: %v: %s", err, out)
-		}
-		return sameRoutes(birdRoutes(out), allBlocks(t, l))
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	waitBirdRoutes(t, l, allBlocks(t, l))
 	switchMode(t, l, "", resync, func(from, to *lab.Node) string {
 		if sameSubnet(from, to) {
 			return direct(from, to)

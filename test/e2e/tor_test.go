@@ -33,19 +33,9 @@ func TestToRBird(t *testing.T) {
 		t.Skip("bird (package bird2) is not installed")
 	}
 	l := up(t, lab.Options{Nodes: 3, Pools: neverPool, ToR: "bird", AgentArgs: []string{"--resync-interval", "2s"}})
-	sock := l.BirdSocket()
 	addPods(t, l, 1)
 	want := allBlocks(t, l)
-	err := lab.WaitFor(60*time.Second, func() error {
-		out, err := l.Router.Run("birdc", "-s", sock, "show", "route")
-		if err != nil {
-			return fmt.Errorf("birdc: %v: %s", err, out)
-		}
-		return sameRoutes(birdRoutes(out), want)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	waitBirdRoutes(t, l, want)
 	checkSessionTools(t, l)
 }
 
@@ -59,22 +49,12 @@ func TestToRBirdDualStack(t *testing.T) {
 		t.Skip("bird (package bird2) is not installed")
 	}
 	l := up(t, lab.Options{Nodes: 3, Subnets: 2, Pools: dualNATPools, DualStack: true, ToR: "bird", AgentArgs: []string{"--resync-interval", "2s"}})
-	sock := l.BirdSocket()
 	addPods(t, l, 1)
 	want := allBlocks(t, l)
 	if !slices.ContainsFunc(want, func(r string) bool { return strings.HasPrefix(r, "fd00:244:") }) {
 		t.Fatalf("no IPv6 block among %q", want)
 	}
-	err := lab.WaitFor(60*time.Second, func() error {
-		out, err := l.Router.Run("birdc", "-s", sock, "show", "route")
-		if err != nil {
-			return fmt.Errorf("birdc: %v: %s", err, out)
-		}
-		return sameRoutes(birdRoutes(out), want)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	waitBirdRoutes(t, l, want)
 	allPairs(t, l, 1500-28)
 	allPairsOf(t, l, 1500-48, func(p *lab.Pod) netip.Addr { return p.IP6 })
 	// Across the subnets through the gateway, unencapsulated.
@@ -124,6 +104,21 @@ func torFRR(t *testing.T, dual bool) {
 			got = append(got, routes...)
 		}
 		return sameRoutes(got, want)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitBirdRoutes waits until the BIRD ToR has exactly the routes want.
+func waitBirdRoutes(t *testing.T, l *lab.Lab, want []string) {
+	t.Helper()
+	err := lab.WaitFor(60*time.Second, func() error {
+		out, err := l.Router.Run("birdc", "-s", l.BirdSocket(), "show", "route")
+		if err != nil {
+			return fmt.Errorf("birdc: %v: %s", err, out)
+		}
+		return sameRoutes(birdRoutes(out), want)
 	})
 	if err != nil {
 		t.Fatal(err)
