@@ -144,7 +144,8 @@ type BGPPeerSpec struct {
 	// neither, every node peers.
 	Node         string `json:"node,omitempty"`
 	NodeSelector string `json:"nodeSelector,omitempty"`
-	// PeerIP is "a.b.c.d" or "a.b.c.d:port".
+	// PeerIP is "a.b.c.d", "a.b.c.d:port", an IPv6 address or "[IPv6]:port".
+	// An IPv6 peer's session carries IPv6 unicast only.
 	PeerIP         string    `json:"peerIP,omitempty"`
 	PeerSelector   string    `json:"peerSelector,omitempty"`
 	ASNumber       *ASNumber `json:"asNumber,omitempty"`
@@ -188,7 +189,7 @@ func (p *BGPPeer) PeerAddr() (netip.Addr, int, error) {
 
 func parsePeerIP(s string) (netip.Addr, int, error) {
 	if a, err := netip.ParseAddr(s); err == nil {
-		return a, DefaultBGPPort, nil
+		return a.Unmap(), DefaultBGPPort, nil
 	}
 	i := strings.LastIndexByte(s, ':')
 	if i < 0 {
@@ -202,7 +203,7 @@ func parsePeerIP(s string) (netip.Addr, int, error) {
 	if err != nil || p < 1 || p > 65535 {
 		return netip.Addr{}, 0, errPort
 	}
-	return a, p, nil
+	return a.Unmap(), p, nil
 }
 
 type constError string
@@ -210,7 +211,7 @@ type constError string
 func (e constError) Error() string { return string(e) }
 
 const (
-	errPeerIP = constError("is not an IP address; use a.b.c.d or a.b.c.d:port")
+	errPeerIP = constError("is not an IP address; use a.b.c.d, a.b.c.d:port, an IPv6 address or [IPv6]:port")
 	errPort   = constError("has a bad port; use 1 to 65535")
 )
 
@@ -233,8 +234,8 @@ func (p *BGPPeer) Validate() error {
 	case s.PeerIP != "":
 		if a, _, err := parsePeerIP(s.PeerIP); err != nil {
 			e.add("spec.peerIP", s.PeerIP, "%v", err)
-		} else if !a.Is4() {
-			e.add("spec.peerIP", s.PeerIP, "only IPv4 peers are supported")
+		} else if a.Zone() != "" || !a.IsGlobalUnicast() {
+			e.add("spec.peerIP", s.PeerIP, "must be a global unicast address; link-local and loopback peers are not supported")
 		}
 		if s.ASNumber == nil {
 			e.add("spec.asNumber", nil, "is required with peerIP")

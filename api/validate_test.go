@@ -183,12 +183,13 @@ func TestValidateErrors(t *testing.T) {
 		}, "spec.nodeMeshMaxRestartTime", "must be positive"},
 
 		// BGPPeer.
-		{"peer bad IP", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.300"; return p }, "spec.peerIP", "is not an IP address; use a.b.c.d or a.b.c.d:port"},
+		{"peer bad IP", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.300"; return p }, "spec.peerIP", "is not an IP address; use a.b.c.d, a.b.c.d:port, an IPv6 address or [IPv6]:port"},
 		{"peer hostname", func() Resource { p := validPeer(); p.Spec.PeerIP = "tor.example.com"; return p }, "spec.peerIP", "is not an IP address"},
 		{"peer non-numeric port", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.1:bgp"; return p }, "spec.peerIP", "has a bad port; use 1 to 65535"},
 		{"peer port 0", func() Resource { p := validPeer(); p.Spec.PeerIP = "198.18.1.1:0"; return p }, "spec.peerIP", "has a bad port"},
-		{"peer ipv6", func() Resource { p := validPeer(); p.Spec.PeerIP = "fd00::1"; return p }, "spec.peerIP", "only IPv4 peers are supported"},
-		{"peer ipv6 with port", func() Resource { p := validPeer(); p.Spec.PeerIP = "[fd00::1]:179"; return p }, "spec.peerIP", "only IPv4 peers are supported"},
+		{"peer link-local", func() Resource { p := validPeer(); p.Spec.PeerIP = "fe80::1"; return p }, "spec.peerIP", "must be a global unicast address"},
+		{"peer zoned", func() Resource { p := validPeer(); p.Spec.PeerIP = "[fe80::1%eth0]:179"; return p }, "spec.peerIP", "must be a global unicast address"},
+		{"peer loopback", func() Resource { p := validPeer(); p.Spec.PeerIP = "127.0.0.1"; return p }, "spec.peerIP", "must be a global unicast address"},
 		{"peerIP without asNumber", func() Resource { p := validPeer(); p.Spec.ASNumber = nil; return p }, "spec.asNumber", "is required with peerIP"},
 		{"peerIP and peerSelector", func() Resource { p := validPeer(); p.Spec.PeerSelector = "has(rr)"; return p }, "spec.peerSelector", "set either peerIP or peerSelector, not both"},
 		{"neither peerIP nor peerSelector", func() Resource { p := validPeer(); p.Spec.PeerIP = ""; return p }, "spec.peerIP", "set peerIP (an external router) or peerSelector (other nodes)"},
@@ -322,6 +323,8 @@ func TestValidateValid(t *testing.T) {
 			p.Spec.CIDR, p.Spec.BlockSize, p.Spec.VXLANMode, p.Spec.NATOutgoing = "fd00:10::/48", 122, EncapCrossSubnet, true
 			return p
 		}},
+		{"peer v6", func() Resource { p := validPeer(); p.Spec.PeerIP = "fd00:18:1::1"; return p }},
+		{"peer v6 with port", func() Resource { p := validPeer(); p.Spec.PeerIP = "[fd00:18:1::1]:1179"; return p }},
 		{"pool v6 blockSize 128", func() Resource { p := validPool(); p.Spec.CIDR, p.Spec.BlockSize = "2001:db8::/64", 128; return p }},
 		{"pool blockSize equals pool", func() Resource {
 			p := validPool()
@@ -684,6 +687,10 @@ func TestPeerAddr(t *testing.T) {
 		{"198.18.1.1:x", "", 0, "has a bad port"},
 		{"", "", 0, "is not an IP address"},
 		{"peer", "", 0, "is not an IP address"},
+		{"fd00:18:1::1", "fd00:18:1::1", 179, ""},
+		{"[fd00:18:1::1]:1179", "fd00:18:1::1", 1179, ""},
+		{"::ffff:198.18.1.1", "198.18.1.1", 179, ""},
+		{"[fd00:18:1::1]:0", "", 0, "has a bad port"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {

@@ -7,7 +7,6 @@ package bgp
 import (
 	"fmt"
 	"net/netip"
-	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -104,13 +103,25 @@ func ParseDescription(desc string) (t PeerType, name string, ok bool) {
 // nodeInfo is what the peer computation needs from a Node.
 type nodeInfo struct {
 	name      string
-	addr      netip.Addr
+	addr      netip.Addr // invalid: no IPv4 address
+	addr6     netip.Addr // invalid: no IPv6 address
 	as        uint32
 	clusterID string
 	labels    map[string]string
 }
 
 func (n *nodeInfo) isReflector() bool { return n.clusterID != "" }
+
+// hasAddr reports whether a is one of n's BGP addresses.
+func (n *nodeInfo) hasAddr(a netip.Addr) bool { return a == n.addr || a == n.addr6 }
+
+// ownAddr is n's address of a's family, invalid when n has none.
+func (n *nodeInfo) ownAddr(a netip.Addr) netip.Addr {
+	if a.Is4() {
+		return n.addr
+	}
+	return n.addr6
+}
 
 // DesiredPeers computes the BGP sessions of node self with Calico's rules:
 //
@@ -125,6 +136,8 @@ func (n *nodeInfo) isReflector() bool { return n.clusterID != "" }
 //     peers with the nodes on its local side.
 //   - When self is a route reflector, a peer that is a node, in self's AS, and not
 //     a reflector of self's own cluster, is a route-reflector client.
+//   - Two nodes peer over IPv4 when both have an IPv4 address (the session
+//     carries IPv6 too, as MP-BGP), otherwise over IPv6 when both have one.
 //   - Of two peering nodes, the one with the lower address is passive.
 //
 // Nodes without a BGP address are left out. Self's own address is never a peer.
@@ -181,48 +194,91 @@ func byName[T any](items []*T, name func(*T) string) []*T {
 // problem, when self cannot peer at all.
 func (ps *peerSet) loadNodes(self string, nodes []*api.Node) bool {
 	ps.byAddr = map[netip.Addr]*nodeInfo{}
+	var infos []*nodeInfo
 	for _, n := range byName(nodes, func(n *api.Node) string { return n.Metadata.Name }) {
-		info := &nodeInfo{name: n.Metadata.Name, as: uint32(ps.settings.ASNumber), labels: n.Metadata.Labels}
-		if b := n.Spec.BGP; b != nil {
-			if b.ASNumber != nil {
-				info.as = uint32(*b.ASNumber)
-			}
-			info.clusterID = b.RouteReflectorClusterID
-		}
-		if addr, err := n.BGPAddress(); err != nil {
-			ps.problemf("node %q: spec.bgp.ipv4Address %q %v; leaving the node out of BGP", info.name, n.Spec.BGP.IPv4Address, err)
-		} else {
-			info.addr = addr.Addr()
-		}
+		info := ps.nodeInfo(n)
 		if info.name == self {
 			ps.me = info
 			continue
 		}
-		if !info.addr.IsValid() {
-			continue
+		if info.addr, info.addr6 = ps.claim(info, info.addr), ps.claim(info, info.addr6); info.addr.IsValid() || info.addr6.IsValid() {
+			infos = append(infos, info)
 		}
-		if prev, dup := ps.byAddr[info.addr]; dup {
-			ps.problemf("nodes %q and %q both have BGP address %s; peering with %q only", prev.name, info.name, info.addr, prev.name)
-			continue
-		}
-		ps.byAddr[info.addr] = info
-		ps.others = append(ps.others, info)
 	}
 	me := ps.me
 	if me == nil {
 		ps.problemf("node %q is not in the datastore; it has no BGP peers until its Node resource exists", self)
 		return false
 	}
-	if !me.addr.IsValid() {
-		ps.problemf("node %q has no spec.bgp.ipv4Address; it has no BGP peers until one is set", self)
+	if !me.addr.IsValid() && !me.addr6.IsValid() {
+		ps.problemf("node %q has no spec.bgp.ipv4Address or ipv6Address; it has no BGP peers until one is set", self)
 		return false
 	}
-	if n, dup := ps.byAddr[me.addr]; dup {
-		ps.problemf("nodes %q and %q both have BGP address %s; not peering with %q", me.name, n.name, me.addr, n.name)
-		delete(ps.byAddr, me.addr)
-		ps.others = slices.DeleteFunc(ps.others, func(o *nodeInfo) bool { return o == n })
+	for _, a := range []netip.Addr{me.addr, me.addr6} {
+		if n, dup := ps.byAddr[a]; dup {
+			ps.problemf("nodes %q and %q both have BGP address %s; not peering with %q", me.name, n.name, a, n.name)
+			delete(ps.byAddr, n.addr)
+			delete(ps.byAddr, n.addr6)
+			n.addr, n.addr6 = netip.Addr{}, netip.Addr{}
+		}
+	}
+	for _, n := range infos {
+		if ps.peerAddr(n).IsValid() {
+			ps.others = append(ps.others, n)
+		}
 	}
 	return true
+}
+
+// nodeInfo is what n says of itself; a malformed address is reported and left
+// out.
+func (ps *peerSet) nodeInfo(n *api.Node) *nodeInfo {
+	info := &nodeInfo{name: n.Metadata.Name, as: uint32(ps.settings.ASNumber), labels: n.Metadata.Labels}
+	b := n.Spec.BGP
+	if b == nil {
+		return info
+	}
+	if b.ASNumber != nil {
+		info.as = uint32(*b.ASNumber)
+	}
+	info.clusterID = b.RouteReflectorClusterID
+	if addr, err := n.BGPAddress(); err != nil {
+		ps.problemf("node %q: spec.bgp.ipv4Address %q %v; leaving it out of BGP", info.name, b.IPv4Address, err)
+	} else {
+		info.addr = addr.Addr()
+	}
+	if addr, err := n.BGPAddressV6(); err != nil {
+		ps.problemf("node %q: spec.bgp.ipv6Address %q %v; leaving it out of BGP", info.name, b.IPv6Address, err)
+	} else {
+		info.addr6 = addr.Addr()
+	}
+	return info
+}
+
+// claim records that a (if valid) is n's; it returns a, or the invalid Addr
+// when an earlier node has it.
+func (ps *peerSet) claim(n *nodeInfo, a netip.Addr) netip.Addr {
+	if !a.IsValid() {
+		return a
+	}
+	if prev, dup := ps.byAddr[a]; dup {
+		ps.problemf("nodes %q and %q both have BGP address %s; peering with %q there only", prev.name, n.name, a, prev.name)
+		return netip.Addr{}
+	}
+	ps.byAddr[a] = n
+	return a
+}
+
+// peerAddr is the address self peers with node n at: IPv4 when both have
+// one, else IPv6 when both have one, else none.
+func (ps *peerSet) peerAddr(n *nodeInfo) netip.Addr {
+	switch {
+	case ps.me.addr.IsValid() && n.addr.IsValid():
+		return n.addr
+	case ps.me.addr6.IsValid() && n.addr6.IsValid():
+		return n.addr6
+	}
+	return netip.Addr{}
 }
 
 // rrClient applies the reflector rule to a peer at addr with AS as.
@@ -234,12 +290,20 @@ func (ps *peerSet) rrClient(addr netip.Addr, as uint32) bool {
 // passive: of two nodes, the lower address waits for the higher to connect.
 func (ps *peerSet) passive(addr netip.Addr) bool {
 	_, isNode := ps.byAddr[addr]
-	return isNode && ps.me.addr.Less(addr)
+	return isNode && ps.me.ownAddr(addr).Less(addr)
 }
 
 // add takes p from BGPPeer from, unless an earlier BGPPeer took its address.
 func (ps *peerSet) add(from string, p Peer) {
-	if p.Address == ps.me.addr {
+	if ps.me.hasAddr(p.Address) {
+		return
+	}
+	if !ps.me.ownAddr(p.Address).IsValid() {
+		f, flag := "ipv4Address", "--ip"
+		if p.Address.Is6() {
+			f, flag = "ipv6Address", "--ip6"
+		}
+		ps.problemf("BGPPeer %q: peer %s needs this node's spec.bgp.%s (margay-node %s); leaving the peer out", from, p.Address, f, flag)
 		return
 	}
 	if prev, ok := ps.chosen[p.Address]; ok {
@@ -255,9 +319,9 @@ func (ps *peerSet) add(from string, p Peer) {
 // nodePeer is a session with node n with base's settings.
 func (ps *peerSet) nodePeer(base Peer, n *nodeInfo, t PeerType) Peer {
 	p := base
-	p.Address, p.Port, p.ASNumber, p.Type, p.Name = n.addr, ps.settings.ListenPort, n.as, t, n.name
-	p.RouteReflectorClient = ps.rrClient(n.addr, n.as)
-	p.Passive = ps.passive(n.addr)
+	p.Address, p.Port, p.ASNumber, p.Type, p.Name = ps.peerAddr(n), ps.settings.ListenPort, n.as, t, n.name
+	p.RouteReflectorClient = ps.rrClient(p.Address, n.as)
+	p.Passive = ps.passive(p.Address)
 	return p
 }
 
@@ -303,10 +367,6 @@ func (ps *peerSet) sides(bp *api.BGPPeer) (local, remote peerSide, ok bool) {
 		var err error
 		if remote.addr, remote.port, err = bp.PeerAddr(); err != nil {
 			ps.problemf("BGPPeer %q: spec.peerIP %q %v; ignoring the peer", name, sp.PeerIP, err)
-			return local, remote, false
-		}
-		if !remote.addr.Is4() {
-			ps.problemf("BGPPeer %q: spec.peerIP %q: only IPv4 peers are supported; ignoring the peer", name, sp.PeerIP)
 			return local, remote, false
 		}
 		if sp.ASNumber == nil {
@@ -375,7 +435,7 @@ func (ps *peerSet) addBGPPeer(bp *api.BGPPeer) {
 	if remote.sel != nil {
 		remoteIsMe = remote.sel.Matches(me.labels)
 	} else {
-		remoteIsMe = remote.addr == me.addr && uint32(*sp.ASNumber) == me.as &&
+		remoteIsMe = me.hasAddr(remote.addr) && uint32(*sp.ASNumber) == me.as &&
 			(!remote.explicitPort || remote.port == ps.settings.ListenPort)
 	}
 	if remoteIsMe {
@@ -399,18 +459,19 @@ func (ps *peerSet) addMesh() {
 		if n.isReflector() {
 			continue
 		}
-		if _, taken := ps.chosen[n.addr]; taken {
+		addr := ps.peerAddr(n)
+		if _, taken := ps.chosen[addr]; taken {
 			continue
 		}
-		ps.chosen[n.addr] = Peer{
-			Address:        n.addr,
+		ps.chosen[addr] = Peer{
+			Address:        addr,
 			Port:           s.ListenPort,
 			ASNumber:       n.as,
 			Type:           Mesh,
 			Name:           n.name,
 			Password:       s.NodeMeshPassword,
 			MaxRestartTime: restart,
-			Passive:        ps.passive(n.addr),
+			Passive:        ps.passive(addr),
 		}
 	}
 }

@@ -95,15 +95,7 @@ func TestDesiredPeers(t *testing.T) {
 	}
 	torPeer := Peer{Address: addr("198.18.1.1"), Port: 179, ASNumber: 65001, Type: Global, Name: "tor", MaxRestartTime: 120 * time.Second}
 
-	tests := []struct {
-		name     string
-		self     string
-		nodes    []*api.Node
-		peers    []*api.BGPPeer
-		settings api.BGPSettings
-		want     []Peer
-		problems []string // substrings, one per expected problem
-	}{
+	runPeerCases(t, []peerCase{
 		{
 			name: "mesh on", self: "n1", nodes: []*api.Node{n3, n1, n2}, settings: defaults(),
 			want: []Peer{meshPeer("n2", "198.18.1.12"), meshPeer("n3", "198.18.2.13")},
@@ -240,7 +232,7 @@ func TestDesiredPeers(t *testing.T) {
 				`BGPPeer "both": set either spec.peerIP or spec.peerSelector`,
 				`BGPPeer "neither": set spec.peerIP or spec.peerSelector`,
 				`BGPPeer "no-as": spec.asNumber is required`,
-				`BGPPeer "v6": spec.peerIP "2001:db8::1": only IPv4`,
+				`BGPPeer "v6": peer 2001:db8::1 needs this node's spec.bgp.ipv6Address (margay-node --ip6)`,
 			},
 		},
 		{
@@ -291,14 +283,115 @@ func TestDesiredPeers(t *testing.T) {
 			settings: defaults(),
 			want:     []Peer{torPeer},
 		},
-	}
-	for _, tc := range tests {
+	})
+}
+
+// peerCase is one DesiredPeers call and what it must return.
+type peerCase struct {
+	name     string
+	self     string
+	nodes    []*api.Node
+	peers    []*api.BGPPeer
+	settings api.BGPSettings
+	want     []Peer
+	problems []string // substrings, one per expected problem
+}
+
+func runPeerCases(t *testing.T, cases []peerCase) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			got, problems := DesiredPeers(tc.self, tc.nodes, tc.peers, tc.settings)
 			checkPeers(t, got, tc.want)
 			checkProblems(t, problems, tc.problems)
 		})
 	}
+}
+
+// TestDesiredPeersFamilies: nodes peer over IPv4 when both can, otherwise over
+// IPv6; BGPPeers of either family need the node's address of that family.
+func TestDesiredPeersFamilies(t *testing.T) {
+	v6 := func(cidr string) nodeOpt { return func(n *api.Node) { n.Spec.BGP.IPv6Address = cidr } }
+	dual1 := node("n1", "198.18.1.11/24", v6("fd00:18:1::11/64"))
+	dual2 := node("n2", "198.18.1.12/24", v6("fd00:18:1::12/64"))
+	only6 := func(name, cidr string, opts ...nodeOpt) *api.Node { return node(name, "", append(opts, v6(cidr))...) }
+	tor6 := bgpPeer("tor6", api.BGPPeerSpec{PeerIP: "fd00:18:1::1", ASNumber: asNum(65001)})
+	tor6Peer := Peer{Address: addr("fd00:18:1::1"), Port: 179, ASNumber: 65001, Type: Global, Name: "tor6", MaxRestartTime: 120 * time.Second}
+
+	runPeerCases(t, []peerCase{
+		{
+			name: "dual-stack nodes peer over IPv4", self: "n1",
+			nodes: []*api.Node{dual1, dual2}, settings: defaults(),
+			want: []Peer{meshPeer("n2", "198.18.1.12")},
+		},
+		{
+			name: "an IPv6-only node peers over IPv6", self: "n1",
+			nodes: []*api.Node{dual1, dual2, only6("n3", "fd00:18:2::13/64")}, settings: defaults(),
+			want: []Peer{meshPeer("n2", "198.18.1.12"), meshPeer("n3", "fd00:18:2::13")},
+		},
+		{
+			name: "IPv6-only self: passive towards higher IPv6 addresses", self: "n3",
+			nodes:    []*api.Node{dual1, only6("n3", "fd00:18:1::13/64"), only6("n4", "fd00:18:1::14/64"), node("n5", "198.18.1.15/24")},
+			settings: defaults(),
+			want: []Peer{
+				with(meshPeer("n1", "fd00:18:1::11"), func(p *Peer) { p.Passive = false }),
+				meshPeer("n4", "fd00:18:1::14"),
+			},
+		},
+		{
+			name: "an IPv6 BGPPeer on a dual-stack node", self: "n1",
+			nodes: []*api.Node{dual1}, peers: []*api.BGPPeer{tor6}, settings: defaults(),
+			want: []Peer{tor6Peer},
+		},
+		{
+			name: "an IPv6 BGPPeer on an IPv4-only node", self: "n1",
+			nodes: []*api.Node{n1}, peers: []*api.BGPPeer{tor6}, settings: defaults(),
+			want:     []Peer{},
+			problems: []string{`BGPPeer "tor6": peer fd00:18:1::1 needs this node's spec.bgp.ipv6Address (margay-node --ip6)`},
+		},
+		{
+			name: "an IPv4 BGPPeer on an IPv6-only node", self: "n3",
+			nodes:    []*api.Node{only6("n3", "fd00:18:1::13/64")},
+			peers:    []*api.BGPPeer{bgpPeer("tor", api.BGPPeerSpec{PeerIP: "198.18.1.1", ASNumber: asNum(65001)}), tor6},
+			settings: defaults(),
+			want:     []Peer{tor6Peer},
+			problems: []string{`BGPPeer "tor": peer 198.18.1.1 needs this node's spec.bgp.ipv4Address (margay-node --ip)`},
+		},
+		{
+			name: "reverse peering to a node's IPv6 address", self: "n3",
+			nodes:    []*api.Node{only6("n3", "fd00:18:1::13/64"), only6("n4", "fd00:18:1::14/64")},
+			peers:    []*api.BGPPeer{bgpPeer("to-n3", api.BGPPeerSpec{Node: "n4", PeerIP: "[fd00:18:1::13]:179", ASNumber: asNum(64512)})},
+			settings: noMesh(),
+			want:     []Peer{{Address: addr("fd00:18:1::14"), Port: 179, ASNumber: 64512, Type: NodeSpecific, Name: "n4", MaxRestartTime: 120 * time.Second, Passive: true}},
+		},
+		{
+			name: "IPv6-only route reflector with IPv6-only clients", self: "rr",
+			nodes:    []*api.Node{only6("rr", "fd00:18:1::fe/64", withRR("224.0.0.1"), withLabels("rr", "true")), only6("n3", "fd00:18:1::13/64"), dual1},
+			peers:    []*api.BGPPeer{bgpPeer("to-rr", api.BGPPeerSpec{PeerSelector: "rr == 'true'"})},
+			settings: noMesh(),
+			want: []Peer{
+				{Address: addr("fd00:18:1::11"), Port: 179, ASNumber: 64512, Type: NodeSpecific, Name: "n1", MaxRestartTime: 120 * time.Second, RouteReflectorClient: true},
+				{Address: addr("fd00:18:1::13"), Port: 179, ASNumber: 64512, Type: NodeSpecific, Name: "n3", MaxRestartTime: 120 * time.Second, RouteReflectorClient: true},
+			},
+		},
+		{
+			name: "a node's IPv6 address taken by another", self: "n1",
+			nodes: []*api.Node{dual1, only6("n3", "fd00:18:1::11/64")}, settings: defaults(),
+			want:     []Peer{},
+			problems: []string{`nodes "n1" and "n3" both have BGP address fd00:18:1::11`},
+		},
+		{
+			name: "a bad IPv6 address leaves IPv4 working", self: "n1",
+			nodes: []*api.Node{dual1, node("n2", "198.18.1.12/24", v6("fe80::12/64"))}, settings: defaults(),
+			want:     []Peer{meshPeer("n2", "198.18.1.12")},
+			problems: []string{`node "n2": spec.bgp.ipv6Address "fe80::12/64" must be the node's global IPv6 address`},
+		},
+		{
+			name: "no common family", self: "n1",
+			nodes: []*api.Node{n1, only6("n3", "fd00:18:1::13/64")}, settings: defaults(),
+			want: []Peer{},
+		},
+	})
 }
 
 // TestDesiredPeersRouteReflector is Calico's route-reflector setup: mesh off, one

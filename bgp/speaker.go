@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"math"
 	"net"
@@ -52,19 +53,23 @@ var (
 
 // Config configures a Speaker.
 type Config struct {
-	RouterID netip.Addr // IPv4; usually the node's address
+	// RouterID is written as an IPv4 address: the node's own, or on an
+	// IPv6-only node one derived from its name (RouterIDFromName).
+	RouterID netip.Addr
 	ASNumber uint32
 	// ListenPort is the port for incoming sessions: 0 means 179, a negative value
 	// means accept none (outgoing sessions only).
 	ListenPort int
-	// ListenAddresses are the addresses to listen on; none means every IPv4 address.
+	// ListenAddresses are the addresses to listen on; none means every IPv4
+	// address, and every IPv6 one too with NextHopV6.
 	ListenAddresses []string
 	// LocalAddress is the source address of outgoing sessions, and the only local
 	// address incoming sessions are accepted on; the zero Addr lets the kernel choose.
 	LocalAddress netip.Addr
-	// NextHopV6 is the node's IPv6 address. With it, every session also
-	// carries IPv6 unicast (MP-BGP over the IPv4 session) and IPv6 prefixes are
-	// advertised with it as their next hop; without it, IPv4 only.
+	// NextHopV6 is the node's IPv6 address. With it, every IPv4 session also
+	// carries IPv6 unicast (MP-BGP), IPv6 prefixes are advertised with it as
+	// their next hop, and sessions with IPv6 peers (which carry IPv6 unicast
+	// only) have it as their local address; without it, IPv4 only.
 	NextHopV6 netip.Addr
 	// ClusterID is the route-reflector cluster ID, "" when this node is not a reflector.
 	ClusterID string
@@ -73,6 +78,19 @@ type Config struct {
 	// API is unauthenticated.
 	GRPCAddress string
 	Logger      *slog.Logger // nil means slog.Default()
+}
+
+// RouterIDFromName is a router ID for a node without an IPv4 address: a
+// hash of its name (FNV-1a), written as an IPv4 address, as Calico's
+// CALICO_ROUTER_ID=hash. Two names collide with odds of 1 in 2^32 per pair.
+func RouterIDFromName(name string) netip.Addr {
+	h := fnv.New32a()
+	h.Write([]byte(name))
+	id := h.Sum32()
+	if id == 0 {
+		id = 1 // 0.0.0.0 is not a router ID
+	}
+	return netip.AddrFrom4([4]byte{byte(id >> 24), byte(id >> 16), byte(id >> 8), byte(id)})
 }
 
 // Speaker is a running GoBGP server with margay's policy. Its methods are safe for
@@ -128,9 +146,12 @@ func Start(ctx context.Context, c Config) (*Speaker, error) {
 	}
 	listen := c.ListenAddresses
 	if len(listen) == 0 {
-		// GoBGP's default adds "::", which fails on hosts with IPv6 disabled; margay
-		// peers over IPv4 only.
+		// Not GoBGP's default, which always adds "::": that fails on hosts with
+		// IPv6 disabled, where margay peers over IPv4 only.
 		listen = []string{"0.0.0.0"}
+		if c.NextHopV6.IsValid() {
+			listen = append(listen, "::")
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -306,8 +327,10 @@ func (s *Speaker) SetPeers(ctx context.Context, peers []Peer) error {
 	want := make(map[netip.Addr]Peer, len(peers))
 	for _, p := range peers {
 		switch {
-		case !p.Address.Is4():
-			return fmt.Errorf("bgp: peer %q has address %q; only IPv4 peers are supported", p.Name, p.Address)
+		case !p.Address.Is4() && !p.Address.Is6() || p.Address.Is4In6() || p.Address.Zone() != "":
+			return fmt.Errorf("bgp: peer %q has address %q; give a plain IPv4 or IPv6 address", p.Name, p.Address)
+		case p.Address.Is6() && !s.cfg.NextHopV6.IsValid():
+			return fmt.Errorf("bgp: peer %s (%s %s) is IPv6, but this node has no IPv6 address (margay-node --ip6)", p.Address, p.Type, p.Name)
 		case p.Port < 0 || p.Port > 65535:
 			return fmt.Errorf("bgp: peer %s has port %d; use 1 to 65535, or 0 for 179", p.Address, p.Port)
 		case p.ASNumber == 0:
@@ -395,7 +418,7 @@ func (s *Speaker) setExternal(ctx context.Context, want map[netip.Addr]Peer) err
 	list := []string{noNeighbor}
 	for _, addr := range sortedKeys(want) {
 		if want[addr].ASNumber != s.cfg.ASNumber {
-			list = append(list, addr.String()+"/32")
+			list = append(list, netip.PrefixFrom(addr, addr.BitLen()).String())
 		}
 	}
 	var add, del []string
@@ -516,7 +539,7 @@ func (s *Speaker) gobgpPeer(p Peer) *gobgpapi.Peer {
 			RestartTime: uint32(min(seconds(restart), maxRestartTime)),
 		},
 	}
-	for _, f := range s.families() {
+	for _, f := range s.families(p.Address) {
 		as := &gobgpapi.AfiSafi{
 			Config:            &gobgpapi.AfiSafiConfig{Family: f, Enabled: true},
 			MpGracefulRestart: &gobgpapi.MpGracefulRestart{Config: &gobgpapi.MpGracefulRestartConfig{Enabled: true}},
@@ -530,8 +553,8 @@ func (s *Speaker) gobgpPeer(p Peer) *gobgpapi.Peer {
 		}
 		gp.AfiSafis = append(gp.AfiSafis, as)
 	}
-	if s.cfg.LocalAddress.IsValid() {
-		gp.Transport.LocalAddress = s.cfg.LocalAddress.String()
+	if local := s.localAddress(p.Address); local.IsValid() {
+		gp.Transport.LocalAddress = local.String()
 	}
 	if p.RouteReflectorClient {
 		gp.RouteReflector = &gobgpapi.RouteReflector{RouteReflectorClient: true, RouteReflectorClusterId: s.cfg.ClusterID}
@@ -539,12 +562,29 @@ func (s *Speaker) gobgpPeer(p Peer) *gobgpapi.Peer {
 	return gp
 }
 
-// families are the address families the sessions carry.
-func (s *Speaker) families() []*gobgpapi.Family {
-	if s.cfg.NextHopV6.IsValid() {
+// families are the address families of a session with peer: IPv6 alone
+// with an IPv6 peer, IPv4 with IPv6 beside it (MP-BGP) when this node has an
+// IPv6 address, else IPv4.
+func (s *Speaker) families(peer netip.Addr) []*gobgpapi.Family {
+	switch {
+	case peer.Is6():
+		return []*gobgpapi.Family{ipv6Unicast}
+	case s.cfg.NextHopV6.IsValid():
 		return []*gobgpapi.Family{ipv4Unicast, ipv6Unicast}
 	}
 	return []*gobgpapi.Family{ipv4Unicast}
+}
+
+// allFamilies are the families of every session this node can have.
+func (s *Speaker) allFamilies() []*gobgpapi.Family { return s.families(netip.IPv4Unspecified()) }
+
+// localAddress is the local address of a session with peer, invalid to let
+// the kernel choose.
+func (s *Speaker) localAddress(peer netip.Addr) netip.Addr {
+	if peer.Is6() {
+		return s.cfg.NextHopV6
+	}
+	return s.cfg.LocalAddress
 }
 
 // seconds rounds d up to whole seconds, so that a short non-zero time does not
@@ -667,7 +707,7 @@ func localPath(p netip.Prefix, nextHopV6 netip.Addr) (*gobgpapi.Path, error) {
 func (s *Speaker) Paths(ctx context.Context) ([]api.BGPPath, error) {
 	var out []api.BGPPath
 	var bad []error
-	for _, f := range s.families() {
+	for _, f := range s.allFamilies() {
 		err := s.srv.ListPath(ctx, &gobgpapi.ListPathRequest{TableType: gobgpapi.TableType_GLOBAL, Family: f},
 			func(d *gobgpapi.Destination) {
 				for _, p := range d.Paths {

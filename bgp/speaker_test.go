@@ -866,3 +866,87 @@ func TestSpeakerIPv6(t *testing.T) {
 		t.Errorf("a link-local IPv6 next hop: %v", err)
 	}
 }
+
+// TestSpeakerIPv6Session: a node without an IPv4 address (router ID from its
+// name, no IPv4 local address) peers with a dual-stack node over IPv6. The
+// session carries IPv6 unicast alone, from each node's IPv6 address: the
+// IPv6 prefixes cross it with the advertiser's address as next hop, the
+// dual-stack node's IPv4 prefix does not. An eBGP peer over IPv6 is in the
+// external set as a /128, so it learns nothing but the node's own prefixes.
+func TestSpeakerIPv6Session(t *testing.T) {
+	needNetNS(t)
+	const v6A, v6B, v6C = "fd00:18:1::1", "fd00:18:1::2", "fd00:18:1::3"
+	for _, a := range []string{v6A, v6B, v6C} {
+		if out, err := exec.Command("ip", "-6", "addr", "replace", a+"/128", "dev", "lo", "nodad").CombinedOutput(); err != nil {
+			t.Fatalf("ip -6 addr add %s: %v: %s", a, err, out)
+		}
+	}
+	start := func(name, v4, v6 string, as uint32) *Speaker {
+		c := Config{RouterID: RouterIDFromName(name), ASNumber: as, ListenPort: 179, ListenAddresses: []string{v6},
+			NextHopV6: netip.MustParseAddr(v6), Logger: testLogger(t).With("speaker", name)}
+		if v4 != "" {
+			c.RouterID, c.LocalAddress, c.ListenAddresses = netip.MustParseAddr(v4), netip.MustParseAddr(v4), []string{v4, v6}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s, err := Start(ctx, c)
+		if err != nil {
+			t.Fatalf("Start(%s): %v", name, err)
+		}
+		t.Cleanup(s.Close)
+		return s
+	}
+	a := start("node-a", "", v6A, asNode)  // IPv6 only
+	b := start("node-b", ipB, v6B, asNode) // dual stack
+	tor := start("tor", "", v6C, asToR)    // an eBGP router over IPv6
+	setPeers(t, a, nodePeer(v6A, v6B, "node-b", Mesh), extPeer(v6C, "tor", asToR))
+	setPeers(t, b, nodePeer(v6B, v6A, "node-a", Mesh))
+	setPeers(t, tor, extPeer(v6A, "node-a", asNode))
+	waitEstablished(t, session{a, v6B}, session{b, v6A}, session{a, v6C}, session{tor, v6A})
+
+	pA, pB := netip.MustParsePrefix("fd00:244::/122"), netip.MustParsePrefix("fd00:244::40/122")
+	advertise(t, a, pA)
+	advertise(t, b, prefixB, pB)
+	waitPaths(t, b, path(pA, v6A))
+	waitPaths(t, a, path(pB, v6B))
+	// The ToR learns a's own prefix only, not b's through a.
+	waitPaths(t, tor, path(pA, v6A))
+	for _, sess := range []session{{a, v6B}, {b, v6A}} {
+		if got := sessionFamilies(t, sess); !slices.Equal(got, []string{"AFI_IP6/SAFI_UNICAST"}) {
+			t.Errorf("session with %s carries %v, want IPv6 unicast only", sess.ip, got)
+		}
+	}
+	for _, p := range allPaths(t, a) {
+		if p.Prefix.Addr().Is4() {
+			t.Errorf("node-a, IPv6 only, has the IPv4 path %+v", p)
+		}
+	}
+	if id := RouterIDFromName("node-a"); !id.Is4() || id == RouterIDFromName("node-b") {
+		t.Errorf("RouterIDFromName: node-a %s, node-b %s", id, RouterIDFromName("node-b"))
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	v4only := startSpeaker(t, ipC, speakerOpts{})
+	if err := v4only.SetPeers(ctx, []Peer{extPeer(v6C, "tor", asToR)}); err == nil || !strings.Contains(err.Error(), "no IPv6 address (margay-node --ip6)") {
+		t.Errorf("an IPv6 peer on a node without IPv6: %v", err)
+	}
+}
+
+// sessionFamilies are the families the session has negotiated, as "AFI/SAFI".
+func sessionFamilies(t *testing.T, sess session) []string {
+	t.Helper()
+	var out []string
+	err := sess.s.srv.ListPeer(context.Background(), &gobgpapi.ListPeerRequest{Address: sess.ip, EnableAdvertised: false}, func(p *gobgpapi.Peer) {
+		for _, as := range p.AfiSafis {
+			if as.GetState().GetEnabled() {
+				f := as.GetState().GetFamily()
+				out = append(out, f.GetAfi().String()+"/"+f.GetSafi().String())
+			}
+		}
+	})
+	if err != nil {
+		t.Fatalf("ListPeer %s: %v", sess.ip, err)
+	}
+	return out
+}
