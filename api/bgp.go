@@ -187,9 +187,11 @@ func (p *BGPPeer) PeerAddr() (netip.Addr, int, error) {
 	return parsePeerIP(p.Spec.PeerIP)
 }
 
+// parsePeerIP is the one parser of a peerIP, for validation and for the peer
+// computation alike: a peer must be a global unicast address without a zone.
 func parsePeerIP(s string) (netip.Addr, int, error) {
 	if a, err := netip.ParseAddr(s); err == nil {
-		return a.Unmap(), DefaultBGPPort, nil
+		return peerScope(a.Unmap(), DefaultBGPPort)
 	}
 	i := strings.LastIndexByte(s, ':')
 	if i < 0 {
@@ -203,7 +205,14 @@ func parsePeerIP(s string) (netip.Addr, int, error) {
 	if err != nil || p < 1 || p > 65535 {
 		return netip.Addr{}, 0, errPort
 	}
-	return a.Unmap(), p, nil
+	return peerScope(a.Unmap(), p)
+}
+
+func peerScope(a netip.Addr, port int) (netip.Addr, int, error) {
+	if a.Zone() != "" || !a.IsGlobalUnicast() {
+		return netip.Addr{}, 0, errPeerScope
+	}
+	return a, port, nil
 }
 
 type constError string
@@ -211,8 +220,9 @@ type constError string
 func (e constError) Error() string { return string(e) }
 
 const (
-	errPeerIP = constError("is not an IP address; use a.b.c.d, a.b.c.d:port, an IPv6 address or [IPv6]:port")
-	errPort   = constError("has a bad port; use 1 to 65535")
+	errPeerIP    = constError("is not an IP address; use a.b.c.d, a.b.c.d:port, an IPv6 address or [IPv6]:port")
+	errPort      = constError("has a bad port; use 1 to 65535")
+	errPeerScope = constError("must be a global unicast address; link-local and loopback peers are not supported")
 )
 
 // Validate implements Resource.
@@ -232,10 +242,8 @@ func (p *BGPPeer) Validate() error {
 	case s.PeerIP != "" && s.PeerSelector != "":
 		e.add("spec.peerSelector", s.PeerSelector, "set either peerIP or peerSelector, not both")
 	case s.PeerIP != "":
-		if a, _, err := parsePeerIP(s.PeerIP); err != nil {
+		if _, _, err := parsePeerIP(s.PeerIP); err != nil {
 			e.add("spec.peerIP", s.PeerIP, "%v", err)
-		} else if a.Zone() != "" || !a.IsGlobalUnicast() {
-			e.add("spec.peerIP", s.PeerIP, "must be a global unicast address; link-local and loopback peers are not supported")
 		}
 		if s.ASNumber == nil {
 			e.add("spec.asNumber", nil, "is required with peerIP")

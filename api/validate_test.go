@@ -691,6 +691,8 @@ func TestPeerAddr(t *testing.T) {
 		{"[fd00:18:1::1]:1179", "fd00:18:1::1", 1179, ""},
 		{"::ffff:198.18.1.1", "198.18.1.1", 179, ""},
 		{"[fd00:18:1::1]:0", "", 0, "has a bad port"},
+		{"fe80::1", "", 0, "must be a global unicast address"},
+		{"[fe80::1%eth0]:179", "", 0, "must be a global unicast address"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"math"
 	"net"
@@ -53,8 +52,8 @@ var (
 
 // Config configures a Speaker.
 type Config struct {
-	// RouterID is written as an IPv4 address: the node's own, or on an
-	// IPv6-only node one derived from its name (RouterIDFromName).
+	// RouterID is written as an IPv4 address, usually the node's own; a
+	// speaker without an IPv4 address needs one chosen for it.
 	RouterID netip.Addr
 	ASNumber uint32
 	// ListenPort is the port for incoming sessions: 0 means 179, a negative value
@@ -78,19 +77,6 @@ type Config struct {
 	// API is unauthenticated.
 	GRPCAddress string
 	Logger      *slog.Logger // nil means slog.Default()
-}
-
-// RouterIDFromName is a router ID for a node without an IPv4 address: a
-// hash of its name (FNV-1a), written as an IPv4 address, as Calico's
-// CALICO_ROUTER_ID=hash. Two names collide with odds of 1 in 2^32 per pair.
-func RouterIDFromName(name string) netip.Addr {
-	h := fnv.New32a()
-	h.Write([]byte(name))
-	id := h.Sum32()
-	if id == 0 {
-		id = 1 // 0.0.0.0 is not a router ID
-	}
-	return netip.AddrFrom4([4]byte{byte(id >> 24), byte(id >> 16), byte(id >> 8), byte(id)})
 }
 
 // Speaker is a running GoBGP server with margay's policy. Its methods are safe for

@@ -867,8 +867,8 @@ func TestSpeakerIPv6(t *testing.T) {
 	}
 }
 
-// TestSpeakerIPv6Session: a node without an IPv4 address (router ID from its
-// name, no IPv4 local address) peers with a dual-stack node over IPv6. The
+// TestSpeakerIPv6Session: a node without an IPv4 address (no IPv4 local
+// address or listener) peers with a dual-stack node over IPv6. The
 // session carries IPv6 unicast alone, from each node's IPv6 address: the
 // IPv6 prefixes cross it with the advertiser's address as next hop, the
 // dual-stack node's IPv4 prefix does not. An eBGP peer over IPv6 is in the
@@ -881,11 +881,11 @@ func TestSpeakerIPv6Session(t *testing.T) {
 			t.Fatalf("ip -6 addr add %s: %v: %s", a, err, out)
 		}
 	}
-	start := func(name, v4, v6 string, as uint32) *Speaker {
-		c := Config{RouterID: RouterIDFromName(name), ASNumber: as, ListenPort: 179, ListenAddresses: []string{v6},
+	start := func(name, id, v4, v6 string, as uint32) *Speaker {
+		c := Config{RouterID: netip.MustParseAddr(id), ASNumber: as, ListenPort: 179, ListenAddresses: []string{v6},
 			NextHopV6: netip.MustParseAddr(v6), Logger: testLogger(t).With("speaker", name)}
 		if v4 != "" {
-			c.RouterID, c.LocalAddress, c.ListenAddresses = netip.MustParseAddr(v4), netip.MustParseAddr(v4), []string{v4, v6}
+			c.LocalAddress, c.ListenAddresses = netip.MustParseAddr(v4), []string{v4, v6}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -896,9 +896,9 @@ func TestSpeakerIPv6Session(t *testing.T) {
 		t.Cleanup(s.Close)
 		return s
 	}
-	a := start("node-a", "", v6A, asNode)  // IPv6 only
-	b := start("node-b", ipB, v6B, asNode) // dual stack
-	tor := start("tor", "", v6C, asToR)    // an eBGP router over IPv6
+	a := start("node-a", "192.0.2.1", "", v6A, asNode) // IPv6 only
+	b := start("node-b", ipB, ipB, v6B, asNode)        // dual stack
+	tor := start("tor", "192.0.2.3", "", v6C, asToR)   // an eBGP router over IPv6
 	setPeers(t, a, nodePeer(v6A, v6B, "node-b", Mesh), extPeer(v6C, "tor", asToR))
 	setPeers(t, b, nodePeer(v6B, v6A, "node-a", Mesh))
 	setPeers(t, tor, extPeer(v6A, "node-a", asNode))
@@ -920,9 +920,6 @@ func TestSpeakerIPv6Session(t *testing.T) {
 		if p.Prefix.Addr().Is4() {
 			t.Errorf("node-a, IPv6 only, has the IPv4 path %+v", p)
 		}
-	}
-	if id := RouterIDFromName("node-a"); !id.Is4() || id == RouterIDFromName("node-b") {
-		t.Errorf("RouterIDFromName: node-a %s, node-b %s", id, RouterIDFromName("node-b"))
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
